@@ -1,0 +1,195 @@
+"""Token-level constraints: scored from the next-token distribution of every candidate at once.
+
+Both built-ins renormalise what they are given (``x - logsumexp(x)``), so raw logits work as well as
+log-probabilities, and a candidate batch costs two reductions over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from czao_lens.constraints.base import (
+    Constraint,
+    ConstraintError,
+    Context,
+    Level,
+    check_range,
+    clean_words,
+    validate_logprobs,
+)
+from czao_lens.constraints.registry import register
+
+
+@register("avoid_tokens")
+@dataclass(eq=False, repr=False)
+class AvoidTokens(Constraint):
+    """Keep the probability of starting any banned word below ``threshold``.
+
+    Banned ids, found once per tokenizer:
+
+    * every variant of each word (as given, lower, Capitalised, UPPER; each with and without a leading
+      space) that is a single token;
+    * with ``prefix_match``: every vocabulary token whose decoded text, leading whitespace removed,
+      starts with the word (" blueberry", "Bluetooth" for "blue"). This over-blocks on purpose (the
+      text check only flags the whole word); set it off for very short words ("a").
+    * with ``ban_first_subtoken``, only for a word that no single token can start (none of the above
+      found anything): the first token of its as-given / lower / Capitalised forms ("cerulean" ->
+      " cer"), if that piece has at least 3 characters. This is the only way to stop such a word at
+      the next step, and it also blocks other words that share that first piece. Multi-word phrases
+      are better served by ``Regex``.
+
+    V = max(0, log P(banned) - log(threshold)) per candidate. A log hinge, not P(banned) itself: a
+    probability-sized violation is outweighed by CZAO's KL penalty and the search never moves, while
+    the log hinge moved it in one step (FIELD-NOTES 3b). The default threshold 0.05 means "at most
+    about one sampled step in twenty starts a banned word"; lower it for stricter sampling.
+
+    ``check_text``: a case-(in)sensitive whole-word search of the decoded text.
+    """
+
+    words: tuple[str, ...]
+    threshold: float = 0.05
+    case_insensitive: bool = True
+    prefix_match: bool = True
+    ban_first_subtoken: bool = True
+    level: ClassVar[Level] = "token"
+    _ids: dict[int, tuple[Any, Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.words = clean_words("AvoidTokens", self.words)
+        self.threshold = check_range("AvoidTokens", "threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
+        flags = re.IGNORECASE if self.case_insensitive else 0
+        # Lookarounds instead of \b so words that start or end with punctuation ("c++") still match.
+        self._pattern = re.compile("|".join(rf"(?<!\w){re.escape(w)}(?!\w)" for w in self.words), flags)
+
+    def banned_ids(self, tokenizer: Any) -> Int[Tensor, "k"]:
+        """The sorted token ids banned for this tokenizer (computed once per tokenizer, then cached)."""
+        if tokenizer is None:
+            raise ConstraintError(f"{self.describe()} needs context.tokenizer (the model's tokenizer).")
+        hit = self._ids.get(id(tokenizer))
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1]
+        ids: set[int] = set()
+        decoded = None
+        if self.prefix_match:
+            # One batched decode of the vocabulary (~0.3 s for 49k tokens).
+            decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        for word in self.words:
+            found = self._ids_for_word(word, tokenizer, decoded)
+            found -= special
+            if not found:
+                raise ConstraintError(
+                    f"AvoidTokens: the word {word!r} maps to no bannable token with this tokenizer "
+                    "(it tokenises to nothing, or to several tokens while ban_first_subtoken is off or the "
+                    "first piece is under 3 characters). "
+                    "Use a sequence-level Regex constraint for it."
+                )
+            ids |= found
+        out = torch.tensor(sorted(ids), dtype=torch.long)
+        self._ids[id(tokenizer)] = (tokenizer, out)
+        return out
+
+    def _ids_for_word(self, word: str, tokenizer: Any, decoded: list[str] | None) -> set[int]:
+        cased = {word}
+        if self.case_insensitive:
+            cased |= {word.lower(), word.capitalize()}
+        variants = cased | ({word.upper(), word.title()} if self.case_insensitive else set())
+        variants |= {" " + v for v in variants}
+        found: set[int] = set()
+        for v in variants:
+            toks = tokenizer.encode(v, add_special_tokens=False)
+            if len(toks) == 1:
+                found.add(int(toks[0]))
+        if decoded is not None:
+            key = word.casefold() if self.case_insensitive else word
+            for i, s in enumerate(decoded):
+                s = s.lstrip()
+                if s and (s.casefold() if self.case_insensitive else s).startswith(key):
+                    found.add(i)
+        if not found and self.ban_first_subtoken:
+            # Only when the word cannot be blocked otherwise, not for UPPER forms, and only pieces of
+            # >= 3 characters: tiny first pieces ("Cerulean" -> "C") would block far too much.
+            for v in cased | {" " + v for v in cased}:
+                toks = tokenizer.encode(v, add_special_tokens=False)
+                if toks and len(tokenizer.decode([toks[0]]).strip()) >= min(3, len(word)):
+                    found.add(int(toks[0]))
+        return found
+
+    def banned_log_mass(
+        self, logprobs: Float[Tensor, "n vocab"], context: Context | None = None
+    ) -> Float[Tensor, "n"]:
+        """log P(next token is banned) for each candidate (works on logits too: renormalised)."""
+        ctx = context or Context()
+        lp = validate_logprobs(logprobs, self).float()
+        ids = self.banned_ids(ctx.tokenizer)
+        _check_vocab(lp.shape[-1], ctx.tokenizer, ids, self)
+        ids = ids.to(lp.device)
+        return torch.logsumexp(lp[:, ids], dim=-1) - torch.logsumexp(lp, dim=-1)
+
+    def violation_logits(self, logprobs, context=None) -> Float[Tensor, "n"]:
+        return (self.banned_log_mass(logprobs, context) - math.log(self.threshold)).clamp_min(0.0)
+
+    def check_text(self, text: str, context: Context | None = None) -> bool:
+        return self._pattern.search(text) is None
+
+
+@register("confident")
+@dataclass(eq=False, repr=False)
+class Confident(Constraint):
+    """The model must be confident in its next token: max_token p(token) >= ``tau``.
+
+    V = max(0, log tau - max log p). This is a "truthfulness as internal confidence" proxy: it measures
+    how peaked the model's next-token distribution is, not whether what it says is true. A model can be
+    confidently wrong, and a correct answer can have several equally good phrasings (low max p).
+
+    ``check_text`` cannot judge confidence from text. It uses the log-probabilities of the tokens that
+    were actually chosen, if the generator records them in ``context.extra["chosen_logprobs"]`` (the
+    text passes when every one is >= log tau). Without them the verdict is vacuously True (with a warning).
+    """
+
+    tau: float = 0.5
+    level: ClassVar[Level] = "token"
+
+    def __post_init__(self) -> None:
+        self.tau = check_range("Confident", "tau", self.tau, 0.0, 1.0, lo_open=True)
+
+    def violation_logits(self, logprobs, context=None) -> Float[Tensor, "n"]:
+        lp = validate_logprobs(logprobs, self).float()
+        max_lp = lp.amax(dim=-1) - torch.logsumexp(lp, dim=-1)
+        return (math.log(self.tau) - max_lp).clamp_min(0.0)
+
+    def check_text(self, text: str, context: Context | None = None) -> bool:
+        chosen = (context.extra.get("chosen_logprobs") if context is not None else None)
+        if chosen is None:
+            warnings.warn(
+                "Confident.check_text: no context.extra['chosen_logprobs']; a text carries no confidence "
+                "information, so the verdict is vacuously True.",
+                stacklevel=2,
+            )
+            return True
+        chosen = torch.as_tensor(chosen, dtype=torch.float32)
+        return bool((chosen >= math.log(self.tau) - 1e-6).all())
+
+
+def _check_vocab(vocab: int, tokenizer: Any, ids: Tensor, who: Constraint) -> None:
+    """Catch logits and tokenizer from different models.
+
+    Models pad their vocabulary (to multiples of 64 or 128, sometimes by a few hundred), so the logits
+    may be somewhat wider than the tokenizer; narrower than its base vocabulary, or more than 5% + 1024
+    wider, means they do not belong together.
+    """
+    base = int(getattr(tokenizer, "vocab_size", 0) or 0)
+    full = len(tokenizer)
+    if vocab < base or vocab > full + max(1024, full // 20) or (ids.numel() and int(ids.max()) >= vocab):
+        raise ConstraintError(
+            f"{who.describe()}: logprobs have vocab size {vocab}, but the tokenizer has {full} tokens "
+            f"(base {base}). Are the logits and the tokenizer from the same model?"
+        )

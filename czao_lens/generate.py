@@ -1,0 +1,410 @@
+"""The generation loop every steering method and CZAO plug into.
+
+One token at a time, with TransformerLens' KV cache. Static interventions (``perturbations``) are
+hooks that know, through a :class:`~czao_lens.prompts.TokenLayout`, which real token each new
+position is. A per-step ``controller`` sees a :class:`DecodeStep` at every new token: the residual
+of the current position, its unperturbed logits, and :meth:`DecodeStep.evaluate`, which scores B
+candidate perturbations of the current position in one batched forward that starts at the
+controller's ``start_layer`` and reuses the prefix KV cache without changing it.
+
+The current position of step ``t`` is the token whose output predicts new token ``t``: the last
+prompt token at step 0, then each generated token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from czao_lens.perturb import (
+    Perturbation,
+    PerturbationError,
+    add_hook,
+    attach,
+    check_finite,
+    check_hook_name,
+    hook_layer,
+)
+from czao_lens.prompts import EncodedPrompts, TokenLayout, encode_prompts, pad_token_id
+
+CandidateDeltas = dict[str, Float[Tensor, "batch n_cand *width"]]
+StepDeltas = dict[str, Float[Tensor, "batch *width"]]
+
+
+class Controller(Protocol):
+    """A per-token intervention (CZAO, feedback steering, ...).
+
+    ``start_layer`` is the earliest block whose input the controller may perturb; the loop splits
+    each forward there. ``read_hooks`` are hook names whose current-position activations the
+    controller wants in ``DecodeStep.activations``.
+    """
+
+    start_layer: int
+    read_hooks: Sequence[str]
+
+    def __call__(self, step: "DecodeStep") -> StepDeltas | None: ...
+
+
+@dataclass
+class StepCost:
+    """Compute used at one step, in equivalent full forward passes of one position."""
+
+    passes: float = 0.0
+    candidates: int = 0
+    batched_calls: int = 0
+
+
+@dataclass
+class DecodeStep:
+    """Everything a controller may read or run at one generated token."""
+
+    model: HookedTransformer
+    index: int
+    start_layer: int
+    layout: TokenLayout
+    tokens: Int[Tensor, "batch pos"]  # every token so far, left-padded
+    resid: Float[Tensor, "batch d_model"]  # residual entering start_layer at the current position
+    logits: Float[Tensor, "batch vocab"]  # unperturbed next-token logits
+    activations: dict[str, Tensor]  # current position, [batch, *width], for the controller's read_hooks
+    finished: Tensor  # [batch] bool: rows that already stopped
+    cost: StepCost
+    _cache: TransformerLensKeyValueCache
+    _attention_mask: Tensor
+
+    def evaluate(
+        self, deltas: CandidateDeltas, *, lookahead: int = 0
+    ) -> tuple[Float[Tensor, "batch n_cand vocab"], Int[Tensor, "batch n_cand lookahead"] | None]:
+        """Next-token logits for candidate perturbations of the current position, in one forward.
+
+        ``deltas[h]`` is ``[batch, n_cand, *width]`` for hook points at or after ``start_layer``.
+        With ``lookahead > 0`` every candidate is also rolled out greedily for that many tokens with
+        its delta kept at each new position; the tokens come back as the second value.
+        The prefix KV cache is read, never changed.
+        """
+        model, n_layers = self.model, self.model.cfg.n_layers
+        if not deltas:
+            raise PerturbationError("evaluate() needs at least one hook with candidate deltas")
+        batch = self.resid.shape[0]
+        n_cand = None
+        for name, d in deltas.items():
+            check_hook_name(model, name)
+            if hook_layer(model, name) < self.start_layer:
+                raise PerturbationError(
+                    f"{name} is before start_layer {self.start_layer}; candidates start there"
+                )
+            if d.shape[0] != batch:
+                raise PerturbationError(f"candidate deltas for {name} have {d.shape[0]} rows, the batch has {batch}")
+            n_cand = d.shape[1] if n_cand is None else n_cand
+            if d.shape[1] != n_cand:
+                raise PerturbationError("every hook must have the same number of candidates")
+            check_finite(f"candidate deltas for {name}", d)
+        assert n_cand is not None
+        flat = {k: v.reshape(batch * n_cand, *v.shape[2:]) for k, v in deltas.items()}
+        cache = _expanded_cache(self._cache, n_cand, drop_last_from=self.start_layer)
+        mask = self._attention_mask.repeat_interleave(n_cand, 0)
+        removers = [add_hook(model.hook_dict[k], _add_last(v)) for k, v in flat.items()]
+        try:
+            x = self.resid.repeat_interleave(n_cand, 0)[:, None, :]
+            logits = model(x, start_at_layer=self.start_layer, past_kv_cache=cache, attention_mask=mask)[:, -1]
+            first = logits.reshape(batch, n_cand, -1)
+            self.cost.passes += (n_layers - self.start_layer) / n_layers
+            self.cost.candidates += n_cand * batch
+            self.cost.batched_calls += 1
+            rollout = None
+            if lookahead > 0:
+                cols = []
+                for _ in range(lookahead):
+                    nxt = logits.argmax(-1)
+                    cols.append(nxt)
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                    cache.previous_attention_mask = mask[:, :-1]
+                    logits = model(nxt[:, None], past_kv_cache=cache, attention_mask=mask[:, -1:])[:, -1]
+                    self.cost.passes += 1.0
+                    self.cost.batched_calls += 1
+                rollout = torch.stack(cols, -1).reshape(batch, n_cand, lookahead)
+        finally:
+            for r in removers:
+                r()
+        return first, rollout
+
+
+def _add_last(delta: Tensor):
+    """Hook adding a per-row delta to the last position only (the current token)."""
+
+    def hook(act: Tensor, hook) -> Tensor:
+        out = act.clone()
+        out[:, -1] = out[:, -1] + delta.to(act.dtype)
+        return out
+
+    return hook
+
+
+def _expanded_cache(
+    cache: TransformerLensKeyValueCache, n: int, drop_last_from: int
+) -> TransformerLensKeyValueCache:
+    """A copy-on-append view of ``cache`` with every row repeated ``n`` times.
+
+    Entries from layer ``drop_last_from`` on leave out the current position, which the candidate
+    forward appends again with its own perturbation. Appends rebind the new entries only, so
+    ``cache`` itself is never changed.
+    """
+
+    def rep(t: Tensor) -> Tensor:
+        if t.shape[0] == 1:
+            return t.expand(n, *t.shape[1:])  # a view: no copy for single-prompt decoding
+        return t.repeat_interleave(n, 0)
+
+    entries = []
+    for i, e in enumerate(cache.entries):
+        k, v = (e.past_keys[:, :-1], e.past_values[:, :-1]) if i >= drop_last_from else (e.past_keys, e.past_values)
+        entries.append(TransformerLensKeyValueCacheEntry(rep(k), rep(v)))
+    return TransformerLensKeyValueCache(entries, rep(cache.previous_attention_mask))
+
+
+@dataclass
+class GenerationResult:
+    """Texts and tokens of a generation run, plus per-step records from the controller."""
+
+    prompts: list[str]
+    texts: list[str]
+    prompt_tokens: list[list[int]]
+    new_tokens: list[list[int]]
+    seconds: float
+    steps: int
+    cost: list[dict[str, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = sum(len(t) for t in self.new_tokens)
+        return n / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+def stop_token_ids(model: HookedTransformer) -> set[int]:
+    """EOS plus the end-of-turn tokens chat templates use."""
+    tok = model.tokenizer
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for special in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
+        tid = tok.convert_tokens_to_ids(special)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return ids
+
+
+def sample_next(
+    logits: Float[Tensor, "batch vocab"],
+    *,
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> Int[Tensor, "batch"]:
+    """Greedy, temperature or nucleus sampling of the next token."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _capture(store: dict[str, Tensor], name: str):
+    def hook(act: Tensor, hook) -> None:
+        store[name] = act[:, -1].detach()
+
+    return hook
+
+
+@torch.no_grad()
+def generate(
+    model: HookedTransformer,
+    prompts: str | Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    chat: bool = False,
+    system_prompt: str | None = None,
+    perturbations: Sequence[Perturbation] = (),
+    controller: Controller | None = None,
+    stop_at_eos: bool = True,
+    progress: bool = False,
+) -> GenerationResult:
+    """Generate continuations with a KV cache, static perturbations and an optional controller.
+
+    Sampling is reproducible: ``seed`` seeds a private generator (no global RNG state is touched).
+    Hooks added here are removed on return and on any exception.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if not greedy and not (temperature > 0):
+        raise ValueError("temperature must be > 0 when sampling (use greedy=True for argmax)")
+    if not 0 < top_p <= 1:
+        raise ValueError("top_p must be in (0, 1]")
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    enc = encode_prompts(model, prompt_list, chat=chat, system_prompt=system_prompt)
+    return generate_tokens(
+        model, enc, prompt_list, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+        top_p=top_p, seed=seed, perturbations=perturbations, controller=controller,
+        stop_at_eos=stop_at_eos, progress=progress,
+        config={"chat": chat, "system_prompt": system_prompt},
+    )
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: HookedTransformer,
+    enc: EncodedPrompts,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    perturbations: Sequence[Perturbation] = (),
+    controller: Controller | None = None,
+    stop_at_eos: bool = True,
+    progress: bool = False,
+    config: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """:func:`generate` on already encoded prompts."""
+    device = model.cfg.device or "cpu"
+    n_layers = model.cfg.n_layers
+    start_layer = n_layers
+    if controller is not None:
+        start_layer = int(controller.start_layer)
+        if not 0 <= start_layer <= n_layers:
+            raise PerturbationError(f"controller start_layer {start_layer} is outside 0..{n_layers}")
+        for name in controller.read_hooks:
+            check_hook_name(model, name)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    stops = stop_token_ids(model) if stop_at_eos else set()
+    tokens = enc.tokens.to(device)
+    layout = enc.layout()
+    batch = tokens.shape[0]
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    costs: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    handle = attach(model, list(perturbations), layout)
+    read_store: dict[str, Tensor] = {}
+    removers = []
+    try:
+        if controller is not None:
+            removers = [add_hook(model.hook_dict[n], _capture(read_store, n)) for n in controller.read_hooks]
+        # Prefill all but the last prompt token; the loop feeds the last one as step 0's current token.
+        if tokens.shape[1] > 1:
+            model(tokens[:, :-1], attention_mask=enc.attention_mask[:, :-1].to(device), past_kv_cache=cache, return_type=None)
+        layout.offset = tokens.shape[1] - 1
+        current = tokens[:, -1]
+        bar = tqdm(range(max_new_tokens), disable=not progress, desc="generate", unit="tok")
+        for t in bar:
+            one = torch.ones(batch, 1, dtype=torch.long, device=device)
+            cost = StepCost()
+            if controller is None:
+                logits = model(current[:, None], attention_mask=one, past_kv_cache=cache)[:, -1]
+                cost.passes = 1.0
+            else:
+                logits = _controlled_step(model, controller, cache, current, one, layout, tokens, read_store, finished, t, cost)
+            nxt = sample_next(logits, greedy=greedy, temperature=temperature, top_p=top_p, generator=gen)
+            nxt = torch.where(finished.to(nxt.device), torch.full_like(nxt, pad_token_id(model)), nxt)
+            for b in range(batch):
+                if not finished[b]:
+                    new_tokens[b].append(int(nxt[b]))
+                    if int(nxt[b]) in stops:
+                        finished[b] = True
+            costs.append(asdict(cost))
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            layout.offset += 1
+            current = nxt
+            if bool(finished.all()):
+                break
+    finally:
+        for r in removers:
+            r()
+        handle.remove()
+    seconds = time.perf_counter() - t0
+    tok = model.tokenizer
+    texts = [tok.decode([i for i in row if i not in stops], skip_special_tokens=False) for row in new_tokens]
+    prompt_tokens = [enc.tokens[b, enc.tokens.shape[1] - int(enc.prompt_lens[b]):].tolist() for b in range(batch)]
+    return GenerationResult(
+        prompts=prompts, texts=texts, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        seconds=seconds, steps=len(costs), cost=costs,
+        config={"max_new_tokens": max_new_tokens, "greedy": greedy, "temperature": temperature,
+                "top_p": top_p, "seed": seed, **(config or {})},
+    )
+
+
+def _controlled_step(
+    model: HookedTransformer,
+    controller: Controller,
+    cache: TransformerLensKeyValueCache,
+    current: Tensor,
+    one: Tensor,
+    layout: TokenLayout,
+    tokens: Tensor,
+    read_store: dict[str, Tensor],
+    finished: Tensor,
+    index: int,
+    cost: StepCost,
+) -> Float[Tensor, "batch vocab"]:
+    """One token with the forward split at ``start_layer`` so a controller can perturb and re-run."""
+    n_layers = model.cfg.n_layers
+    L = controller.start_layer
+    read_store.clear()
+    resid = model(current[:, None], attention_mask=one, past_kv_cache=cache, stop_at_layer=L)
+    mask = cache.previous_attention_mask
+    logits = model(resid, start_at_layer=L, past_kv_cache=cache, attention_mask=mask)[:, -1]
+    cost.passes = 1.0
+    step = DecodeStep(
+        model=model, index=index, start_layer=L, layout=layout, tokens=tokens, resid=resid[:, -1],
+        logits=logits, activations=dict(read_store), finished=finished.clone(), cost=cost,
+        _cache=cache, _attention_mask=mask,
+    )
+    deltas = controller(step)
+    if not deltas:
+        return logits
+    for name, d in deltas.items():
+        check_hook_name(model, name)
+        if hook_layer(model, name) < L:
+            raise PerturbationError(f"controller returned a delta for {name}, before its start_layer {L}")
+        check_finite(f"controller delta for {name}", d)
+    # Re-run the upper layers of the current position with the chosen delta, replacing its K/V.
+    for e in cache.entries[L:]:
+        e.past_keys, e.past_values = e.past_keys[:, :-1], e.past_values[:, :-1]
+    removers = [add_hook(model.hook_dict[k], _add_last(v)) for k, v in deltas.items()]
+    try:
+        logits = model(resid, start_at_layer=L, past_kv_cache=cache, attention_mask=mask)[:, -1]
+    finally:
+        for r in removers:
+            r()
+    cost.passes += (n_layers - L) / n_layers
+    return logits
