@@ -81,6 +81,8 @@ class DecodeStep:
     cost: StepCost
     _cache: TransformerLensKeyValueCache
     _attention_mask: Tensor
+    # A controller may set this [batch, vocab] additive bias, e.g. -inf on banned tokens (guided decoding).
+    logit_bias: Tensor | None = None
 
     def evaluate(
         self, deltas: CandidateDeltas, *, lookahead: int = 0
@@ -390,8 +392,9 @@ def _controlled_step(
         _cache=cache, _attention_mask=mask,
     )
     deltas = controller(step)
+    bias = step.logit_bias if step.logit_bias is not None else 0.0
     if not deltas:
-        return logits
+        return logits + bias
     for name, d in deltas.items():
         check_hook_name(model, name)
         if hook_layer(model, name) < L:
@@ -407,4 +410,4 @@ def _controlled_step(
         for r in removers:
             r()
     cost.passes += (n_layers - L) / n_layers
-    return logits
+    return logits + bias

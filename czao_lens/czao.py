@@ -1,0 +1,518 @@
+"""CZAO: constrained zeroth-order activation optimisation, one generated token at a time.
+
+At each token: run the base forward; if the constraint already holds (or the screen says it will),
+sample. Otherwise search coefficients z of a low-rank residual perturbation delta = s A z at the
+layers R, minimising
+
+    L(z) = V(y_z) + lambda |z|^2 + beta * max(0, KL(p_z || p) - eps)
+
+with forward passes only: central-difference SPSA over many directions, evaluated as one batched
+candidate forward from min(R) on the frozen prefix KV cache, then a batched line search. Stop as
+soon as a candidate is feasible (V = 0 and KL <= eps). Warm start from the previous token's z, or
+from a distilled linear predictor of z. When the budget runs out without a feasible point, the token
+is reported unreachable (never as a success) and a fallback policy decides what to emit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
+from czao_lens.generate import DecodeStep, GenerationResult, generate
+from czao_lens.prompts import encode_prompts
+from czao_lens.store import ActivationStore
+from czao_lens.subspace import Subspace, SubspaceError, activation_basis, random_basis
+from czao_lens.zo import diagonal_curvature, line_search_candidates, spsa_candidates, spsa_gradient
+
+Fallback = Literal["flag", "relax", "mask"]
+
+
+class CZAOError(RuntimeError):
+    """CZAO could not run: a bad configuration, or a constraint that failed while scoring."""
+
+
+@dataclass
+class CZAOConfig:
+    """Hyperparameters of CZAO. z is in units of a typical residual norm at each layer."""
+
+    layers: tuple[int, ...] = (12,)
+    rank: int = 16
+    basis: Literal["activation", "random"] = "activation"
+    max_steps: int = 10  # K: sequential optimisation steps per token
+    n_dirs: int = 16  # SPSA directions per step, all in one batched forward
+    mu: float = 0.05  # probe radius
+    radii: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # line-search trial step lengths
+    norm_penalty: float = 0.05  # lambda
+    kl_eps: float = 1.5  # nats
+    kl_beta: float = 2.0
+    max_norm: float | None = None  # hard cap on |z| (reachability bisection sets it)
+    warm_start: bool = True
+    curvature: bool = False  # HiZOO-style diagonal preconditioner
+    lookahead: int = 3  # greedy rollout tokens per candidate for sequence-level constraints
+    fallback: Fallback = "flag"
+    relax_max_eps: float = 6.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise SubspaceError("the layer set R is empty: give at least one layer")
+        if not self.kl_eps > 0:
+            raise CZAOError(
+                "kl_eps must be > 0: a KL bound of 0 admits only the unperturbed model, so no constraint "
+                "that does not already hold could ever be met"
+            )
+        if self.max_steps < 1 or self.n_dirs < 1 or not self.mu > 0 or not self.radii:
+            raise CZAOError("max_steps and n_dirs must be >= 1, mu > 0, and radii non-empty")
+        if self.fallback not in ("flag", "relax", "mask"):
+            raise CZAOError(f"unknown fallback {self.fallback!r}; use flag, relax or mask")
+        if self.max_norm is not None and not self.max_norm >= 0:
+            raise CZAOError("max_norm must be >= 0")
+
+
+@dataclass
+class TokenRecord:
+    """Telemetry of one generated token."""
+
+    index: int
+    optimized: bool
+    steps: int
+    passes: float  # equivalent full forward passes used for this token
+    candidates: int
+    delta_norm: float  # |delta| in residual units, summed over R
+    z_norm: float
+    kl: float
+    v_before: float
+    v_after: float
+    satisfied: bool
+    unreachable: bool
+    fallback: str | None = None
+
+
+@dataclass
+class CZAOResult:
+    """A CZAO generation: text, per-token telemetry and a sequence verdict."""
+
+    prompt: str
+    text: str
+    tokens: list[int]
+    records: list[TokenRecord]
+    satisfied: bool  # the constraint's final check on the generated text
+    unreachable: bool  # some optimised token had no feasible perturbation within budget and eps
+    seconds: float
+    config: dict[str, Any]
+    constraint: str
+
+    def summary(self) -> dict[str, Any]:
+        opt = [r for r in self.records if r.optimized]
+        steps = [r.steps for r in opt]
+        n = max(len(self.records), 1)
+        return {
+            "satisfied": self.satisfied,
+            "unreachable": self.unreachable,
+            "tokens": len(self.records),
+            "optimized_tokens": len(opt),
+            "unreachable_tokens": sum(r.unreachable for r in self.records),
+            "median_steps": statistics.median(steps) if steps else 0,
+            "max_steps": max(steps) if steps else 0,
+            "passes_per_token": sum(r.passes for r in self.records) / n,
+            "mean_kl_optimized": statistics.fmean([r.kl for r in opt]) if opt else 0.0,
+            "max_delta_norm": max((r.delta_norm for r in opt), default=0.0),
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["summary"] = self.summary()
+        return d
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+# ----------------------------------------------------------------------------- distilled predictor
+
+
+@dataclass
+class ZPredictor:
+    """A ridge-regression map from the current residual (at min R, scaled) to the optimised z.
+
+    Fitted on (residual, z*) pairs from earlier CZAO runs; used as a warm start so that the first
+    candidate batch often already contains a feasible point.
+    """
+
+    weight: Float[Tensor, "d dim"]
+    bias: Float[Tensor, "dim"]
+
+    @classmethod
+    def fit(cls, X: Float[Tensor, "n d"], Z: Float[Tensor, "n dim"], alpha: float = 1.0) -> "ZPredictor":
+        if X.shape[0] != Z.shape[0] or X.shape[0] == 0:
+            raise CZAOError("ZPredictor.fit needs the same, non-zero number of residuals and z's")
+        xm, zm = X.mean(0), Z.mean(0)
+        Xc, Zc = X - xm, Z - zm
+        A = Xc.T @ Xc + alpha * torch.eye(X.shape[1])
+        W = torch.linalg.solve(A, Xc.T @ Zc)
+        return cls(W, zm - xm @ W)
+
+    def predict(self, x: Float[Tensor, "*n d"]) -> Float[Tensor, "*n dim"]:
+        return x @ self.weight + self.bias
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ZPredictor":
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["weight"], t["bias"])
+
+
+# ----------------------------------------------------------------------------- the optimiser
+
+
+@dataclass
+class _Eval:
+    """Scores of a candidate batch."""
+
+    loss: Tensor
+    v: Tensor
+    kl: Tensor
+    logits: Tensor
+    feasible: Tensor
+
+
+@dataclass
+class _Best:
+    """The best candidate so far; feasible ones rank above infeasible ones."""
+
+    z: Tensor
+    v: float
+    kl: float
+    feasible: bool
+    logits: Tensor
+    key: float
+
+
+class CZAOController:
+    """The per-token controller that the generation loop calls (batch size 1)."""
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        constraint: Constraint,
+        subspace: Subspace,
+        config: CZAOConfig,
+        *,
+        prompt_len: int,
+        prompt_text: str = "",
+        document: str | None = None,
+        predictor: ZPredictor | None = None,
+    ) -> None:
+        config.validate()
+        self.model, self.constraint, self.subspace, self.cfg = model, constraint, subspace, config
+        self.start_layer = subspace.start_layer
+        self.read_hooks: Sequence[str] = ()
+        self.prompt_len = prompt_len
+        self.context = Context(prompt=prompt_text, tokenizer=model.tokenizer, document=document)
+        self.predictor = predictor
+        self.records: list[TokenRecord] = []
+        self.residuals: list[Tensor] = []  # (resid, z*) pairs for distilling a predictor
+        self.z_star: list[Tensor] = []
+        self.z_prev = torch.zeros(subspace.dim)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.eps = config.kl_eps
+        if config.fallback == "mask" and constraint.level == "token" and not hasattr(constraint, "banned_ids"):
+            raise CZAOError("fallback='mask' needs a constraint with banned tokens (e.g. AvoidTokens)")
+
+    # -- scoring
+
+    def _texts(self, step: DecodeStep, first: Tensor, rollout: Tensor | None) -> list[str]:
+        """Candidate texts: what was generated so far plus each candidate's next token(s)."""
+        tok = self.model.tokenizer
+        so_far = step.tokens[0, self.prompt_len:].tolist()
+        rows = rollout[0] if rollout is not None else first[:, None]
+        return [tok.decode(so_far + r.tolist(), skip_special_tokens=True) for r in rows]
+
+    def _violation(self, logprobs: Tensor, texts: list[str] | None) -> Tensor:
+        try:
+            if self.constraint.level == "token":
+                return checked_violation(self.constraint, logprobs=logprobs, context=self.context)
+            return checked_violation(self.constraint, logprobs=logprobs, texts=texts, context=self.context)
+        except ConstraintError:
+            raise
+        except Exception as exc:
+            raise CZAOError(f"constraint {self.constraint.describe()} raised while scoring: {exc!r}") from exc
+
+    def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor) -> _Eval:
+        if self.cfg.max_norm is not None:
+            n = Z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            Z = Z * torch.clamp(self.cfg.max_norm / n, max=1.0)
+        deltas = {h: d[None] for h, d in self.subspace.deltas(Z).items()}
+        seq = self.constraint.level == "sequence"
+        logits, rollout = step.evaluate(deltas, lookahead=self.cfg.lookahead if seq else 0)
+        lp = logits[0].float().log_softmax(-1)
+        texts = self._texts(step, lp.argmax(-1), rollout) if seq else None
+        v = self._violation(lp, texts)
+        kl = (lp.exp() * (lp - base_lp[None])).sum(-1).clamp_min(0)
+        loss = v + self.cfg.norm_penalty * Z.pow(2).sum(-1) + self.cfg.kl_beta * (kl - self.eps).clamp_min(0)
+        feasible = (v <= SAT_TOL) & (kl <= self.eps)
+        return _Eval(loss, v, kl, logits[0], feasible)
+
+    # -- one token
+
+    def __call__(self, step: DecodeStep) -> dict[str, Tensor] | None:
+        if step.resid.shape[0] != 1:
+            raise CZAOError("CZAOController runs one prompt at a time; generate_czao loops over prompts")
+        base_lp = step.logits[0].float().log_softmax(-1)
+        seq = self.constraint.level == "sequence"
+        texts = self._texts(step, base_lp.argmax(-1, keepdim=True), None) if seq else None
+        v0 = float(self._violation(base_lp[None], texts)[0])
+        if v0 <= SAT_TOL:  # already holds (for sequence level: the greedy next token keeps it)
+            self.records.append(TokenRecord(step.index, False, 0, step.cost.passes, 0, 0.0, 0.0, 0.0, v0, v0, True, False))
+            return None
+        best, steps = self._optimize(step, base_lp)
+        rec = TokenRecord(
+            index=step.index, optimized=True, steps=steps, passes=0.0, candidates=0, delta_norm=0.0,
+            z_norm=0.0, kl=best.kl, v_before=v0, v_after=best.v, satisfied=best.feasible,
+            unreachable=not best.feasible,
+        )
+        if not best.feasible and self.cfg.fallback == "relax":
+            best, extra = self._relax(step, base_lp, best)
+            rec.steps += extra
+            rec.fallback = f"relax(eps={self.eps:g})"
+            rec.kl, rec.v_after, rec.satisfied = best.kl, best.v, best.feasible
+            self.eps = self.cfg.kl_eps
+        if not best.feasible:
+            rec.fallback = rec.fallback or self.cfg.fallback
+            if self.cfg.fallback == "mask":
+                step.logit_bias = self._mask(step, best.logits)
+        # Unreachable means: no feasible point within budget and eps, even if a fallback then helps.
+        rec.unreachable = not best.feasible
+        z = best.z
+        rec.delta_norm, rec.z_norm = float(self.subspace.delta_norm(z)), float(z.norm())
+        if best.feasible:
+            self.z_prev = z
+            self.residuals.append(step.resid[0].detach() / self.subspace.scales[self.start_layer])
+            self.z_star.append(z.detach())
+        # The loop re-runs the upper layers once with the chosen delta: count it here.
+        n_layers = self.model.cfg.n_layers
+        rec.passes = step.cost.passes + (n_layers - self.start_layer) / n_layers
+        rec.candidates = step.cost.candidates
+        self.records.append(rec)
+        return self.subspace.deltas(z[None])  # [1, d] per hook
+
+    def _start(self, step: DecodeStep) -> Tensor:
+        if self.predictor is not None:
+            return self.predictor.predict(step.resid[0] / self.subspace.scales[self.start_layer]).float()
+        return self.z_prev.clone() if self.cfg.warm_start else torch.zeros(self.subspace.dim)
+
+    def _optimize(self, step: DecodeStep, base_lp: Tensor, start: _Best | None = None) -> tuple[_Best, int]:
+        """SPSA + batched line search until a feasible candidate appears or K steps are spent."""
+        cfg = self.cfg
+        z = self._start(step) if start is None else start.z.clone()
+        radii = torch.tensor(cfg.radii)
+        best = None
+        for k in range(1, cfg.max_steps + 1):
+            probe = spsa_candidates(z, cfg.n_dirs, cfg.mu, self.gen)
+            pts = torch.cat([z[None], probe.points])  # the current point rides along for free
+            ev = self._evaluate(step, pts, base_lp)
+            best = self._keep_best(pts, ev, best)
+            if best.feasible:
+                return best, k
+            g = spsa_gradient(probe, ev.loss[1:])
+            if cfg.curvature:
+                g = g / diagonal_curvature(probe, ev.loss[1:], float(ev.loss[0]))
+            line = line_search_candidates(z, g, radii)
+            best = self._keep_best(line, self._evaluate(step, line, base_lp), best)
+            if best.feasible:
+                return best, k
+            z = best.z.clone()
+        assert best is not None
+        return best, cfg.max_steps
+
+    def _keep_best(self, pts: Tensor, ev: _Eval, best: _Best | None) -> _Best:
+        key = ev.loss + torch.where(ev.feasible, 0.0, 1e6)
+        i = int(key.argmin())
+        if best is not None and float(key[i]) >= best.key:
+            return best
+        z = pts[i].clone()
+        if self.cfg.max_norm is not None:  # _evaluate scored the projected point
+            z = z * min(1.0, self.cfg.max_norm / max(float(z.norm()), 1e-12))
+        return _Best(z, float(ev.v[i]), float(ev.kl[i]), bool(ev.feasible[i]), ev.logits[i], float(key[i]))
+
+    def _relax(self, step: DecodeStep, base_lp: Tensor, best: _Best) -> tuple[_Best, int]:
+        """Fallback: double eps (up to relax_max_eps) and continue from the best point."""
+        extra = 0
+        while self.eps < self.cfg.relax_max_eps and not best.feasible:
+            self.eps = min(self.eps * 2, self.cfg.relax_max_eps)
+            best, k = self._optimize(step, base_lp, start=best)
+            extra += k
+        return best, extra
+
+    def _mask(self, step: DecodeStep, logits: Tensor) -> Tensor:
+        """Fallback: token-level guided decoding. Ban the tokens that would violate the constraint."""
+        bias = torch.zeros_like(step.logits)
+        if hasattr(self.constraint, "banned_ids"):
+            bias[0, self.constraint.banned_ids(self.model.tokenizer)] = float("-inf")
+            return bias
+        # Sequence level: test the top next tokens as one-token continuations and ban violators.
+        top = logits.float().topk(32).indices
+        texts = self._texts(step, top, None)
+        v = self._violation(logits.float().log_softmax(-1)[None].expand(len(texts), -1), texts)
+        bias[0, top[v > SAT_TOL]] = float("-inf")
+        return bias
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def build_subspace(
+    model: HookedTransformer, prompt: str, config: CZAOConfig, *, chat: bool, store: ActivationStore | None = None
+) -> Subspace:
+    """The subspace of a config for one prompt, read through the shared activation store."""
+    store = store or ActivationStore(model)
+    make = {"activation": activation_basis, "random": random_basis}.get(config.basis)
+    if make is None:
+        raise SubspaceError(f"unknown basis {config.basis!r}; use activation or random, or pass subspace=")
+    return make(store, prompt, list(config.layers), config.rank, chat=chat, seed=config.seed)
+
+
+def generate_czao(
+    model: HookedTransformer,
+    prompts: str | Sequence[str],
+    constraint: Constraint,
+    config: CZAOConfig | None = None,
+    *,
+    max_new_tokens: int = 32,
+    chat: bool = False,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    document: str | None = None,
+    subspace: Subspace | None = None,
+    store: ActivationStore | None = None,
+    predictor: ZPredictor | None = None,
+    progress: bool = False,
+) -> list[CZAOResult]:
+    """Generate with CZAO for each prompt (one at a time), returning text and telemetry."""
+    config = config or CZAOConfig()
+    config.validate()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    store = store or ActivationStore(model)
+    results = []
+    for prompt in prompts:
+        sub = subspace or build_subspace(model, prompt, config, chat=chat, store=store)
+        enc = encode_prompts(model, prompt, chat=chat)
+        ctl = CZAOController(model, constraint, sub, config, prompt_len=int(enc.prompt_lens[0]),
+                             prompt_text=prompt, document=document, predictor=predictor)
+        t0 = time.perf_counter()
+        gen = generate(model, prompt, max_new_tokens=max_new_tokens, chat=chat, greedy=greedy,
+                       temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress)
+        seconds = time.perf_counter() - t0
+        text = gen.texts[0]
+        try:
+            ok = bool(constraint.check_text(text, replace(ctl.context, generated=text)))
+        except Exception as exc:
+            raise CZAOError(f"constraint {constraint.describe()} raised in its final check: {exc!r}") from exc
+        results.append(CZAOResult(
+            prompt=prompt, text=text, tokens=gen.new_tokens[0], records=ctl.records, satisfied=ok,
+            unreachable=any(r.unreachable for r in ctl.records), seconds=seconds,
+            config=asdict(config), constraint=constraint.describe(),
+        ))
+        results[-1]._controller = ctl  # type: ignore[attr-defined]  # for distilling a predictor
+    return results
+
+
+def distill_predictor(results: Sequence[CZAOResult], alpha: float = 1.0) -> ZPredictor:
+    """Fit a :class:`ZPredictor` on the (residual, z*) pairs of earlier CZAO runs."""
+    X, Z = [], []
+    for r in results:
+        ctl = getattr(r, "_controller", None)
+        if ctl is not None:
+            X += ctl.residuals
+            Z += ctl.z_star
+    if not X:
+        raise CZAOError("no optimised tokens to distill from: run CZAO on prompts that need steering first")
+    return ZPredictor.fit(torch.stack(X), torch.stack(Z), alpha)
+
+
+class _MarginProbe:
+    """A controller that measures the reachability margin at the first generated token."""
+
+    def __init__(self, inner: CZAOController, b_max: float, iters: int):
+        self.inner, self.b_max, self.iters = inner, b_max, iters
+        self.start_layer, self.read_hooks = inner.start_layer, ()
+        self.result: dict[str, Any] = {}
+
+    def __call__(self, step: DecodeStep):
+        c = self.inner
+        base_lp = step.logits[0].float().log_softmax(-1)
+        seq = c.constraint.level == "sequence"
+        v0 = float(c._violation(base_lp[None], c._texts(step, base_lp.argmax(-1, keepdim=True), None) if seq else None)[0])
+        if v0 <= SAT_TOL:
+            self.result = {"rho": 0.0, "rho_delta_norm": 0.0, "reachable": True, "v0": v0}
+            return None
+
+        def feasible(b: float) -> tuple[bool, Tensor]:
+            c.cfg = replace(c.cfg, max_norm=b, warm_start=False)
+            c.gen.manual_seed(c.cfg.seed)
+            best, _ = c._optimize(step, base_lp)
+            return best.feasible, best.z
+
+        ok, z = feasible(self.b_max)
+        if not ok:
+            self.result = {"rho": math.inf, "rho_delta_norm": math.inf, "reachable": False, "v0": v0, "b_max": self.b_max}
+            return None
+        lo, hi, z_hi = 0.0, self.b_max, z
+        for _ in range(self.iters):
+            mid = (lo + hi) / 2
+            ok, z = feasible(mid)
+            if ok:
+                hi, z_hi = mid, z
+            else:
+                lo = mid
+        self.result = {"rho": hi, "rho_delta_norm": float(c.subspace.delta_norm(z_hi)), "reachable": True,
+                       "v0": v0, "bracket": [lo, hi]}
+        return None
+
+
+def reachability_margin(
+    model: HookedTransformer,
+    prompt: str,
+    constraint: Constraint,
+    config: CZAOConfig | None = None,
+    *,
+    b_max: float = 3.0,
+    iters: int = 6,
+    chat: bool = False,
+    store: ActivationStore | None = None,
+) -> dict[str, Any]:
+    """rho(C, x): the smallest |z| (and |delta|) that satisfies C at the first token, by bisection.
+
+    ``rho = inf`` means unreachable even at ``b_max`` within the step budget and the KL bound.
+    """
+    config = config or CZAOConfig()
+    sub = build_subspace(model, prompt, config, chat=chat, store=store)
+    enc = encode_prompts(model, prompt, chat=chat)
+    inner = CZAOController(model, constraint, sub, config, prompt_len=int(enc.prompt_lens[0]), prompt_text=prompt)
+    probe = _MarginProbe(inner, b_max, iters)
+    generate(model, prompt, max_new_tokens=1, chat=chat, controller=probe)
+    return probe.result

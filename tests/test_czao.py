@@ -1,0 +1,155 @@
+"""CZAO on the real model: satisfaction vs unsteered, telemetry, reachability, and failure modes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from czao_lens.constraints import AvoidTokens, Constraint, ConstraintError
+from czao_lens.czao import CZAOConfig, CZAOError, ZPredictor, generate_czao, reachability_margin
+from czao_lens.generate import generate
+from czao_lens.subspace import SubspaceError
+
+BLUE_PROMPTS = ["My favorite color is", "The color of the clear sky is", "Roses are red, violets are"]
+CFG = CZAOConfig(layers=(12,), rank=16)
+
+
+def no_hooks(model) -> bool:
+    return not any(hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+@pytest.fixture(scope="module")
+def blue_runs(smol):
+    c = AvoidTokens(["blue"])
+    base = [generate(smol, p, max_new_tokens=8).texts[0] for p in BLUE_PROMPTS]
+    steered = generate_czao(smol, BLUE_PROMPTS, c, CFG, max_new_tokens=8)
+    return c, base, steered
+
+
+@pytest.mark.real
+def test_czao_raises_satisfaction_over_unsteered(blue_runs):
+    c, base, steered = blue_runs
+    base_ok = [c.check_text(t) for t in base]
+    czao_ok = [r.satisfied for r in steered]
+    assert sum(base_ok) < len(BLUE_PROMPTS), f"the unsteered model must say blue somewhere: {base}"
+    assert all(czao_ok), [r.text for r in steered]
+    assert sum(czao_ok) > sum(base_ok)
+    for r in steered:
+        assert "blue" not in r.text.lower()
+
+
+@pytest.mark.real
+def test_telemetry_is_consistent(blue_runs):
+    _, _, steered = blue_runs
+    opt = [rec for r in steered for rec in r.records if rec.optimized]
+    assert opt, "some token must have needed optimisation"
+    for rec in opt:
+        assert 1 <= rec.steps <= CFG.max_steps
+        assert rec.passes > 1.0 and rec.candidates > 0
+        assert rec.v_before > 0
+        if rec.satisfied:
+            assert rec.v_after == 0 and rec.kl <= CFG.kl_eps and rec.delta_norm > 0
+    for r in steered:
+        s = r.summary()
+        assert s["tokens"] == len(r.records) == len(r.tokens)
+        assert s["passes_per_token"] >= 1.0
+
+
+@pytest.mark.real
+def test_reachability_margin_brackets_a_threshold(smol):
+    c = AvoidTokens(["blue"])
+    res = reachability_margin(smol, BLUE_PROMPTS[0], c, CFG, iters=4)
+    assert res["reachable"] and 0 < res["rho"] <= 3.0
+    lo, hi = res["bracket"]
+    assert lo < hi and hi == res["rho"]
+    # A cap far below the margin must fail.
+    tiny_cap = reachability_margin(smol, BLUE_PROMPTS[0], c, CZAOConfig(layers=(12,), max_steps=2), b_max=1e-3, iters=1)
+    assert tiny_cap["reachable"] is False and tiny_cap["rho"] == float("inf")
+
+
+@dataclass(eq=False, repr=False)
+class Impossible(Constraint):
+    """Always violated: the next token would have to be impossible."""
+
+    level = "token"
+
+    def violation_logits(self, logprobs, context=None):
+        return torch.ones(logprobs.shape[0])
+
+    def check_text(self, text, context=None):
+        return False
+
+
+@pytest.mark.real
+def test_unreachable_constraint_is_reported_never_success(smol):
+    cfg = CZAOConfig(layers=(12,), max_steps=2, n_dirs=4)
+    r = generate_czao(smol, "Hello", Impossible(), cfg, max_new_tokens=3)[0]
+    assert r.unreachable and not r.satisfied
+    assert all(rec.unreachable and not rec.satisfied and rec.fallback == "flag" for rec in r.records)
+    assert r.summary()["unreachable_tokens"] == len(r.records)
+    assert no_hooks(smol)
+
+
+@pytest.mark.real
+def test_mask_fallback_enforces_banned_tokens_when_unreachable(smol):
+    c = AvoidTokens(["blue"])
+    cfg = CZAOConfig(layers=(12,), max_steps=1, n_dirs=2, max_norm=1e-4, fallback="mask")
+    r = generate_czao(smol, BLUE_PROMPTS[0], c, cfg, max_new_tokens=4)[0]
+    assert r.unreachable, "a cap of 1e-4 cannot move p(blue) below the threshold"
+    assert any(rec.fallback == "mask" for rec in r.records)
+    assert r.satisfied and "blue" not in r.text.lower()
+
+
+@dataclass(eq=False, repr=False)
+class Raises(Constraint):
+    level = "token"
+
+    def violation_logits(self, logprobs, context=None):
+        raise RuntimeError("evaluator crashed")
+
+    def check_text(self, text, context=None):
+        return True
+
+
+@dataclass(eq=False, repr=False)
+class NaNs(Constraint):
+    level = "token"
+
+    def violation_logits(self, logprobs, context=None):
+        return torch.full((logprobs.shape[0],), float("nan"))
+
+    def check_text(self, text, context=None):
+        return True
+
+
+def test_bad_inputs_are_clear_errors_and_leave_no_hooks(tiny):
+    c = AvoidTokens(["blue"])
+    with pytest.raises(CZAOError, match="evaluator crashed"):
+        generate_czao(tiny, "hello", Raises(), CZAOConfig(layers=(1,), rank=4), max_new_tokens=2)
+    assert no_hooks(tiny)
+    with pytest.raises(ConstraintError, match="NaN"):
+        generate_czao(tiny, "hello", NaNs(), CZAOConfig(layers=(1,), rank=4), max_new_tokens=2)
+    assert no_hooks(tiny)
+    with pytest.raises(SubspaceError, match="empty"):
+        generate_czao(tiny, "hello", c, CZAOConfig(layers=()))
+    with pytest.raises(SubspaceError, match="larger than d_model"):
+        generate_czao(tiny, "hello", c, CZAOConfig(layers=(1,), rank=tiny.cfg.d_model + 1))
+    with pytest.raises(SubspaceError, match="out of range"):
+        generate_czao(tiny, "hello", c, CZAOConfig(layers=(7,), rank=4))
+    with pytest.raises(CZAOError, match="KL bound of 0"):
+        generate_czao(tiny, "hello", c, CZAOConfig(layers=(1,), rank=4, kl_eps=0.0))
+    assert no_hooks(tiny)
+
+
+def test_z_predictor_recovers_a_linear_map(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(12, 5, generator=g)
+    X = torch.randn(200, 12, generator=g)
+    Z = X @ W + 0.5
+    p = ZPredictor.fit(X, Z, alpha=1e-3)
+    Xt = torch.randn(20, 12, generator=g)
+    assert torch.allclose(p.predict(Xt), Xt @ W + 0.5, atol=1e-2)
+    q = ZPredictor.load(p.save(tmp_path / "pred.safetensors"))
+    assert torch.equal(q.weight, p.weight)
