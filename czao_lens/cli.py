@@ -92,18 +92,236 @@ def generate(
 # Commands of other capabilities register below, each importing its module lazily.
 
 
+# ----------------------------------------------------------------------------- diagnostics (issue 3)
+
+
+def _trace_prompts_from(m, prompts_file, behavior, data, split, limit, chat, corrupt):
+    """Trace prompts from a JSON/text file or a CAA behaviour (shared by `trace`)."""
+    from czao_lens.diagnostics import DiagnosticError
+    from czao_lens.diagnostics.tracing import caa_prompt, load_caa, make_prompt
+
+    if (prompts_file is None) == (behavior is None):
+        _fail("give exactly one of --prompts FILE or --behavior NAME")
+    try:
+        if behavior is not None:
+            items = load_caa(data or default_data_dir(), behavior, split=split, limit=limit)
+            source = {"behavior": behavior, "split": split, "data": str(data or default_data_dir())}
+        else:
+            if not prompts_file.exists():
+                _fail(f"{prompts_file} does not exist")
+            text = prompts_file.read_text()
+            if prompts_file.suffix == ".json":
+                items = json.loads(text)
+                if not isinstance(items, list):
+                    _fail(f"{prompts_file} must hold a JSON list")
+            else:  # prompt<TAB>subject<TAB>answer[<TAB>other], one per line
+                items = []
+                for line in text.splitlines():
+                    if line.strip():
+                        parts = line.split("\t")
+                        if len(parts) < 3:
+                            _fail(f"lines of {prompts_file} must be 'prompt<TAB>subject<TAB>answer[<TAB>other]'")
+                        items.append(dict(zip(["prompt", "subject", "answer", "other"], parts)))
+            items = items[:limit] if limit is not None else items
+            source = {"prompts": str(prompts_file)}
+        if not items:
+            _fail("empty prompt set: no prompts to trace")
+        out = []
+        for it in items:
+            if "question" in it or "correct" in it:
+                out.append(caa_prompt(m, it, chat=chat, corrupt=corrupt))
+            else:
+                if not all(k in it for k in ("prompt", "subject", "answer")):
+                    _fail("each prompt needs 'prompt', 'subject' and 'answer' (or CAA A/B fields)")
+                out.append(make_prompt(m, it["prompt"], it["subject"], it["answer"], it.get("other"), chat=chat))
+        return out, source
+    except DiagnosticError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def trace(
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON list ({prompt, subject, answer[, other]} or CAA A/B items) or a TSV text file."),
+    behavior: Optional[str] = typer.Option(None, help="CAA behaviour in the data dir (e.g. refusal, sycophancy)."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (default: $CZAO_LENS_DATA or ../shared/data)."),
+    split: str = typer.Option("test", help="CAA split: test or generate."),
+    limit: Optional[int] = typer.Option(None, help="Use at most this many prompts."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    chat: bool = typer.Option(True, help="Apply the chat template (CAA items and prompts)."),
+    corrupt: str = typer.Option("question", help="CAA span to corrupt: question (whole user message) or choices."),
+    position: str = typer.Option("subject_last", help="Where layers are scored: subject_last or last."),
+    n_samples: int = typer.Option(5, help="Noise samples per prompt."),
+    noise: float = typer.Option(3.0, help="Noise scale in units of the token-embedding std."),
+    window: int = typer.Option(10, help="Layer window for MLP / attention restoration."),
+    heatmap_positions: int = typer.Option(4, help="Heatmap rows: the last N corrupted tokens and every later token."),
+    top_k: int = typer.Option(5, help="Layers to print."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(DEFAULT_OUT / "trace", help="Folder for layers.json, heatmaps and traces."),
+) -> None:
+    """Causal tracing (ROME): rank layers for steering; write layers.json and token x layer heatmaps."""
+    from czao_lens.diagnostics import DiagnosticError
+    from czao_lens.diagnostics.tracing import KINDS, rank_layers, trace_prompt
+    from czao_lens.plots import layer_scores_figure, save_figure, trace_heatmap
+    from czao_lens.store import ActivationStore
+
+    if n_samples < 1:
+        _fail("--n-samples must be >= 1")
+    m = _load(model)
+    items, source = _trace_prompts_from(m, prompts, behavior, data, split, limit, chat, corrupt)
+    store = ActivationStore(m)
+    try:
+        ranking = rank_layers(m, items, store=store, position=position, n_samples=n_samples, noise_scale=noise,
+                              seed=seed, source={**source, "n_samples": n_samples, "noise": noise, "seed": seed})
+        heat = trace_prompt(m, items[0], store=store, kinds=KINDS, positions=heatmap_positions,
+                            n_samples=n_samples, noise_scale=noise, window=window, seed=seed, progress=True)
+    except DiagnosticError as exc:
+        _fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    ranking.save(out / "layers.json")
+    heat.save(out / "trace_prompt0.json")
+    for kind in KINDS:
+        save_figure(trace_heatmap(heat, kind), out / f"heatmap_{kind}.html")
+    save_figure(layer_scores_figure({"resid": ranking.scores["resid"]}, title="Causal tracing: restored fraction per layer",
+                                    ylabel="score"), out / "layers.html")
+    best = ", ".join(f"{r['layer']} ({r['score']:.3f})" for r in ranking.layers()[:top_k])
+    typer.echo(f"top layers: {best}")
+    typer.echo(f"saved {out / 'layers.json'} and heatmaps in {out}")
+
+
+# ----------------------------------------------------------------------------- CZAO (issue 5)
+
+
+def _constraint_from(spec: str):
+    from czao_lens.constraints import load_constraint
+
+    try:
+        return load_constraint(spec)
+    except (ValueError, OSError) as exc:
+        _fail(f"bad constraint spec: {exc}")
+
+
+def _czao_layers(layer: Optional[List[int]], layers_json: Optional[Path], top_k: int) -> tuple[int, ...]:
+    if layers_json is not None:
+        from czao_lens.diagnostics import DiagnosticError
+        from czao_lens.diagnostics.tracing import load_layers
+
+        try:
+            return tuple(load_layers(layers_json, top_k))
+        except DiagnosticError as exc:
+            _fail(str(exc))
+    return tuple(layer or (12,))
+
+
+def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, chat: bool, seed: int, out: Path) -> list[dict]:
+    """Unsteered and CZAO generations of the same prompts with the same seed; printed and saved."""
+    from czao_lens.constraints import Context
+    from czao_lens.czao import CZAOError, generate_czao
+    from czao_lens.generate import generate as run
+    from czao_lens.plots import czao_telemetry_figure, save_figure
+    from czao_lens.subspace import SubspaceError
+
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(prompts):
+        base = run(m, p, max_new_tokens=max_new_tokens, chat=chat, seed=seed)
+        try:
+            res = generate_czao(m, p, constraint, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, progress=True)[0]
+        except (CZAOError, SubspaceError, ValueError) as exc:
+            _fail(str(exc))
+        base_ok = bool(constraint.check_text(base.texts[0], Context(prompt=p, generated=base.texts[0], tokenizer=m.tokenizer)))
+        s = res.summary()
+        ratio = res.seconds / max(base.seconds, 1e-9)
+        typer.echo(f"\n>>> {p}")
+        typer.echo(f"unsteered [{'ok' if base_ok else 'VIOLATES'}]: {base.texts[0]!r}")
+        typer.echo(f"czao      [{'ok' if res.satisfied else 'VIOLATES'}{', UNREACHABLE tokens' if res.unreachable else ''}]: {res.text!r}")
+        typer.echo(
+            f"  optimised {s['optimized_tokens']}/{s['tokens']} tokens, median steps {s['median_steps']}, max {s['max_steps']}, "
+            f"{s['passes_per_token']:.2f} passes/token, mean KL {s['mean_kl_optimized']:.3f}, wall-clock x{ratio:.2f} vs unsteered"
+        )
+        save_figure(czao_telemetry_figure(res), out / f"telemetry_{i}.html")
+        rows.append({"prompt": p, "unsteered": base.texts[0], "unsteered_satisfied": base_ok,
+                     "unsteered_seconds": base.seconds, "czao": res.to_dict()})
+    path = out / "czao.json"
+    path.write_text(json.dumps(rows, indent=1))
+    typer.echo(f"\nsaved {path} and telemetry_*.html in {out}")
+    return rows
+
+
+@app.command()
+def czao(
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for several."),
+    constraint: str = typer.Option(..., help='Constraint spec: inline JSON (e.g. \'{"type": "avoid_tokens", "words": ["blue"]}\') or a .json file.'),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    layer: Optional[List[int]] = typer.Option(None, "--layer", help="Layer(s) R; repeat. Default 12."),
+    layers_json: Optional[Path] = typer.Option(None, help="Take R from a layers.json written by `czao-lens trace`."),
+    top_k: int = typer.Option(2, help="How many layers to take from --layers-json."),
+    rank: int = typer.Option(16),
+    basis: str = typer.Option("activation", help="activation or random."),
+    max_steps: int = typer.Option(10),
+    n_dirs: int = typer.Option(16),
+    kl_eps: float = typer.Option(1.5),
+    lookahead: int = typer.Option(3, help="Rollout tokens per candidate for sequence-level constraints."),
+    fallback: str = typer.Option("flag", help="flag, relax or mask."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    chat: bool = typer.Option(True),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(DEFAULT_OUT / "czao"),
+) -> None:
+    """Generate with CZAO next to unsteered generation; write text, telemetry and a summary."""
+    from czao_lens.czao import CZAOConfig, CZAOError
+
+    c = _constraint_from(constraint)
+    cfg = CZAOConfig(layers=_czao_layers(layer, layers_json, top_k), rank=rank, basis=basis, max_steps=max_steps,
+                     n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, seed=seed)
+    try:
+        cfg.validate()
+    except (CZAOError, ValueError) as exc:
+        _fail(str(exc))
+    m = _load(model)
+    run_czao_side_by_side(m, prompt, c, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out)
+
+
+@app.command()
+def landscape(
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    constraint: str = typer.Option(..., help="Constraint spec (inline JSON or .json file)."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    layer: Optional[List[int]] = typer.Option(None, "--layer", help="Layers to map; repeat. Default 4, 12, 20."),
+    n: int = typer.Option(15, help="Grid points per axis."),
+    extent: float = typer.Option(1.0, help="Grid half-width in z units (typical residual norms)."),
+    chat: bool = typer.Option(True),
+    out: Path = typer.Option(DEFAULT_OUT / "landscape"),
+) -> None:
+    """Per-layer 2-D maps of CZAO's objective (loss, violation, KL) and a roughness figure per layer."""
+    from czao_lens.diagnostics import DiagnosticError
+    from czao_lens.diagnostics.landscape import loss_landscape
+
+    c = _constraint_from(constraint)
+    m = _load(model)
+    try:
+        land = loss_landscape(m, prompt, c, layer or [4, 12, 20], n=n, extent=extent, chat=chat, progress=True)
+    except (DiagnosticError, ValueError) as exc:
+        _fail(str(exc))
+    for l, r in land.roughness.items():
+        zs = land.z_star_norm[l]
+        typer.echo(f"layer {l:3d}: mean |grad L| {r['mean_grad_norm']:.3f}, TV {r['total_variation']:.3f}, "
+                   f"|z*| {'unreachable' if zs is None else f'{zs:.3f}'}")
+    paths = land.save(out)
+    typer.echo(f"saved {paths['html']}, {paths['grids']}, {paths['json']}")
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m-instruct"),
     out: Path = typer.Option(DEFAULT_OUT / "demo", help="Folder for the saved results."),
 ) -> None:
-    """The README's main job: a short generation on the embedded model, saved as JSON."""
-    from czao_lens.generate import generate as run
+    """The README's main job: CZAO keeps SmolLM2 from saying "blue", next to the unsteered model."""
+    from czao_lens.constraints import AvoidTokens
+    from czao_lens.czao import CZAOConfig
 
     m = _load(model)
-    res = run(m, ["What is the capital of France?", "Write one sentence about the sea."], chat=True,
-              max_new_tokens=40, progress=True)
-    for p, t in zip(res.prompts, res.texts):
-        typer.echo(f"\n>>> {p}\n{t}")
-    out.mkdir(parents=True, exist_ok=True)
-    typer.echo(f"\nsaved {res.save_json(out / 'generation.json')}")
+    typer.echo('Constraint: never say "blue" (AvoidTokens, p(blue) < 0.05 at every token). CZAO at layer 12, rank 16.')
+    run_czao_side_by_side(
+        m, ["What color is the sky on a clear day? Answer in one sentence.", "What is your favorite color?"],
+        AvoidTokens(["blue"]), CZAOConfig(layers=(12,)), max_new_tokens=32, chat=True, seed=0, out=out,
+    )
