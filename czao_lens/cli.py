@@ -188,6 +188,55 @@ def trace(
     typer.echo(f"saved {out / 'layers.json'} and heatmaps in {out}")
 
 
+@app.command()
+def lyapunov(
+    prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; repeat for several."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    l0: int = typer.Option(0, help="First block (the perturbation enters resid_pre[l0])."),
+    l1: Optional[int] = typer.Option(None, help="End block (exclusive; default: all)."),
+    n_dirs: int = typer.Option(8, help="Random directions for finite differences."),
+    k: int = typer.Option(4, help="Exponents in the Benettin spectrum (0 to skip)."),
+    jacobian: bool = typer.Option(True, help="Also power-iterate each block's Jacobian (slower)."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(DEFAULT_OUT / "lyapunov", help="Folder for lyapunov.json and curves.html."),
+) -> None:
+    """Lyapunov growth per layer: finite differences, Jacobian sigma_max (JVP/VJP) and a QR spectrum."""
+    from czao_lens.diagnostics import DiagnosticError, write_json
+    from czao_lens.diagnostics.lyapunov import fd_growth, jacobian_top_singular, lyapunov_spectrum
+    from czao_lens.plots import layer_scores_figure, save_figure
+
+    texts = list(prompt or [])
+    if prompts is not None:
+        if not prompts.exists():
+            _fail(f"{prompts} does not exist")
+        texts += [line for line in prompts.read_text().splitlines() if line.strip()]
+    if not texts:
+        _fail("empty prompt set: give --prompt or --prompts")
+    m = _load(model)
+    try:
+        fd = fd_growth(m, texts, l0=l0, l1=l1, n_dirs=n_dirs, seed=seed, progress=True)
+        res = {"fd": fd.to_json()}
+        curves = {"FD log growth (random dirs)": fd.curves["fd_log_growth"]}
+        if jacobian:
+            jac = jacobian_top_singular(m, texts, layers=fd.layers, seed=seed, progress=True)
+            res["jacobian"] = jac.to_json()
+            curves["log sigma_max (JVP power iteration)"] = jac.curves["log_sigma_max"]
+        if k > 0:
+            res["spectrum"] = lyapunov_spectrum(m, texts, l0=l0, l1=l1, k=k, seed=seed, progress=True).to_json()
+    except DiagnosticError as exc:
+        _fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(res, out / "lyapunov.json")
+    fig = layer_scores_figure(curves, title="Lyapunov growth per block (last position)", ylabel="log stretch")
+    fig.update_xaxes(tickvals=list(range(len(fd.layers))), ticktext=[str(x) for x in fd.layers])
+    save_figure(fig, out / "curves.html")
+    typer.echo(f"FD maximal-exponent estimate: {fd.summary['fd_max_exponent']:.4f} per layer")
+    if "spectrum" in res:
+        typer.echo("spectrum: " + ", ".join(f"{v:.4f}" for v in res["spectrum"]["summary"].values()))
+    typer.echo(f"saved {out / 'lyapunov.json'} and {out / 'curves.html'}")
+
+
 # ----------------------------------------------------------------------------- CZAO (issue 5)
 
 
@@ -308,6 +357,77 @@ def landscape(
                    f"|z*| {'unreachable' if zs is None else f'{zs:.3f}'}")
     paths = land.save(out)
     typer.echo(f"saved {paths['html']}, {paths['grids']}, {paths['json']}")
+
+
+def _steer_layers(layers_json: Optional[Path], layer: List[int], top_k: int) -> List[int]:
+    """Layers from ``layers.json`` (written by ``czao-lens trace``: the top-k scores) or ``--layer``."""
+    if layers_json is None:
+        return list(layer or [10])
+    if not layers_json.exists():
+        _fail(f"{layers_json} does not exist")
+    try:
+        rows = json.loads(layers_json.read_text())["layers"]
+        ranked = sorted(rows, key=lambda r: -float(r["score"]))
+        return sorted(int(r["layer"]) for r in ranked[:top_k])
+    except (KeyError, TypeError, ValueError) as exc:
+        _fail(f"{layers_json} is not a layers.json ({{'layers': [{{'layer', 'score'}}, ...]}}): {exc}")
+
+
+@app.command()
+def steer(
+    method: str = typer.Option("caa", help="caa | actadd | pca | sae | cast | scaling | lqr"),
+    behavior: str = typer.Option("refusal", help="CAA behaviour to fit on (refusal, sycophancy, ...)."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (default: $CZAO_LENS_DATA or ../shared/data)."),
+    layer: List[int] = typer.Option(None, "--layer", "-l", help="Layer(s) to steer; repeat for several (default 10)."),
+    layers_json: Optional[Path] = typer.Option(None, "--layers-json", help="layers.json from `czao-lens trace`; overrides --layer."),
+    top_k: int = typer.Option(1, help="With --layers-json: how many top-scoring layers to use."),
+    n_fit: int = typer.Option(64, help="A/B pairs to fit on (letter-balanced)."),
+    multiplier: float = typer.Option(2.0, "--multiplier", "-m", help="Vector multiplier (caa/actadd/pca/cast), SAE coefficient, or the sign for scaling."),
+    lam: float = typer.Option(1.0, "--lambda", help="A-LQR setpoint strength lambda."),
+    positive: Optional[str] = typer.Option(None, help="ActAdd positive text."),
+    negative: Optional[str] = typer.Option(None, help="ActAdd negative text."),
+    sae_path: Optional[Path] = typer.Option(None, help="SAELens SAE folder (for --method sae)."),
+    features: Optional[str] = typer.Option(None, help="Comma-separated SAE feature indices."),
+    jac_prompts: int = typer.Option(24, help="A-LQR: prompts to average the block Jacobians over."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Generate for these prompts, steered next to unsteered."),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n"),
+    out: Path = typer.Option(DEFAULT_OUT / "steer", help="Folder for the vector / controller files."),
+) -> None:
+    """Fit a steering method from the CAA data, save it, and optionally generate with it."""
+    from czao_lens.steering import METHODS, SteeringDataError, SteeringError, fit_steering
+    from czao_lens.steering.evaluate import generate_steered
+
+    if method not in METHODS:
+        _fail(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    layers = _steer_layers(layers_json, layer, top_k)
+    m = _load(model)
+    sae = None
+    if method == "sae":
+        if sae_path is None or not features:
+            _fail("--method sae needs --sae-path and --features")
+        from sae_lens import SAE
+
+        sae = SAE.load_from_disk(str(sae_path))
+    try:
+        feats = [int(f) for f in features.split(",")] if features else None
+        obj, intervention, info = fit_steering(
+            method, m, behavior=behavior, layers=layers, n_fit=n_fit, multiplier=multiplier, lam=lam,
+            positive=positive, negative=negative, sae=sae, features=feats, jac_prompts=jac_prompts,
+            data_dir=data or default_data_dir(), out=out / method)
+    except (SteeringError, SteeringDataError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{method} on layers {layers}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("files", "method", "layers")))
+    for f in info["files"]:
+        typer.echo(f"saved {f}")
+    if prompt:
+        plain = generate_steered(m, prompt, None, max_new_tokens=max_new_tokens)
+        steered = generate_steered(m, prompt, intervention, max_new_tokens=max_new_tokens)
+        for p, a, b in zip(prompt, plain.texts, steered.texts):
+            typer.echo(f"\n>>> {p}\n[unsteered] {a}\n[steered]   {b}")
+        (out / method).mkdir(parents=True, exist_ok=True)
+        (out / method / "generations.json").write_text(json.dumps(
+            {"prompts": prompt, "unsteered": plain.texts, "steered": steered.texts, "info": {k: v for k, v in info.items() if k != "files"}}, indent=1, default=str))
 
 
 @app.command()

@@ -115,6 +115,7 @@ class DecodeStep:
         flat = {k: v.reshape(batch * n_cand, *v.shape[2:]) for k, v in deltas.items()}
         cache = _expanded_cache(self._cache, n_cand, drop_last_from=self.start_layer)
         mask = self._attention_mask.repeat_interleave(n_cand, 0)
+        base_offset = self.layout.offset
         removers = [add_hook(model.hook_dict[k], _add_last(v)) for k, v in flat.items()]
         try:
             x = self.resid.repeat_interleave(n_cand, 0)[:, None, :]
@@ -125,17 +126,17 @@ class DecodeStep:
             self.cost.batched_calls += 1
             rollout = None
             if lookahead > 0:
-                cols = []
-                for _ in range(lookahead):
-                    nxt = logits.argmax(-1)
-                    cols.append(nxt)
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                    cache.previous_attention_mask = mask[:, :-1]
-                    logits = model(nxt[:, None], past_kv_cache=cache, attention_mask=mask[:, -1:])[:, -1]
+                cols = [logits.argmax(-1)]
+                cache.previous_attention_mask = mask
+                while len(cols) < lookahead:
+                    self.layout.offset += 1  # static perturbations must see the rollout's positions
+                    logits = model(cols[-1][:, None], past_kv_cache=cache, attention_mask=torch.ones_like(mask[:, :1]))[:, -1]
+                    cols.append(logits.argmax(-1))
                     self.cost.passes += 1.0
                     self.cost.batched_calls += 1
                 rollout = torch.stack(cols, -1).reshape(batch, n_cand, lookahead)
         finally:
+            self.layout.offset = base_offset
             for r in removers:
                 r()
         return first, rollout
