@@ -60,6 +60,8 @@ class CZAOConfig:
     warm_start: bool = True
     curvature: bool = False  # HiZOO-style diagonal preconditioner
     lookahead: int = 3  # greedy rollout tokens per candidate for sequence-level constraints
+    surrogate: bool = False  # score sequence-level candidates with a linear probe once it is trained
+    surrogate_min_samples: int = 96  # rollout-scored candidates before the probe is fitted
     fallback: Fallback = "flag"
     relax_max_eps: float = 6.0
     seed: int = 0
@@ -147,28 +149,27 @@ class CZAOResult:
 
 
 @dataclass
-class ZPredictor:
-    """A ridge-regression map from the current residual (at min R, scaled) to the optimised z.
+class RidgeMap:
+    """A ridge-regression linear map ``y = x W + b``, saved as safetensors."""
 
-    Fitted on (residual, z*) pairs from earlier CZAO runs; used as a warm start so that the first
-    candidate batch often already contains a feasible point.
-    """
-
-    weight: Float[Tensor, "d dim"]
-    bias: Float[Tensor, "dim"]
+    weight: Float[Tensor, "d k"]
+    bias: Float[Tensor, "k"]
 
     @classmethod
-    def fit(cls, X: Float[Tensor, "n d"], Z: Float[Tensor, "n dim"], alpha: float = 1.0) -> "ZPredictor":
-        if X.shape[0] != Z.shape[0] or X.shape[0] == 0:
-            raise CZAOError("ZPredictor.fit needs the same, non-zero number of residuals and z's")
-        xm, zm = X.mean(0), Z.mean(0)
-        Xc, Zc = X - xm, Z - zm
-        A = Xc.T @ Xc + alpha * torch.eye(X.shape[1])
-        W = torch.linalg.solve(A, Xc.T @ Zc)
-        return cls(W, zm - xm @ W)
+    def fit(cls, X: Float[Tensor, "n d"], Y: Float[Tensor, "n k"], alpha: float = 0.01):
+        if X.shape[0] != Y.shape[0] or X.shape[0] == 0:
+            raise CZAOError(f"{cls.__name__}.fit needs the same, non-zero number of inputs and targets")
+        X, Y = X.float(), Y.float()
+        xm, ym = X.mean(0), Y.mean(0)
+        Xc, Yc = X - xm, Y - ym
+        G = Xc.T @ Xc
+        # alpha is relative to the mean feature variance, so it means the same at any input scale
+        ridge = alpha * G.trace().clamp_min(1e-12) / X.shape[1]
+        W = torch.linalg.solve(G + ridge * torch.eye(X.shape[1]), Xc.T @ Yc)
+        return cls(W, ym - xm @ W)
 
-    def predict(self, x: Float[Tensor, "*n d"]) -> Float[Tensor, "*n dim"]:
-        return x @ self.weight + self.bias
+    def predict(self, x: Float[Tensor, "*n d"]) -> Float[Tensor, "*n k"]:
+        return x.float() @ self.weight + self.bias
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -177,11 +178,25 @@ class ZPredictor:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ZPredictor":
+    def load(cls, path: str | Path):
         from safetensors.torch import load_file
 
         t = load_file(str(path))
         return cls(t["weight"], t["bias"])
+
+
+class ZPredictor(RidgeMap):
+    """Distilled warm start: the current residual at min R (divided by its scale) -> optimised z.
+
+    Fitted on (residual, z*) pairs from earlier CZAO runs (:func:`distill_predictor`), so that the
+    first candidate batch often already holds a feasible point."""
+
+
+class ViolationProbe(RidgeMap):
+    """Learned surrogate of a sequence-level V: final-layer residual of a candidate -> V.
+
+    Trained online on candidates scored by real lookahead rollouts; once fitted it scores candidates
+    without rollouts. A candidate it calls feasible is always re-checked with a real rollout."""
 
 
 # ----------------------------------------------------------------------------- the optimiser
@@ -196,6 +211,7 @@ class _Eval:
     kl: Tensor
     logits: Tensor
     feasible: Tensor
+    surrogate: bool = False
 
 
 @dataclass
@@ -208,6 +224,7 @@ class _Best:
     feasible: bool
     logits: Tensor
     key: float
+    surrogate: bool = False
 
 
 class CZAOController:
@@ -238,6 +255,10 @@ class CZAOController:
         self.z_prev = torch.zeros(subspace.dim)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.eps = config.kl_eps
+        self.probe: ViolationProbe | None = None
+        self._probe_x: list[Tensor] = []
+        self._probe_y: list[Tensor] = []
+        self.probe_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         if config.fallback == "mask" and constraint.level == "token" and not hasattr(constraint, "banned_ids"):
             raise CZAOError("fallback='mask' needs a constraint with banned tokens (e.g. AvoidTokens)")
 
@@ -260,22 +281,35 @@ class CZAOController:
         except Exception as exc:
             raise CZAOError(f"constraint {self.constraint.describe()} raised while scoring: {exc!r}") from exc
 
-    def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor) -> _Eval:
+    def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, *, exact: bool = False) -> _Eval:
+        """Score candidates z: one batched forward (plus rollouts, or the surrogate, for sequence level)."""
         if self.cfg.max_norm is not None:
             n = Z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             Z = Z * torch.clamp(self.cfg.max_norm / n, max=1.0)
         deltas = {h: d[None] for h, d in self.subspace.deltas(Z).items()}
         seq = self.constraint.level == "sequence"
-        logits, rollout = step.evaluate(deltas, lookahead=self.cfg.lookahead if seq else 0)
+        use_probe = seq and self.probe is not None and not exact
+        capture = self.probe_hook if seq and self.cfg.surrogate else None
+        logits, rollout = step.evaluate(deltas, lookahead=self.cfg.lookahead if seq and not use_probe else 0, capture=capture)
         lp = logits[0].float().log_softmax(-1)
-        texts = self._texts(step, lp.argmax(-1), rollout) if seq else None
-        v = self._violation(lp, texts)
+        if use_probe:
+            v = self.probe.predict(step.captured[0]).squeeze(-1).clamp_min(0)
+        else:
+            v = self._violation(lp, self._texts(step, lp.argmax(-1), rollout) if seq else None)
+            if capture is not None and self.probe is None:
+                self._learn(step.captured[0], v)
         kl = (lp.exp() * (lp - base_lp[None])).sum(-1).clamp_min(0)
         loss = v + self.cfg.norm_penalty * Z.pow(2).sum(-1) + self.cfg.kl_beta * (kl - self.eps).clamp_min(0)
         feasible = (v <= SAT_TOL) & (kl <= self.eps)
-        return _Eval(loss, v, kl, logits[0], feasible)
+        return _Eval(loss, v, kl, logits[0], feasible, surrogate=use_probe)
 
-    # -- one token
+    def _learn(self, h: Tensor, v: Tensor) -> None:
+        """Collect rollout-scored candidates; fit the surrogate once there are enough."""
+        self._probe_x.append(h.float())
+        self._probe_y.append(v.float())
+        if sum(len(x) for x in self._probe_x) >= self.cfg.surrogate_min_samples:
+            X, Y = torch.cat(self._probe_x), torch.cat(self._probe_y)[:, None]
+            self.probe = ViolationProbe.fit(X, Y, alpha=0.1)
 
     def __call__(self, step: DecodeStep) -> dict[str, Tensor] | None:
         if step.resid.shape[0] != 1:
@@ -333,14 +367,14 @@ class CZAOController:
             probe = spsa_candidates(z, cfg.n_dirs, cfg.mu, self.gen)
             pts = torch.cat([z[None], probe.points])  # the current point rides along for free
             ev = self._evaluate(step, pts, base_lp)
-            best = self._keep_best(pts, ev, best)
+            best = self._verified(step, base_lp, self._keep_best(pts, ev, best))
             if best.feasible:
                 return best, k
             g = spsa_gradient(probe, ev.loss[1:])
             if cfg.curvature:
                 g = g / diagonal_curvature(probe, ev.loss[1:], float(ev.loss[0]))
             line = line_search_candidates(z, g, radii)
-            best = self._keep_best(line, self._evaluate(step, line, base_lp), best)
+            best = self._verified(step, base_lp, self._keep_best(line, self._evaluate(step, line, base_lp), best))
             if best.feasible:
                 return best, k
             z = best.z.clone()
@@ -355,7 +389,15 @@ class CZAOController:
         z = pts[i].clone()
         if self.cfg.max_norm is not None:  # _evaluate scored the projected point
             z = z * min(1.0, self.cfg.max_norm / max(float(z.norm()), 1e-12))
-        return _Best(z, float(ev.v[i]), float(ev.kl[i]), bool(ev.feasible[i]), ev.logits[i], float(key[i]))
+        return _Best(z, float(ev.v[i]), float(ev.kl[i]), bool(ev.feasible[i]), ev.logits[i], float(key[i]), ev.surrogate)
+
+    def _verified(self, step: DecodeStep, base_lp: Tensor, best: _Best) -> _Best:
+        """A point the surrogate calls feasible counts only after a real rollout agrees."""
+        if not (best.feasible and best.surrogate):
+            return best
+        ev = self._evaluate(step, best.z[None], base_lp, exact=True)
+        return _Best(best.z, float(ev.v[0]), float(ev.kl[0]), bool(ev.feasible[0]), ev.logits[0],
+                     float(ev.loss[0]) + (0.0 if bool(ev.feasible[0]) else 1e6))
 
     def _relax(self, step: DecodeStep, base_lp: Tensor, best: _Best) -> tuple[_Best, int]:
         """Fallback: double eps (up to relax_max_eps) and continue from the best point."""
@@ -441,7 +483,7 @@ def generate_czao(
     return results
 
 
-def distill_predictor(results: Sequence[CZAOResult], alpha: float = 1.0) -> ZPredictor:
+def distill_predictor(results: Sequence[CZAOResult], alpha: float = 0.01) -> ZPredictor:
     """Fit a :class:`ZPredictor` on the (residual, z*) pairs of earlier CZAO runs."""
     X, Z = [], []
     for r in results:

@@ -83,15 +83,18 @@ class DecodeStep:
     _attention_mask: Tensor
     # A controller may set this [batch, vocab] additive bias, e.g. -inf on banned tokens (guided decoding).
     logit_bias: Tensor | None = None
+    captured: Tensor | None = None
 
     def evaluate(
-        self, deltas: CandidateDeltas, *, lookahead: int = 0
+        self, deltas: CandidateDeltas, *, lookahead: int = 0, capture: str | None = None
     ) -> tuple[Float[Tensor, "batch n_cand vocab"], Int[Tensor, "batch n_cand lookahead"] | None]:
         """Next-token logits for candidate perturbations of the current position, in one forward.
 
         ``deltas[h]`` is ``[batch, n_cand, *width]`` for hook points at or after ``start_layer``.
         With ``lookahead > 0`` every candidate is also rolled out greedily for that many tokens with
         its delta kept at each new position; the tokens come back as the second value.
+        ``capture`` names a hook whose current-position activation of every candidate is left in
+        ``self.captured`` (``[batch, n_cand, *width]``), e.g. for a learned surrogate of V.
         The prefix KV cache is read, never changed.
         """
         model, n_layers = self.model, self.model.cfg.n_layers
@@ -117,10 +120,16 @@ class DecodeStep:
         mask = self._attention_mask.repeat_interleave(n_cand, 0)
         base_offset = self.layout.offset
         removers = [add_hook(model.hook_dict[k], _add_last(v)) for k, v in flat.items()]
+        grabbed: dict[str, Tensor] = {}
+        if capture is not None:
+            removers.append(add_hook(check_hook_name(model, capture), _capture(grabbed, capture)))
         try:
             x = self.resid.repeat_interleave(n_cand, 0)[:, None, :]
             logits = model(x, start_at_layer=self.start_layer, past_kv_cache=cache, attention_mask=mask)[:, -1]
             first = logits.reshape(batch, n_cand, -1)
+            if capture is not None:
+                self.captured = grabbed[capture].reshape(batch, n_cand, *grabbed[capture].shape[1:])
+                removers.pop()()  # rollouts must not overwrite it
             self.cost.passes += (n_layers - self.start_layer) / n_layers
             self.cost.candidates += n_cand * batch
             self.cost.batched_calls += 1
