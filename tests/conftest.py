@@ -17,7 +17,7 @@ def smol() -> HookedTransformer:
     from czao_lens import load_model
 
     torch.manual_seed(0)
-    return load_model("smollm2-135m-instruct", fast=False)
+    return load_model("smollm2-135m-instruct")
 
 
 def tiny_config(**overrides) -> HookedTransformerConfig:
