@@ -337,8 +337,8 @@ class CZAOController:
             rec.fallback = rec.fallback or self.cfg.fallback
             if self.cfg.fallback == "mask":
                 step.logit_bias = self._mask(step, best.logits)
-        # Unreachable means: no feasible point within budget and eps, even if a fallback then helps.
-        rec.unreachable = not best.feasible
+        # rec.unreachable stays as set above: no feasible point within the budget at the configured
+        # eps, even when relaxing eps then found one (rec.satisfied says so, rec.fallback says how).
         z = best.z
         rec.delta_norm, rec.z_norm = float(self.subspace.delta_norm(z)), float(z.norm())
         if best.feasible:

@@ -168,3 +168,15 @@ def test_surrogate_probe_is_trained_on_rollouts_and_verified(smol):
     for r in res.records:
         if r.optimized and r.satisfied:
             assert r.v_after == 0.0
+
+
+@pytest.mark.real
+def test_relax_fallback_is_transparent(smol):
+    """At eps = 0.01 nats 'avoid blue' is unreachable; relaxing eps finds a point, and the record
+    says both: unreachable at the configured eps, satisfied after relax(eps=...)."""
+    cfg = CZAOConfig(layers=(12,), kl_eps=0.01, fallback="relax", relax_max_eps=4.0, max_steps=3)
+    r = generate_czao(smol, BLUE_PROMPTS[0], AvoidTokens(["blue"]), cfg, max_new_tokens=2)[0]
+    first = r.records[0]
+    assert first.optimized and first.unreachable
+    assert first.fallback.startswith("relax(eps=") and first.satisfied and first.kl > 0.01
+    assert r.unreachable  # the sequence verdict keeps the flag
