@@ -445,3 +445,110 @@ def demo(
         m, ["What color is the sky on a clear day? Answer in one sentence.", "What is your favorite color?"],
         AvoidTokens(["blue"]), CZAOConfig(layers=(12,)), max_new_tokens=32, chat=True, seed=0, out=out,
     )
+
+
+# ----------------------------------------------------------------------------- SAEs (issue 3, part 4)
+
+sae_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train SAEs (SAELens) and select SAE features.")
+
+
+def _lines(path: Path, what: str) -> list[str]:
+    if not path.exists():
+        _fail(f"{what} file {path} does not exist")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+@sae_app.command("train")
+def sae_train(
+    hook: str = typer.Option("blocks.12.hook_resid_post", help="Hook the SAE reads."),
+    width: Optional[int] = typer.Option(None, help="Latents (default 8 x d_model)."),
+    tokens: int = typer.Option(200_000, help="Training tokens."),
+    l1: float = typer.Option(5.0, help="L1 coefficient (inputs scaled to mean norm sqrt(d))."),
+    lr: float = typer.Option(4e-4),
+    context_size: int = typer.Option(128),
+    batch_tokens: int = typer.Option(1024, help="Training batch size in tokens."),
+    data: Optional[Path] = typer.Option(None, help="Data folder for CAA / TruthfulQA / RTP texts (default: $CZAO_LENS_DATA or ../shared/data)."),
+    no_data: bool = typer.Option(False, "--no-data", help="Do not add the data-folder texts."),
+    text_file: Optional[Path] = typer.Option(None, help="Extra text file (paragraphs, or one text per line)."),
+    hf_dataset: Optional[str] = typer.Option(None, help="Hugging Face dataset name (online only)."),
+    generations: int = typer.Option(64, help="Sampled model generations in the corpus."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(DEFAULT_OUT / "sae", help="Folder for the SAE (SAELens format) and stats.json."),
+) -> None:
+    """Train an SAE with SAELens on a corpus of the model's generations and data-set prompts."""
+    from czao_lens.diagnostics import DiagnosticError
+    from czao_lens.sae import build_corpus, check_sae_hook, train_sae
+
+    m = _load(model)
+    try:
+        check_sae_hook(m, hook)
+        texts = build_corpus(m, data_dir=data, n_generations=generations, text_file=text_file, hf_dataset=hf_dataset,
+                             seed=seed, include_data=not no_data)
+        typer.echo(f"corpus: {len(texts)} texts")
+        sae, stats = train_sae(m, hook, texts=texts, width=width, training_tokens=tokens, l1_coefficient=l1, lr=lr,
+                               context_size=context_size, train_batch_size_tokens=batch_tokens, seed=seed, out_dir=out)
+    except DiagnosticError as exc:
+        _fail(str(exc))
+    typer.echo(f"{hook}: width {stats['width']}, explained variance {stats['explained_variance']:.3f}, "
+               f"L0 {stats['l0']:.1f}, dead {stats['dead_fraction']:.3f} (held-out, positions > 0; {stats['seconds']:.0f} s)")
+    typer.echo(f"saved {out} (SAELens format: cfg.json + sae_weights.safetensors) and {out / 'stats.json'}")
+
+
+@sae_app.command("features")
+def sae_features(
+    sae: Path = typer.Option(..., "--sae", help="SAELens SAE folder."),
+    behavior: Optional[str] = typer.Option(None, help="CAA behaviour: positives = question + matching answer."),
+    pos_file: Optional[Path] = typer.Option(None, help="Positive examples, one per line."),
+    neg_file: Optional[Path] = typer.Option(None, help="Negative examples, one per line."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (default: $CZAO_LENS_DATA or ../shared/data)."),
+    limit: int = typer.Option(100, help="CAA items to use."),
+    hook: Optional[str] = typer.Option(None, help="Hook (default: the SAE's own)."),
+    k: int = typer.Option(10, help="Features to keep."),
+    max_freq: float = typer.Option(0.5, help="Drop features firing on more than this fraction of tokens."),
+    last_token: bool = typer.Option(False, help="Use the last token only (default: all positions > 0)."),
+    top_tokens: int = typer.Option(5, help="Top-activating tokens to print per feature."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: Path = typer.Option(DEFAULT_OUT / "features", help="Folder for features.json/.safetensors and features.html."),
+) -> None:
+    """Contrastive SAE feature selection: top-k features (dense and BOS features dropped)."""
+    from czao_lens.diagnostics import DiagnosticError, write_json
+    from czao_lens.diagnostics.features import caa_contrast, select_features, top_activating_tokens
+    from czao_lens.plots import feature_bars_figure, save_figure
+    from czao_lens.sae import load_sae
+    from czao_lens.store import ActivationStore
+
+    if (behavior is None) == (pos_file is None and neg_file is None):
+        _fail("give --behavior NAME or both --pos-file and --neg-file")
+    if behavior is None and (pos_file is None or neg_file is None):
+        _fail("give both --pos-file and --neg-file")
+    if k < 1:
+        _fail("--k must be >= 1")
+    try:
+        s = load_sae(sae)
+        if behavior is not None:
+            from czao_lens.diagnostics.tracing import load_caa
+
+            pos, neg = caa_contrast(load_caa(data or default_data_dir(), behavior, split="generate", limit=limit))
+        else:
+            pos, neg = _lines(pos_file, "positive"), _lines(neg_file, "negative")
+        m = _load(model)
+        store = ActivationStore(m)
+        fb = select_features(m, s, pos, neg, k=k, hook_name=hook, store=store, last_token_only=last_token, max_freq=max_freq)
+        fb.info["source"] = {"behavior": behavior} if behavior else {"pos_file": str(pos_file), "neg_file": str(neg_file)}
+        hits = {i: [h.to_json() for h in top_activating_tokens(m, s, i, pos + neg, top_tokens, hook_name=fb.hook_name, store=store)]
+                for i in fb.indices}
+    except DiagnosticError as exc:
+        _fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    fb.info["top_tokens"] = {str(i): v for i, v in hits.items()}
+    paths = fb.save(out / "features")
+    save_figure(feature_bars_figure(fb), out / "features.html")
+    typer.echo(f"dropped {fb.info['dropped_dense']} dense and {fb.info['dropped_bos']} BOS features")
+    for i, sc, fr in zip(fb.indices, fb.scores.tolist(), fb.freq.tolist()):
+        toks = ", ".join(repr(h["token"]) for h in hits[i][:top_tokens])
+        typer.echo(f"f{i:<6d} score {sc:8.4f}  freq {fr:.3f}  top tokens: {toks}")
+    typer.echo(f"saved {paths['json']}, {paths['safetensors']} and {out / 'features.html'}")
+
+
+app.add_typer(sae_app, name="sae")

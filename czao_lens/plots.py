@@ -107,3 +107,15 @@ def czao_telemetry_figure(result) -> go.Figure:
     fig.update_layout(title=f"CZAO telemetry ({'satisfied' if result.satisfied else 'NOT satisfied'}; red = unreachable)",
                       height=650, xaxis3_title="generated token")
     return fig
+
+
+# ----------------------------------------------------------------------------- SAE features
+
+
+def feature_bars_figure(basis, *, title: str = "SAE features: mean activation (positive - negative)") -> go.Figure:
+    """Bar chart of a ``FeatureBasis``: score per selected feature, firing frequency on hover."""
+    labels = [f"f{i}" for i in basis.indices]
+    fig = go.Figure(go.Bar(x=labels, y=basis.scores.tolist(), customdata=basis.freq.tolist(),
+                           hovertemplate="%{x}: score %{y:.3f}, freq %{customdata:.3f}<extra></extra>"))
+    fig.update_layout(title=f"{title} at {basis.hook_name}", xaxis_title="feature", yaxis_title="mean difference")
+    return fig
