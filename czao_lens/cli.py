@@ -389,6 +389,7 @@ def steer(
     sae_path: Optional[Path] = typer.Option(None, help="SAELens SAE folder (for --method sae)."),
     features: Optional[str] = typer.Option(None, help="Comma-separated SAE feature indices."),
     jac_prompts: int = typer.Option(24, help="A-LQR: prompts to average the block Jacobians over."),
+    readout: str = typer.Option("letter", help="Contrast read at the answer letter (CAA) or over the answer text (answer)."),
     model: str = typer.Option("smollm2-135m-instruct"),
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Generate for these prompts, steered next to unsteered."),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n"),
@@ -414,7 +415,7 @@ def steer(
         obj, intervention, info = fit_steering(
             method, m, behavior=behavior, layers=layers, n_fit=n_fit, multiplier=multiplier, lam=lam,
             positive=positive, negative=negative, sae=sae, features=feats, jac_prompts=jac_prompts,
-            data_dir=data or default_data_dir(), out=out / method)
+            readout=readout, data_dir=data or default_data_dir(), out=out / method)
     except (SteeringError, SteeringDataError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"{method} on layers {layers}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("files", "method", "layers")))

@@ -193,7 +193,7 @@ def embedded_gguf_path(spec: EmbeddedModel) -> Path:
 
 def _load_embedded(spec: EmbeddedModel, *, dtype: torch.dtype, rebuild: bool, progress: bool) -> HookedTransformer:
     gguf = embedded_gguf_path(spec)
-    return _cached(
+    model = _cached(
         cache_root() / spec.name,
         source=gguf,
         build=lambda: _convert_gguf(gguf, tl_name=spec.tl_name, prepend_bos=spec.prepend_bos),
@@ -202,6 +202,8 @@ def _load_embedded(spec: EmbeddedModel, *, dtype: torch.dtype, rebuild: bool, pr
         progress=progress,
         label=spec.name,
     )
+    model.cfg.model_name = spec.name  # conversion goes through a temporary folder name
+    return model
 
 
 # ----------------------------------------------------------------------------- local paths

@@ -1,0 +1,543 @@
+"""A-LQR: activation steering as finite-horizon linear-quadratic tracking (arXiv 2604.19018).
+
+Model of the residual stream at the last position, over the blocks ``l = l0 .. L-1``::
+
+    x_{l+1} = f_l(x_l) + u_l  ~  A_l x_l + u_l        (B = I: u_l is added to block l's output)
+
+* ``A_l`` (:func:`block_jacobians`) is the d x d Jacobian of block ``l``'s last-position output with
+  respect to its last-position input, other positions held fixed (cross-token terms dropped),
+  averaged over a prompt set. It is computed by reverse-mode autograd with the d output rows as a
+  batch: one single-token forward/backward of block ``l`` against the prompt's frozen KV cache per
+  (prompt, layer). Results are cached as safetensors keyed on the model fingerprint.
+* :func:`riccati` runs the backward recursion with ``Q = qI, R = rI, Qf = qf I``::
+
+      S_L = Qf;  P = S_{l+1} + R;  K_l = P^-1 S_{l+1} A_l;
+      S_l = Q + A_l^T S_{l+1} A_l - A_l^T S_{l+1} P^-1 S_{l+1} A_l
+
+  and raises :class:`RiccatiError` on a singular or ill-conditioned ``P``.
+* The setpoint comes from contrastive means ``E_l`` (positive minus negative at the last token):
+  ``v_l = E_l / |E_l|``, ``beta_l = lambda |E_l|``. Online, ``e_l = (beta_l - v_l^T x_l) v_l`` and
+  ``u_l = K_l e_l = (beta_l - v_l^T x_l) (K_l v_l)``; ``K_l v_l`` is precomputed, so every step is
+  O(d): a dot product in a hook on ``blocks.l.hook_resid_pre`` and an axpy on ``blocks.l.hook_resid_post``.
+  The feedback reads the *live* state, so it reacts to the control already applied upstream.
+* ``positions="last"`` (A-LQR) steers the last prompt token and every generated token; ``"all"``
+  (A-LQR+) steers every token except the first (SmolLM2's attention sink). Several concepts are
+  steered at once by summing their controls (:meth:`ALQR.__add__`).
+* :func:`tracking_diagnostic` measures the linearisation residuals per layer and checks the
+  tracking-error bound built from the closed-loop transition matrices on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from czao_lens.models import cache_root, model_fingerprint
+from czao_lens.perturb import PerturbationHandle, add_hook
+from czao_lens.prompts import TokenLayout, encode_prompts, format_prompt
+from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem, items_hash, texts_hash
+from czao_lens.steering.vectors import SteeringError, check_layers, contrastive_activations, item_activations
+from czao_lens.store import ActivationStore
+
+Positions = Literal["last", "all"]
+
+# Extra neutral questions so the default Jacobian set has 24 distinct prompts.
+_JAC_EXTRA = (
+    "What is a good breakfast before a long walk?",
+    "Explain how a bicycle gear works.",
+    "Which planet is closest to the Sun?",
+    "Write a short note thanking a neighbour.",
+    "What are clouds made of?",
+    "Describe the smell of rain.",
+    "How does a compass find north?",
+    "What is the capital of Canada?",
+)
+
+
+class RiccatiError(ValueError):
+    """The Riccati recursion hit a singular or ill-conditioned step."""
+
+
+def jacobian_prompts(model: HookedTransformer, n: int = 24, *, chat: bool = True) -> list[str]:
+    """The default prompt set for Jacobians: chat-formatted short neutral questions (~30 tokens)."""
+    pool = list(NEUTRAL_PROMPTS) + list(_JAC_EXTRA)
+    if not 1 <= n <= len(pool):
+        raise SteeringError(f"n_prompts must be in 1..{len(pool)} for the built-in set; pass prompts= for more")
+    return [format_prompt(model, p, chat=chat) for p in pool[:n]]
+
+
+# ----------------------------------------------------------------------------- Jacobians
+
+
+@dataclass
+class BlockJacobians:
+    """Averaged last-position block Jacobians ``A[i]`` for ``layers[i]`` (``A[i] = d out / d in``)."""
+
+    A: Tensor  # [n_layers, d, d]
+    layers: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, layer: int) -> Tensor:
+        return self.A[self.layers.index(layer)]
+
+    def subset(self, layers: Sequence[int]) -> "BlockJacobians":
+        missing = [l for l in layers if l not in self.layers]
+        if missing:
+            raise SteeringError(f"no Jacobians for layers {missing}; have {self.layers[0]}..{self.layers[-1]}")
+        return BlockJacobians(torch.stack([self[l] for l in layers]), list(layers), dict(self.meta))
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"A": self.A.contiguous()}, str(tmp), metadata={"layers": json.dumps(self.layers), "meta": json.dumps(self.meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BlockJacobians":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata()
+            A = f.get_tensor("A")
+        return cls(A, json.loads(md["layers"]), json.loads(md.get("meta", "{}")))
+
+
+def _prefix_run(model: HookedTransformer, toks: Tensor, layers: Sequence[int]) -> tuple[TransformerLensKeyValueCache, dict[int, Tensor]]:
+    """KV cache of all but the last token, and the last token's input to each requested block."""
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device or "cpu", 1)
+    got: dict[int, Tensor] = {}
+    hooks = [(f"blocks.{l}.hook_resid_pre", (lambda l: lambda a, hook: got.__setitem__(l, a[:, -1].detach().clone()))(l)) for l in layers]
+    with torch.no_grad():
+        model(toks[:, :-1], past_kv_cache=cache, return_type=None)
+        with model.hooks(fwd_hooks=hooks):
+            model(toks[:, -1:], past_kv_cache=cache, return_type=None)
+    # The second call appended the last token; drop it so each block sees only the prefix.
+    for e in cache.entries:
+        e.past_keys, e.past_values = e.past_keys[:, :-1], e.past_values[:, :-1]
+    return cache, got
+
+
+def last_position_jacobian(model: HookedTransformer, layer: int, x: Tensor, entry: TransformerLensKeyValueCacheEntry, chunk: int | None = None) -> Tensor:
+    """d block_l(x)[last] / d x with the prefix K/V fixed: the d output rows as one batch."""
+    d = x.shape[-1]
+    chunk = chunk or d
+    block = model.blocks[layer]
+    rows = []
+    for s in range(0, d, chunk):
+        n = min(chunk, d - s)
+        X = x.reshape(1, 1, d).expand(n, 1, d).clone().requires_grad_(True)
+        e = TransformerLensKeyValueCacheEntry(entry.past_keys.expand(n, -1, -1, -1), entry.past_values.expand(n, -1, -1, -1), frozen=True)
+        with torch.enable_grad():
+            Y = block(X, past_kv_cache_entry=e)[:, 0, :]  # [n, d]
+            sel = Y[torch.arange(n), torch.arange(s, s + n)].sum()
+            (g,) = torch.autograd.grad(sel, X)
+        rows.append(g[:, 0, :])
+    return torch.cat(rows, 0)  # row i = gradient of output i
+
+
+def block_jacobians(
+    model: HookedTransformer,
+    *,
+    prompts: Sequence[str] | None = None,
+    n_prompts: int = 24,
+    layers: Sequence[int] | None = None,
+    cache_dir: str | Path | None = "default",
+    progress: bool = False,
+) -> BlockJacobians:
+    """Average last-position Jacobians of the blocks over ``prompts`` (default: built-in set of ``n_prompts``).
+
+    Cached on disk under ``cache_dir`` (default ``$CZAO_LENS_CACHE/jacobians``; ``None`` disables it),
+    keyed on the model fingerprint, the prompts and the layers. ``meta["seconds"]`` records how long
+    the computation took.
+    """
+    layers = check_layers(model, layers if layers is not None else range(model.cfg.n_layers))
+    prompts = list(prompts) if prompts is not None else jacobian_prompts(model, n_prompts)
+    if not prompts:
+        raise SteeringError("block_jacobians needs at least one prompt")
+    fp = model_fingerprint(model)
+    key = hashlib.sha256(f"{fp}|{texts_hash(prompts)}|{layers}".encode()).hexdigest()[:16]
+    path = None
+    if cache_dir is not None:
+        root = cache_root() / "jacobians" if cache_dir == "default" else Path(cache_dir)
+        path = root / f"{fp}-{key}.safetensors"
+        if path.exists():
+            try:
+                return BlockJacobians.load(path)
+            except Exception:
+                pass  # damaged: recompute
+    t0 = time.perf_counter()
+    d = model.cfg.d_model
+    A = torch.zeros(len(layers), d, d)
+    enc_rows = [encode_prompts(model, p, chat=False).tokens for p in prompts]
+    from tqdm.auto import tqdm
+
+    for toks in tqdm(enc_rows, disable=not progress, desc="jacobians"):
+        if toks.shape[1] < 2:
+            raise SteeringError("Jacobian prompts need at least two tokens")
+        cache, xs = _prefix_run(model, toks, layers)
+        for i, l in enumerate(layers):
+            A[i] += last_position_jacobian(model, l, xs[l][0], cache.entries[l]).detach()
+    A /= len(enc_rows)
+    seconds = time.perf_counter() - t0
+    jac = BlockJacobians(A, layers, {"fingerprint": fp, "model_name": model.cfg.model_name, "n_prompts": len(prompts),
+                                     "mean_tokens": sum(t.shape[1] for t in enc_rows) / len(enc_rows),
+                                     "seconds": seconds, "prompts_hash": texts_hash(prompts)})
+    if path is not None:
+        jac.save(path)
+    return jac
+
+
+# ----------------------------------------------------------------------------- Riccati
+
+
+@dataclass
+class LQRGains:
+    """Feedback gains ``K[i]`` for ``layers[i]`` and the cost-to-go matrices ``S`` (``S[-1] = Qf``)."""
+
+    K: Tensor
+    S: Tensor
+    layers: list[int]
+    q: float
+    r: float
+    qf: float
+    max_condition: float
+
+
+def riccati(A: Tensor | BlockJacobians, *, q: float = 0.5, r: float = 2.0, qf: float = 1.0, max_condition: float = 1e8,
+            layers: Sequence[int] | None = None) -> LQRGains:
+    """Finite-horizon discrete Riccati recursion with B = I (see the module docstring)."""
+    if isinstance(A, BlockJacobians):
+        layers = A.layers
+        A = A.A
+    A = A.double()
+    if A.ndim != 3 or A.shape[1] != A.shape[2]:
+        raise RiccatiError(f"A must be [n_layers, d, d], got {tuple(A.shape)}")
+    n, d, _ = A.shape
+    layers = list(layers) if layers is not None else list(range(n))
+    if min(q, r, qf) < 0:
+        raise RiccatiError(f"costs must be non-negative (q={q}, r={r}, qf={qf})")
+    eye = torch.eye(d, dtype=torch.float64)
+    S = [None] * (n + 1)
+    K = [None] * n
+    S[n] = qf * eye
+    worst = 0.0
+    for i in range(n - 1, -1, -1):
+        Snext = S[i + 1]
+        P = Snext + r * eye
+        cond = float(torch.linalg.cond(P))
+        worst = max(worst, cond)
+        if not torch.isfinite(P).all() or not cond < max_condition:
+            raise RiccatiError(
+                f"Riccati step at layer {layers[i]} is singular or ill-conditioned: cond(S + R) = {cond:.3g} "
+                f"(limit {max_condition:.0e}); use r > 0 or a larger qf"
+            )
+        SA = Snext @ A[i]
+        K[i] = torch.linalg.solve(P, SA)
+        Si = q * eye + A[i].T @ SA - SA.T @ K[i]
+        Si = 0.5 * (Si + Si.T)
+        if not torch.isfinite(Si).all():
+            raise RiccatiError(f"Riccati cost-to-go became non-finite at layer {layers[i]}")
+        S[i] = Si
+    return LQRGains(torch.stack(K).float(), torch.stack(S).float(), layers, q, r, qf, worst)
+
+
+# ----------------------------------------------------------------------------- the controller
+
+
+@dataclass
+class ALQR:
+    """A-LQR feedback steering, one or more concepts; ``attach``/``apply`` add O(d) hooks per layer."""
+
+    layers: list[int]
+    v: Tensor  # [n_concepts, n_layers, d] unit setpoint directions
+    E_norm: Tensor  # [n_concepts, n_layers] |E_l|
+    Kv: Tensor  # [n_concepts, n_layers, d] = K_l v_l
+    lam: Tensor  # [n_concepts]
+    positions: Positions = "last"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def beta(self) -> Tensor:
+        return self.lam[:, None] * self.E_norm
+
+    def with_lambda(self, lam: float | Sequence[float]) -> "ALQR":
+        lam_t = torch.as_tensor(lam, dtype=torch.float32).reshape(-1)
+        if lam_t.numel() == 1:
+            lam_t = lam_t.expand(self.v.shape[0]).clone()
+        if lam_t.numel() != self.v.shape[0]:
+            raise SteeringError(f"one lambda per concept ({self.v.shape[0]}), got {lam_t.numel()}")
+        return ALQR(self.layers, self.v, self.E_norm, self.Kv, lam_t, self.positions, dict(self.meta))
+
+    def with_positions(self, positions: Positions) -> "ALQR":
+        _check_positions(positions)
+        return ALQR(self.layers, self.v, self.E_norm, self.Kv, self.lam, positions, dict(self.meta))
+
+    def __add__(self, other: "ALQR") -> "ALQR":
+        """Steer two concepts at once: their controls add (the gains must come from the same Riccati run)."""
+        if other.layers != self.layers or other.positions != self.positions:
+            raise SteeringError("concepts can be summed only over the same layers and positions")
+        cat = lambda a, b: torch.cat([a, b], 0)  # noqa: E731
+        return ALQR(self.layers, cat(self.v, other.v), cat(self.E_norm, other.E_norm), cat(self.Kv, other.Kv),
+                    cat(self.lam, other.lam), self.positions, {**self.meta, "concepts": [self.meta.get("concept"), other.meta.get("concept")]})
+
+    def _mask(self, act: Tensor, layout: TokenLayout | None) -> Tensor:
+        b, n = act.shape[:2]
+        if layout is None:
+            layout = TokenLayout.unpadded(b, n)
+        if self.positions == "last":
+            m = layout.mask("last_prompt", n) | layout.mask("generated", n)
+        else:
+            m = layout.mask("all", n) & (layout.token_index(n) >= 1)
+        if m.shape[0] != b:
+            m = m.repeat_interleave(b // m.shape[0], 0)
+        return m.to(act.device)
+
+    def attach(self, model: HookedTransformer, layout: TokenLayout | None = None, *, record: list | None = None) -> PerturbationHandle:
+        """Add the feedback hooks. With ``record`` (a list), each layer's control vectors are appended to it."""
+        if self.v.shape[-1] != model.cfg.d_model:
+            raise SteeringError(f"A-LQR controller has width {self.v.shape[-1]}, the model has d_model {model.cfg.d_model}")
+        check_layers(model, self.layers)
+        handle = PerturbationHandle()
+        beta = self.beta
+        state: dict[int, Tensor] = {}
+        try:
+            for i, l in enumerate(self.layers):
+                v_i, kv_i, b_i = self.v[:, i], self.Kv[:, i], beta[:, i]
+
+                def read(act: Tensor, hook, l=l, v_i=v_i, kv_i=kv_i, b_i=b_i) -> None:
+                    # coefficient per concept: beta - v^T x, at the steered positions only
+                    coef = b_i.to(act.dtype) - act @ v_i.T.to(act.dtype)  # [b, n, c]
+                    u = coef @ kv_i.to(act.dtype)  # [b, n, d]
+                    state[l] = u * self._mask(act, layout)[..., None].to(act.dtype)
+
+                def write(act: Tensor, hook, l=l) -> Tensor:
+                    u = state.pop(l, None)
+                    if u is None or u.shape != act.shape:
+                        return act
+                    if record is not None:
+                        record.append((l, u.detach()))
+                    return act + u
+
+                handle.removers.append(add_hook(model.hook_dict[f"blocks.{l}.hook_resid_pre"], read))
+                handle.removers.append(add_hook(model.hook_dict[f"blocks.{l}.hook_resid_post"], write))
+        except BaseException:
+            handle.remove()
+            raise
+        return handle
+
+    @contextmanager
+    def apply(self, model: HookedTransformer, layout: TokenLayout | None = None) -> Iterator[PerturbationHandle]:
+        handle = self.attach(model, layout)
+        try:
+            yield handle
+        finally:
+            handle.remove()
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"v": self.v.contiguous(), "E_norm": self.E_norm.contiguous(), "Kv": self.Kv.contiguous(), "lam": self.lam.contiguous()},
+                  str(path), metadata={"layers": json.dumps(self.layers), "positions": self.positions, "meta": json.dumps(self.meta, default=str)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: HookedTransformer | None = None) -> "ALQR":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        ctrl = cls(json.loads(md["layers"]), t["v"], t["E_norm"], t["Kv"], t["lam"], md["positions"], json.loads(md["meta"]))
+        if model is not None:
+            fp = ctrl.meta.get("fingerprint")
+            if ctrl.v.shape[-1] != model.cfg.d_model:
+                raise SteeringError(f"controller width {ctrl.v.shape[-1]} does not match d_model {model.cfg.d_model}")
+            if fp is not None and fp != model_fingerprint(model):
+                raise SteeringError(f"controller was fitted on a model with fingerprint {fp}, not {model_fingerprint(model)}")
+        return ctrl
+
+
+def _check_positions(positions: str) -> None:
+    if positions not in ("last", "all"):
+        raise SteeringError(f"positions must be 'last' (A-LQR) or 'all' (A-LQR+), got {positions!r}")
+
+
+def setpoint_means(
+    model: HookedTransformer,
+    pos_texts: Sequence[str],
+    neg_texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    store: ActivationStore | None = None,
+) -> Tensor:
+    """E_l: mean last-token resid_pre of positive minus negative texts, ``[n_layers, d]``."""
+    P, N = contrastive_activations(model, pos_texts, neg_texts, layers, hook="resid_pre", store=store, paired=False)
+    E = torch.stack([P[l].mean(0) - N[l].mean(0) for l in layers])
+    zero = (E.norm(dim=-1) <= 1e-6 * torch.stack([P[l].norm(dim=-1).mean() for l in layers])).nonzero().flatten().tolist()
+    if zero:
+        raise SteeringError(f"the contrastive mean difference is zero at layers {[layers[i] for i in zero]}: no setpoint direction")
+    return E
+
+
+def fit_alqr(
+    model: HookedTransformer,
+    jac: BlockJacobians,
+    *,
+    items: Sequence[ABItem] | None = None,
+    pos_texts: Sequence[str] | None = None,
+    neg_texts: Sequence[str] | None = None,
+    lam: float = 1.0,
+    q: float = 0.5,
+    r: float = 2.0,
+    qf: float = 1.0,
+    positions: Positions = "last",
+    layers: Sequence[int] | None = None,
+    concept: str = "",
+    readout: str = "letter",
+    store: ActivationStore | None = None,
+) -> ALQR:
+    """Fit the setpoint from A/B ``items`` (answer-letter token, as CAA) or from ``pos_texts``/``neg_texts``
+    (last token), solve the Riccati recursion over ``layers`` (default: all layers ``jac`` covers), and
+    return the controller."""
+    _check_positions(positions)
+    if items is not None:
+        if not items:
+            raise SteeringError("A-LQR needs at least one A/B pair; got none")
+        data_hash = items_hash(items)
+    elif pos_texts and neg_texts:
+        data_hash = texts_hash(list(pos_texts) + ["\x00"] + list(neg_texts))
+    else:
+        raise SteeringError("A-LQR needs A/B items or both positive and negative texts")
+    layers = list(layers) if layers is not None else list(jac.layers)
+    if layers != list(range(layers[0], layers[-1] + 1)):
+        raise SteeringError(f"A-LQR layers must be contiguous (a horizon), got {layers}")
+    J = jac.subset(layers)
+    gains = riccati(J, q=q, r=r, qf=qf)
+    if items is not None:
+        P, N = item_activations(model, items, layers, readout=readout, store=store)
+    else:
+        P, N = contrastive_activations(model, pos_texts, neg_texts, layers, hook="resid_pre", store=store, paired=False)
+    E = torch.stack([P[l].mean(0) - N[l].mean(0) for l in layers])
+    zero = E.norm(dim=-1) <= 1e-6 * torch.stack([P[l].norm(dim=-1).mean() for l in layers])
+    if zero.all():
+        raise SteeringError("the contrastive mean difference is zero at every layer: no setpoint direction")
+    # A layer with no contrast (e.g. the embeddings of letter-balanced pairs) gets no setpoint: v = 0, u = 0.
+    En = torch.where(zero, torch.zeros_like(E[:, 0]), E.norm(dim=-1))
+    v = torch.where(zero[:, None], torch.zeros_like(E), E / E.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    Kv = torch.einsum("lij,lj->li", gains.K, v)
+    meta = {"method": "alqr", "concept": concept, "model_name": model.cfg.model_name, "fingerprint": model_fingerprint(model),
+            "d_model": model.cfg.d_model, "q": q, "r": r, "qf": qf, "data_hash": data_hash,
+            "jacobian_prompts": jac.meta.get("n_prompts"), "max_condition": gains.max_condition, "readout": readout}
+    return ALQR(layers, v[None], En[None], Kv[None], torch.tensor([float(lam)]), positions, meta)
+
+
+# ----------------------------------------------------------------------------- tracking diagnostic
+
+
+@torch.no_grad()
+def _trajectories(model: HookedTransformer, texts: Sequence[str], layers: list[int], ctrl: ALQR | None) -> tuple[Tensor, Tensor | None]:
+    """Last-position states x_{l0..L} (resid_pre of each layer, then resid_post of the last) and controls u_l."""
+    xs, us = [], []
+    last = layers[-1]
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers] + [f"blocks.{last}.hook_resid_post"]
+    for t in texts:
+        toks = encode_prompts(model, t, chat=False).tokens
+        got: dict[str, Tensor] = {}
+        rec: list = []
+        handle = ctrl.attach(model, record=rec) if ctrl is not None else PerturbationHandle()
+        try:
+            hooks = [(n, (lambda n: lambda a, hook: got.__setitem__(n, a[0, -1].clone()))(n)) for n in names]
+            with model.hooks(fwd_hooks=hooks):
+                model(toks, stop_at_layer=last + 1)
+        finally:
+            handle.remove()
+        xs.append(torch.stack([got[n] for n in names]))
+        if ctrl is not None:
+            u = dict((l, v[0, -1]) for l, v in rec)
+            us.append(torch.stack([u.get(l, torch.zeros(model.cfg.d_model)) for l in layers]))
+    return torch.stack(xs), (torch.stack(us) if ctrl is not None else None)
+
+
+@torch.no_grad()
+def tracking_diagnostic(
+    model: HookedTransformer,
+    ctrl: ALQR,
+    jac: BlockJacobians,
+    fit_texts: Sequence[str],
+    heldout_texts: Sequence[str],
+) -> dict:
+    """Linearisation residuals and the tracking bound (last-position controller).
+
+    With deviations ``delta_l = x_l(steered) - x_l(clean)``, the measured residual is
+    ``w_l = delta_{l+1} - A_l delta_l - u_l``. Its per-layer size ``eps_l`` (max over ``fit_texts``)
+    bounds how far the steered projection can drift from the linear closed-loop prediction:
+    ``|v_l^T (delta_l - delta_l^lin)| <= sum_k |Phi(l, k+1)^T v_l| eps_k`` with the closed-loop
+    transitions ``M_j = A_j - sum_c (K_j v_j^c) v_j^c^T``. The bound is checked on ``heldout_texts``.
+    """
+    layers = ctrl.layers
+    A = jac.subset(layers).A
+    n = len(layers)
+    V, Kv, beta = ctrl.v, ctrl.Kv, ctrl.beta  # [c, n, d], [c, n, d], [c, n]
+
+    def residuals(texts):
+        xc, _ = _trajectories(model, texts, layers, None)
+        xs, us = _trajectories(model, texts, layers, ctrl)
+        delta = xs - xc  # [p, n+1, d]
+        w = delta[:, 1:] - torch.einsum("lij,plj->pli", A, delta[:, :-1]) - us
+        # linear closed-loop prediction from the same start
+        lin = [delta[:, 0]]
+        for i in range(n):
+            x_lin = xc[:, i] + lin[-1]
+            coef = beta[:, i][None] - x_lin @ V[:, i].T  # [p, c]
+            u = coef @ Kv[:, i]
+            lin.append(lin[-1] @ A[i].T + u)
+        lin = torch.stack(lin, 1)
+        drift = torch.stack([((delta[:, i] - lin[:, i]) @ V[:, i].T).abs().amax(-1) for i in range(n)], 1)  # [p, n]
+        err = torch.stack([(beta[:, i][None] - xs[:, i] @ V[:, i].T).abs().amax(-1) for i in range(n)], 1)
+        err0 = torch.stack([(beta[:, i][None] - xc[:, i] @ V[:, i].T).abs().amax(-1) for i in range(n)], 1)
+        return w, drift, err, err0, delta
+
+    w_fit, _, _, _, delta_fit = residuals(fit_texts)
+    eps = w_fit.norm(dim=-1).amax(0)  # [n]
+    M = A.clone()
+    for c in range(V.shape[0]):
+        M = M - torch.einsum("li,lj->lij", Kv[c], V[c])
+    bound = torch.zeros(n)
+    for i in range(n):
+        for c in range(V.shape[0]):
+            g = V[c, i].clone()
+            total = 0.0
+            for k in range(i - 1, -1, -1):  # w_k enters x_{k+1}; Phi(i, k+1) = M_{i-1} .. M_{k+1}
+                total += float(g.norm()) * float(eps[k])
+                g = g @ M[k]
+            bound[i] = max(float(bound[i]), total)
+    _, drift_ho, err_ho, err0_ho, delta_ho = residuals(heldout_texts)
+    worst = drift_ho.amax(0)
+    rel_res = (w_fit.norm(dim=-1) / delta_fit[:, 1:].norm(dim=-1).clamp_min(1e-6)).mean(0)
+    return {
+        "layers": layers,
+        "residual_eps": eps.tolist(),
+        "relative_residual": rel_res.tolist(),
+        "bound": bound.tolist(),
+        "heldout_drift": worst.tolist(),
+        "holds": bool((worst <= bound + 1e-4 * (1 + bound)).all()),
+        "heldout_tracking_error": err_ho.mean(0).tolist(),
+        "heldout_tracking_error_unsteered": err0_ho.mean(0).tolist(),
+    }
