@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/czao-lens demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_speed.py
