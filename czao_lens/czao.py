@@ -50,6 +50,7 @@ class CZAOConfig:
     rank: int = 16
     basis: Literal["activation", "random"] = "activation"
     max_steps: int = 10  # K: sequential optimisation steps per token
+    patience: int = 3  # stop early after this many steps without improving the best loss
     n_dirs: int = 16  # SPSA directions per step, all in one batched forward
     mu: float = 0.05  # probe radius
     radii: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # line-search trial step lengths
@@ -74,8 +75,8 @@ class CZAOConfig:
                 "kl_eps must be > 0: a KL bound of 0 admits only the unperturbed model, so no constraint "
                 "that does not already hold could ever be met"
             )
-        if self.max_steps < 1 or self.n_dirs < 1 or not self.mu > 0 or not self.radii:
-            raise CZAOError("max_steps and n_dirs must be >= 1, mu > 0, and radii non-empty")
+        if self.max_steps < 1 or self.n_dirs < 1 or self.patience < 1 or not self.mu > 0 or not self.radii:
+            raise CZAOError("max_steps, n_dirs and patience must be >= 1, mu > 0, and radii non-empty")
         if self.fallback not in ("flag", "relax", "mask"):
             raise CZAOError(f"unknown fallback {self.fallback!r}; use flag, relax or mask")
         if self.max_norm is not None and not self.max_norm >= 0:
@@ -362,7 +363,7 @@ class CZAOController:
         cfg = self.cfg
         z = self._start(step) if start is None else start.z.clone()
         radii = torch.tensor(cfg.radii)
-        best = None
+        best, stale, last_key = None, 0, float("inf")
         for k in range(1, cfg.max_steps + 1):
             probe = spsa_candidates(z, cfg.n_dirs, cfg.mu, self.gen)
             pts = torch.cat([z[None], probe.points])  # the current point rides along for free
@@ -376,6 +377,12 @@ class CZAOController:
             line = line_search_candidates(z, g, radii)
             best = self._verified(step, base_lp, self._keep_best(line, self._evaluate(step, line, base_lp), best))
             if best.feasible:
+                return best, k
+            # Stagnation: the budget is better reported as unreachable than spent on a plateau.
+            cur = best.key - (0.0 if best.feasible else 1e6)  # the loss, without the ranking offset
+            stale = stale + 1 if cur > last_key - 1e-3 * max(abs(last_key), 1.0) else 0
+            last_key = min(last_key, cur)
+            if stale >= cfg.patience:
                 return best, k
             z = best.z.clone()
         assert best is not None

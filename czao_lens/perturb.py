@@ -13,7 +13,7 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -191,6 +191,34 @@ class PerturbationHandle:
         self.remove()
 
 
+def attach_hooks(model: HookedTransformer, hooks: Iterable[tuple[str, Callable]]) -> PerturbationHandle:
+    """Add ``(hook name, fn)`` pairs through TL; if any fails, remove those already added."""
+    handle = PerturbationHandle()
+    try:
+        for name, fn in hooks:
+            handle.removers.append(add_hook(check_hook_name(model, name), fn))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+class Intervention:
+    """Mixin for interventions that implement ``attach(model, layout) -> PerturbationHandle``:
+    gives them the ``apply`` context manager, which removes the hooks whatever happens inside."""
+
+    def attach(self, model: HookedTransformer, layout: TokenLayout | None = None) -> PerturbationHandle:
+        raise NotImplementedError
+
+    @contextmanager
+    def apply(self, model: HookedTransformer, layout: TokenLayout | None = None) -> Iterator[PerturbationHandle]:
+        handle = self.attach(model, layout)
+        try:
+            yield handle
+        finally:
+            handle.remove()
+
+
 def attach(
     model: HookedTransformer,
     perturbations: Perturbation | Sequence[Perturbation],
@@ -204,14 +232,7 @@ def attach(
         perturbations = [perturbations]
     for p in perturbations:
         p.validate(model)
-    handle = PerturbationHandle()
-    try:
-        for p in perturbations:
-            handle.removers.append(add_hook(model.hook_dict[p.hook_name], _make_hook(p, layout)))
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
+    return attach_hooks(model, [(p.hook_name, _make_hook(p, layout)) for p in perturbations])
 
 
 @contextmanager

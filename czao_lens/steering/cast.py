@@ -13,15 +13,14 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.perturb import PerturbationHandle, add_hook
+from czao_lens.perturb import Intervention, PerturbationHandle, add_hook
 from czao_lens.prompts import TokenLayout, format_prompt
 from czao_lens.steering.data import texts_hash
 from czao_lens.steering.vectors import SteeringError, SteeringVector, check_layers, contrastive_activations, hook_name
@@ -115,7 +114,7 @@ def evaluate_condition(model: HookedTransformer, cond: Condition, trigger: Seque
 
 
 @dataclass
-class CAST:
+class CAST(Intervention):
     """Steer with ``vector * multiplier`` only on prompts where ``condition`` fires."""
 
     condition: Condition
@@ -170,10 +169,3 @@ class CAST:
             raise
         return handle
 
-    @contextmanager
-    def apply(self, model: HookedTransformer, layout: TokenLayout | None = None) -> Iterator[PerturbationHandle]:
-        handle = self.attach(model, layout)
-        try:
-            yield handle
-        finally:
-            handle.remove()

@@ -32,10 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -44,7 +43,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from czao_lens.models import cache_root, model_fingerprint
-from czao_lens.perturb import PerturbationHandle, add_hook
+from czao_lens.perturb import Intervention, PerturbationHandle, add_hook
 from czao_lens.prompts import TokenLayout, encode_prompts, format_prompt
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem, items_hash, texts_hash
 from czao_lens.steering.vectors import SteeringError, check_layers, contrastive_activations, item_activations
@@ -260,7 +259,7 @@ def riccati(A: Tensor | BlockJacobians, *, q: float = 0.5, r: float = 2.0, qf: f
 
 
 @dataclass
-class ALQR:
+class ALQR(Intervention):
     """A-LQR feedback steering, one or more concepts; ``attach``/``apply`` add O(d) hooks per layer."""
 
     layers: list[int]
@@ -340,13 +339,6 @@ class ALQR:
             raise
         return handle
 
-    @contextmanager
-    def apply(self, model: HookedTransformer, layout: TokenLayout | None = None) -> Iterator[PerturbationHandle]:
-        handle = self.attach(model, layout)
-        try:
-            yield handle
-        finally:
-            handle.remove()
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file

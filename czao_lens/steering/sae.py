@@ -21,15 +21,14 @@ comes from ``sae.cfg.metadata.hook_name`` unless given. A ``FeatureBasis`` (``in
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.perturb import PerturbationHandle, add_hook, check_hook_name
+from czao_lens.perturb import Intervention, PerturbationHandle, add_hook, check_hook_name
 from czao_lens.prompts import PositionSpec, TokenLayout
 from czao_lens.steering.vectors import HOOK_KINDS, SteeringError, SteeringVector
 
@@ -88,7 +87,7 @@ def basis_vector(basis: Any, coeffs: Sequence[float] | float = 1.0) -> SteeringV
 
 
 @dataclass
-class SAESplice:
+class SAESplice(Intervention):
     """Replace the activation by the SAE reconstruction with edited latents, plus the SAE's error term."""
 
     sae: Any
@@ -137,13 +136,6 @@ class SAESplice:
         handle.removers.append(add_hook(hp, hook))
         return handle
 
-    @contextmanager
-    def apply(self, model: HookedTransformer, layout: TokenLayout | None = None) -> Iterator[PerturbationHandle]:
-        handle = self.attach(model, layout)
-        try:
-            yield handle
-        finally:
-            handle.remove()
 
 
 def make_sae(d_in: int, d_sae: int, hook_name: str, *, W_dec: Tensor | None = None, seed: int = 0, threshold_bias: float = 0.0):

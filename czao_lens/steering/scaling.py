@@ -17,15 +17,14 @@ forward/backward).
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.perturb import PerturbationHandle, add_hook, check_hook_name, hook_layer
+from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks, check_hook_name, hook_layer
 from czao_lens.prompts import PositionSpec, TokenLayout, format_prompt
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem
 from czao_lens.steering.evaluate import letter_token_ids
@@ -45,7 +44,7 @@ def _parse_site(model: HookedTransformer, site: str) -> tuple[str, int | None]:
 
 
 @dataclass
-class ActivationScaling:
+class ActivationScaling(Intervention):
     """Multiply the activation at each site by ``alpha[i]`` at the selected positions."""
 
     sites: list[str]
@@ -78,22 +77,8 @@ class ActivationScaling:
         return out
 
     def attach(self, model: HookedTransformer, layout: TokenLayout | None = None) -> PerturbationHandle:
-        handle = PerturbationHandle()
-        try:
-            for name, fn in self._hooks(model, layout, self.alpha.detach()):
-                handle.removers.append(add_hook(model.hook_dict[name], fn))
-        except BaseException:
-            handle.remove()
-            raise
-        return handle
+        return attach_hooks(model, self._hooks(model, layout, self.alpha.detach()))
 
-    @contextmanager
-    def apply(self, model: HookedTransformer, layout: TokenLayout | None = None) -> Iterator[PerturbationHandle]:
-        handle = self.attach(model, layout)
-        try:
-            yield handle
-        finally:
-            handle.remove()
 
 
 def layer_sites(layers: Sequence[int], kinds: Sequence[str] = ("attn_out", "mlp_out")) -> list[str]:
