@@ -443,7 +443,7 @@ def demo(
     m = _load(model)
     typer.echo('Constraint: never say "blue" (AvoidTokens, p(blue) < 0.05 at every token). CZAO at layer 12, rank 16.')
     run_czao_side_by_side(
-        m, ["What color is the sky on a clear day? Answer in one sentence.", "What is your favorite color?"],
+        m, ["What color is the sky on a clear day? Answer in one sentence.", "What are the three colors of the American flag?"],
         AvoidTokens(["blue"]), CZAOConfig(layers=(12,)), max_new_tokens=32, chat=True, seed=0, out=out,
     )
 
