@@ -170,7 +170,7 @@ def jacobian_top_singular(
                 s = float(u.detach().norm())
                 w = vjp(u / max(s, 1e-30))
                 v = (w / w.norm()).detach()
-            sig[i, j] = float(jvp(v).norm())
+            sig[i, j] = float(jvp(v).detach().norm())
             with torch.no_grad():
                 eps = 1e-3 * ctx[-1].norm()
                 y = _block_last(model, l, ctx, torch.stack([ctx[-1] + eps * v, ctx[-1] - eps * v]))
