@@ -82,7 +82,8 @@ def landscape_figure(land) -> go.Figure:
     for i, comp in enumerate(rows):
         y = 1 - (i + 0.5) / len(rows)
         fig.update_layout(**{f"coloraxis{i + 1}": dict(colorscale="Viridis", colorbar=dict(title=comp, y=y, len=0.3))})
-    fig.update_layout(title=f"CZAO objective around the unperturbed model — {land.constraint} — {land.prompt!r}",
+    what = land.constraint if len(land.constraint) <= 50 else land.constraint[:47] + "..."
+    fig.update_layout(title=f"CZAO objective around the unperturbed model: {what}, {land.prompt!r}",
                       height=260 * len(rows) + 120, width=max(500, 320 * len(layers) + 150))
     fig.update_xaxes(title_text="z1")
     fig.update_yaxes(title_text="z2", col=1)
@@ -90,22 +91,24 @@ def landscape_figure(land) -> go.Figure:
 
 
 def czao_telemetry_figure(result) -> go.Figure:
-    """Per-token CZAO telemetry: violation before/after, KL, |delta| and steps."""
+    """Per-token CZAO telemetry: violation before/after, KL, steps and |delta| (red lines: unreachable)."""
     from plotly.subplots import make_subplots
 
     recs = result.records
     idx = [r.index for r in recs]
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=("violation V", "KL to unsteered (nats)", "steps / |delta|"))
+    fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=("violation V before / after", "KL to unsteered (nats)",
+                                        "optimisation steps", "|delta| (residual units)"))
     fig.add_trace(go.Bar(x=idx, y=[r.v_before for r in recs], name="V before"), row=1, col=1)
     fig.add_trace(go.Bar(x=idx, y=[r.v_after if r.optimized else r.v_before for r in recs], name="V after"), row=1, col=1)
     fig.add_trace(go.Scatter(x=idx, y=[r.kl for r in recs], mode="lines+markers", name="KL"), row=2, col=1)
     fig.add_trace(go.Bar(x=idx, y=[r.steps for r in recs], name="steps"), row=3, col=1)
-    fig.add_trace(go.Scatter(x=idx, y=[r.delta_norm for r in recs], mode="markers", name="|delta|"), row=3, col=1)
-    bad = [r.index for r in recs if r.unreachable]
-    for b in bad:
-        fig.add_vline(x=b, line_color="red", line_dash="dot")
+    fig.add_trace(go.Scatter(x=idx, y=[r.delta_norm for r in recs], mode="markers", name="|delta|"), row=4, col=1)
+    for r in recs:
+        if r.unreachable:
+            fig.add_vline(x=r.index, line_color="red", line_dash="dot")
     fig.update_layout(title=f"CZAO telemetry ({'satisfied' if result.satisfied else 'NOT satisfied'}; red = unreachable)",
-                      height=650, xaxis3_title="generated token")
+                      height=800, xaxis4_title="generated token")
     return fig
 
 
