@@ -172,7 +172,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     print()
     print(f"prompt: {args.prompt!r} ({ids.shape[1]} tokens), {n} new tokens (EOS off), greedy, {args.rounds} rounds")
-    print(f"tok/s = new tokens / wall time of the whole call (prefill included)")
+    print("tok/s = new tokens / wall time of the whole call (prefill included)")
     print(f"czao-lens decodes with {czao_how}; TL stock with a greedy KV-cache loop")
     print(f"{'decoder':<14} {'tok/s (median)':>15} {'rounds':>24} {'1-token fwd ms':>15}")
     for name in runners:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -55,7 +54,6 @@ def main() -> None:
     speeds: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for k, f in runs.items():
-            t0 = time.perf_counter()
             res = f()
             speeds[k].append(sum(len(t) for t in res.new_tokens) / res.seconds)
     med = {k: statistics.median(v) for k, v in speeds.items()}

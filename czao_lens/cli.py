@@ -513,7 +513,7 @@ def sae_features(
     out: Path = typer.Option(DEFAULT_OUT / "features", help="Folder for features.json/.safetensors and features.html."),
 ) -> None:
     """Contrastive SAE feature selection: top-k features (dense and BOS features dropped)."""
-    from czao_lens.diagnostics import DiagnosticError, write_json
+    from czao_lens.diagnostics import DiagnosticError
     from czao_lens.diagnostics.features import caa_contrast, select_features, top_activating_tokens
     from czao_lens.plots import feature_bars_figure, save_figure
     from czao_lens.sae import load_sae

@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -29,7 +29,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
-from czao_lens.generate import DecodeStep, GenerationResult, generate
+from czao_lens.generate import DecodeStep, generate
 from czao_lens.prompts import encode_prompts
 from czao_lens.store import ActivationStore
 from czao_lens.subspace import Subspace, SubspaceError, activation_basis, random_basis

@@ -20,7 +20,6 @@ also reads positions > 0 only.
 from __future__ import annotations
 
 import json
-import os
 import random
 import tempfile
 import time

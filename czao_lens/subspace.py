@@ -180,9 +180,7 @@ def direction_basis(
     ``rank`` above the number of directions tops up with random ones; ``None`` keeps exactly them.
     """
     d = store.model.cfg.d_model
-    layers = list(directions)
-    k_max = max((int(v.reshape(-1, d).shape[0]) if v.shape[-1] == d else 0) for v in directions.values()) if layers else 1
-    layers = _check_layers(store.model, layers, rank or max(k_max, 1))
+    layers = _check_layers(store.model, list(directions), rank or 1)
     gen = torch.Generator().manual_seed(seed)
     bases = {}
     for l in layers:

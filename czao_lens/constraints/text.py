@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from czao_lens.constraints.base import Constraint, ConstraintError, Context, check_range, clean_words
+from czao_lens.constraints.base import Constraint, ConstraintError, check_range, clean_words
 from czao_lens.constraints.registry import register
 
 

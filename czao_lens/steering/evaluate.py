@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.prompts import TokenLayout, encode_prompts
+from czao_lens.generate import generate_tokens
+from czao_lens.prompts import EncodedPrompts, TokenLayout, encode_prompts, format_prompt
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem
-from czao_lens.steering.vectors import SteeringError, ab_prefix
+from czao_lens.steering.vectors import SteeringError, ab_prefix, answer_pair_texts
 
 Intervention = Callable[[TokenLayout], ContextManager]
 
@@ -104,8 +105,6 @@ def fluency_kl(
     reference: Tensor | None = None,
 ) -> float:
     """Mean KL(unsteered || steered) of the first response token's distribution on neutral prompts (nats)."""
-    from czao_lens.prompts import format_prompt
-
     texts = [format_prompt(model, p, chat=chat) for p in prompts]
     ref = reference if reference is not None else last_logits(model, texts, None, batch_size=batch_size)
     if intervention is None:
@@ -144,8 +143,6 @@ def sweep(
         p = ab_probability(model, items, iv, chat=chat)
         if neutral:
             if ref is None:
-                from czao_lens.prompts import format_prompt
-
                 texts = [format_prompt(model, q, chat=chat) for q in neutral]
                 ref = last_logits(model, texts, None)
             kl = fluency_kl(model, iv, neutral, chat=chat, reference=ref)
@@ -175,9 +172,6 @@ def generate_steered(
     advances its KV offset), so position-aware steering (A-LQR, CAST, SAE splicing) sees exactly
     which prompt or generated token each new position is.
     """
-    from czao_lens.generate import generate_tokens
-    from czao_lens.prompts import EncodedPrompts
-
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     enc = encode_prompts(model, prompt_list, chat=chat)
     layout = enc.layout()
@@ -220,11 +214,7 @@ def answer_text_probability(
 
     Small models often ignore A/B letters; this reads whether steering moves what the model would say.
     """
-    from czao_lens.prompts import format_prompt
-
     tok = model.tokenizer
-    from czao_lens.steering.vectors import answer_pair_texts
-
     pos, neg, pre_p, pre_n = answer_pair_texts(model, items, chat=chat, max_answer_tokens=max_answer_tokens)
     texts, spans = [], []
     for a, b, na, nb in zip(pos, neg, pre_p, pre_n):
@@ -240,7 +230,6 @@ def answer_text_probability(
         with ctx:
             logits = model(enc.tokens, attention_mask=enc.attention_mask)
         lp = torch.log_softmax(logits.float(), -1)
-        width = enc.tokens.shape[1]
         for j, i in enumerate(idx):
             n_pre, n_ans = spans[i]
             pad = int(enc.pad[j])
