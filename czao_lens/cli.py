@@ -448,6 +448,64 @@ def demo(
     )
 
 
+@app.command()
+def bench(
+    task: Optional[List[str]] = typer.Option(None, "--task", help="Task(s); repeat. Default: all (profanity, sentiment, concept, refusal, sycophancy, truthfulness)."),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="Method(s); repeat. Default: all (unsteered, prompting, caa, sae, cast, lqr, czao, bestofn)."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    data: Optional[Path] = typer.Option(None, help="Folder holding rtp/, caa/ and truthfulqa/ (default $CZAO_LENS_DATA or ../shared/data)."),
+    n_fit: int = typer.Option(24, help="Fit-split items per task (vectors, setpoints, sweeps)."),
+    n_test: int = typer.Option(40, help="Test-split items per task (scoring only)."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n"),
+    layer: int = typer.Option(12, help="Steering layer (CAA, SAE, CAST, CZAO's R; A-LQR from here to the last layer)."),
+    sae_path: Optional[Path] = typer.Option(None, "--sae", help="SAELens SAE folder at blocks.{layer-1}.hook_resid_post; default: train one here."),
+    sae_tokens: int = typer.Option(100_000, help="Training tokens when the SAE is trained here."),
+    concept_threshold: float = typer.Option(0.3, help="MiniLM similarity bound of the concept task."),
+    quick: bool = typer.Option(False, help="A few items and one setting per method: checks the harness end to end (CI)."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(DEFAULT_OUT / "bench"),
+) -> None:
+    """Every steering method on every task, same prompts, seeds, budget and evaluators; writes
+    results.jsonl (per item), summary.json, report.md and report.html (plots)."""
+    from dataclasses import replace
+
+    from czao_lens.bench import METHODS, QUICK, TASK_NAMES, BenchError, BenchSettings, check_methods, run_bench
+
+    tasks, methods = list(task or TASK_NAMES), list(method or METHODS)
+    try:
+        check_methods(methods)
+        bad = [t for t in tasks if t not in TASK_NAMES]
+        if bad:
+            raise BenchError(f"unknown task(s) {bad}; choose from {', '.join(TASK_NAMES)}")
+    except BenchError as exc:
+        _fail(str(exc))
+    if quick:
+        settings = replace(QUICK["settings"], layer=layer, seed=seed)
+        n_fit, n_test, sae_tokens = QUICK["n_fit"], QUICK["n_test"], 2048
+    else:
+        settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed)
+    sae = None
+    if sae_path is not None:
+        from czao_lens.sae import SAEError, load_sae
+
+        try:
+            sae = load_sae(sae_path)
+        except SAEError as exc:
+            _fail(str(exc))
+    m = _load(model)
+    try:
+        summary = run_bench(m, data=data or default_data_dir(), out=out, tasks=tasks, methods=methods, n_fit=n_fit,
+                            n_test=n_test, settings=settings, sae=sae, sae_tokens=sae_tokens,
+                            concept_threshold=concept_threshold)
+    except BenchError as exc:
+        _fail(str(exc))
+    typer.echo((out / "report.md").read_text())
+    failed = [f"{t}/{m_}" for t, v in summary["tasks"].items() for m_, s in v["methods"].items() if "failed" in s]
+    if failed:
+        typer.secho(f"methods that could not be fitted: {', '.join(failed)} (see summary.json)", fg=typer.colors.YELLOW)
+    typer.echo(f"saved {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}, {out / 'report.html'}")
+
+
 # ----------------------------------------------------------------------------- SAEs (issue 3, part 4)
 
 sae_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train SAEs (SAELens) and select SAE features.")

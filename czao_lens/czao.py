@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -115,6 +115,7 @@ class CZAOResult:
     seconds: float
     config: dict[str, Any]
     constraint: str
+    step_logprobs: Tensor | None = field(default=None, repr=False)  # [n_new, vocab], with keep_logprobs
 
     def summary(self) -> dict[str, Any]:
         opt = [r for r in self.records if r.optimized]
@@ -136,6 +137,7 @@ class CZAOResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("step_logprobs")
         d["summary"] = self.summary()
         return d
 
@@ -460,8 +462,10 @@ def generate_czao(
     store: ActivationStore | None = None,
     predictor: ZPredictor | None = None,
     progress: bool = False,
+    keep_logprobs: bool = False,
 ) -> list[CZAOResult]:
-    """Generate with CZAO for each prompt (one at a time), returning text and telemetry."""
+    """Generate with CZAO for each prompt (one at a time), returning text and telemetry
+    (``keep_logprobs``: also the steered next-token log-probs, ``result.step_logprobs``)."""
     config = config or CZAOConfig()
     config.validate()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -474,7 +478,8 @@ def generate_czao(
                              prompt_text=prompt, document=document, predictor=predictor)
         t0 = time.perf_counter()
         gen = generate(model, prompt, max_new_tokens=max_new_tokens, chat=chat, greedy=greedy,
-                       temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress)
+                       temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress,
+                       keep_logprobs=keep_logprobs)
         seconds = time.perf_counter() - t0
         text = gen.texts[0]
         try:
@@ -485,6 +490,7 @@ def generate_czao(
             prompt=prompt, text=text, tokens=gen.new_tokens[0], records=ctl.records, satisfied=ok,
             unreachable=any(r.unreachable for r in ctl.records), seconds=seconds,
             config=asdict(config), constraint=constraint.describe(),
+            step_logprobs=gen.step_logprobs[0] if keep_logprobs else None,
         ))
         results[-1]._controller = ctl  # type: ignore[attr-defined]  # for distilling a predictor
     return results

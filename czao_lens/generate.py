@@ -196,6 +196,8 @@ class GenerationResult:
     steps: int
     cost: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    # With keep_logprobs: per row, the log-probs each new token was drawn from, [n_new, vocab].
+    step_logprobs: list[Tensor] | None = field(default=None, repr=False)
 
     @property
     def tokens_per_second(self) -> float:
@@ -203,7 +205,9 @@ class GenerationResult:
         return n / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("step_logprobs")  # tensors stay out of the JSON record
+        return d
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -267,6 +271,7 @@ def generate(
     controller: Controller | None = None,
     stop_at_eos: bool = True,
     progress: bool = False,
+    keep_logprobs: bool = False,
 ) -> GenerationResult:
     """Generate continuations with a KV cache, static perturbations and an optional controller.
 
@@ -284,7 +289,7 @@ def generate(
     return generate_tokens(
         model, enc, prompt_list, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
         top_p=top_p, seed=seed, perturbations=perturbations, controller=controller,
-        stop_at_eos=stop_at_eos, progress=progress,
+        stop_at_eos=stop_at_eos, progress=progress, keep_logprobs=keep_logprobs,
         config={"chat": chat, "system_prompt": system_prompt},
     )
 
@@ -305,8 +310,10 @@ def generate_tokens(
     stop_at_eos: bool = True,
     progress: bool = False,
     config: dict[str, Any] | None = None,
+    keep_logprobs: bool = False,
 ) -> GenerationResult:
-    """:func:`generate` on already encoded prompts."""
+    """:func:`generate` on already encoded prompts. ``keep_logprobs`` keeps the distribution each new
+    token was drawn from (after interventions and logit bias), for KL and fluency measurements."""
     device = model.cfg.device or "cpu"
     n_layers = model.cfg.n_layers
     start_layer = n_layers
@@ -324,6 +331,7 @@ def generate_tokens(
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
     finished = torch.zeros(batch, dtype=torch.bool)
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    kept: list[list[Tensor]] = [[] for _ in range(batch)]
     costs: list[dict[str, float]] = []
     t0 = time.perf_counter()
     handle = attach(model, list(perturbations), layout)
@@ -348,9 +356,12 @@ def generate_tokens(
                 logits = _controlled_step(model, controller, cache, current, one, layout, tokens, read_store, finished, t, cost)
             nxt = sample_next(logits, greedy=greedy, temperature=temperature, top_p=top_p, generator=gen)
             nxt = torch.where(finished.to(nxt.device), torch.full_like(nxt, pad_token_id(model)), nxt)
+            lps = logits.float().log_softmax(-1) if keep_logprobs else None
             for b in range(batch):
                 if not finished[b]:
                     new_tokens[b].append(int(nxt[b]))
+                    if lps is not None:
+                        kept[b].append(lps[b])
                     if int(nxt[b]) in stops:
                         finished[b] = True
             costs.append(asdict(cost))
@@ -372,6 +383,7 @@ def generate_tokens(
         seconds=seconds, steps=len(costs), cost=costs,
         config={"max_new_tokens": max_new_tokens, "greedy": greedy, "temperature": temperature,
                 "top_p": top_p, "seed": seed, **(config or {})},
+        step_logprobs=[torch.stack(k) if k else torch.zeros(0, logits.shape[-1]) for k in kept] if keep_logprobs else None,
     )
 
 

@@ -76,6 +76,7 @@ def ab_probability(
     *,
     chat: bool = True,
     batch_size: int = 8,
+    system_prompt: str | None = None,
 ) -> Tensor:
     """p(matching letter) / (p(A) + p(B)) at the answer position of each item, ``[n]``.
 
@@ -85,7 +86,7 @@ def ab_probability(
     if not items:
         raise SteeringError("ab_probability needs at least one item")
     ids = letter_token_ids(model, sorted({it.matching for it in items} | {it.not_matching for it in items}))
-    texts = [ab_prefix(model, it.question, chat=chat) for it in items]
+    texts = [ab_prefix(model, it.question, chat=chat, system_prompt=system_prompt) for it in items]
     logits = last_logits(model, texts, intervention, batch_size=batch_size)
     m = torch.tensor([ids[it.matching] for it in items])
     n = torch.tensor([ids[it.not_matching] for it in items])
@@ -207,6 +208,7 @@ def answer_text_probability(
     chat: bool = True,
     max_answer_tokens: int = 24,
     batch_size: int = 8,
+    system_prompt: str | None = None,
 ) -> Tensor:
     """Content-based variant of :func:`ab_probability`: the model answers the bare question (no choices)
     and we compare the mean per-token log-likelihood of the matching answer text with the other one,
@@ -215,7 +217,8 @@ def answer_text_probability(
     Small models often ignore A/B letters; this reads whether steering moves what the model would say.
     """
     tok = model.tokenizer
-    pos, neg, pre_p, pre_n = answer_pair_texts(model, items, chat=chat, max_answer_tokens=max_answer_tokens)
+    pos, neg, pre_p, pre_n = answer_pair_texts(model, items, chat=chat, max_answer_tokens=max_answer_tokens,
+                                              system_prompt=system_prompt)
     texts, spans = [], []
     for a, b, na, nb in zip(pos, neg, pre_p, pre_n):
         texts += [a, b]

@@ -68,9 +68,9 @@ def check_layers(model: HookedTransformer, layers: Sequence[int]) -> list[int]:
     return sorted(set(layers))
 
 
-def ab_prefix(model: HookedTransformer, question: str, *, chat: bool = True) -> str:
+def ab_prefix(model: HookedTransformer, question: str, *, chat: bool = True, system_prompt: str | None = None) -> str:
     """The text before the answer letter: the (chat-formatted) question plus the assistant's "("."""
-    return format_prompt(model, question, chat=chat) + "("
+    return format_prompt(model, question, chat=chat, system_prompt=system_prompt) + "("
 
 
 def ab_pair_texts(model: HookedTransformer, items: Sequence[ABItem], *, chat: bool = True) -> tuple[list[str], list[str]]:
@@ -86,7 +86,7 @@ def ab_pair_texts(model: HookedTransformer, items: Sequence[ABItem], *, chat: bo
 
 
 def answer_pair_texts(model: HookedTransformer, items: Sequence[ABItem], *, chat: bool = True,
-                      max_answer_tokens: int = 24) -> tuple[list[str], list[str], list[int], list[int]]:
+                      max_answer_tokens: int = 24, system_prompt: str | None = None) -> tuple[list[str], list[str], list[int], list[int]]:
     """(positive, negative) texts: the bare question (no choices) answered with the matching / other
     option's text, plus each text's prefix length in tokens (where the answer starts)."""
     from czao_lens.steering.evaluate import option_texts
@@ -97,7 +97,7 @@ def answer_pair_texts(model: HookedTransformer, items: Sequence[ABItem], *, chat
     pos, neg, pre_p, pre_n = [], [], [], []
     for it in items:
         opts = option_texts(it)
-        prefix = format_prompt(model, it.stem(), chat=chat)
+        prefix = format_prompt(model, it.stem(), chat=chat, system_prompt=system_prompt)
         n_pre = len(tok(prefix, add_special_tokens=False)["input_ids"])
         for letter, texts, pres in ((it.matching, pos, pre_p), (it.not_matching, neg, pre_n)):
             ans = tok(opts[letter], add_special_tokens=False)["input_ids"][:max_answer_tokens]

@@ -1,0 +1,390 @@
+"""``run_bench``: every method on every task, same prompts, seeds, token budget and evaluators.
+
+Per task: load and split the data; fit each method on the fit split (a failure there marks the
+method failed for that task, the run goes on); then loop over test items and, for each item, run
+every fitted method in turn (interleaving keeps load drift out of the wall-clock ratios). A method
+that raises on one item records that item as a failure with the error, and the loop goes on.
+Rows go to ``results.jsonl`` as they are produced; ``summary.json``, ``report.md`` and
+``report.html`` are written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from czao_lens.bench.methods import (
+    GENERATE_ONLY,
+    METHODS,
+    BenchSettings,
+    Fitted,
+    _bestofn_run,
+    _check,
+    _czao_run,
+    _prompting_run,
+    _static_run,
+    answer_texts,
+    choice_scores,
+    contrast_vector,
+    neutral_kl,
+    sae_vector,
+    sample_contrast,
+    tune_choice,
+    tune_generate,
+)
+from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, mean, paired_diff_ci, unsteered_logprobs
+from czao_lens.bench.tasks import TASK_NAMES, BenchError, Task, load_tasks
+from czao_lens.czao import CZAOConfig
+from czao_lens.prompts import format_prompt
+from czao_lens.steering.evaluate import NEUTRAL_PROMPTS, last_logits
+from czao_lens.store import ActivationStore
+
+QUICK = dict(n_fit=6, n_test=2, settings=BenchSettings(
+    max_new_tokens=8, samples_per_fit_prompt=4, n_tune=2, caa_grid=(1.0,), choice_caa_grid=(1.0,), sae_grid=(1.0,),
+    lqr_grid=(2.0,), czao_eps_grid=(1.5,), sae_features=4, jac_prompts=2, jac_layers=(12, 13, 14, 15)))
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise BenchError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise BenchError("no methods given")
+    if "unsteered" not in methods:
+        raise BenchError("the unsteered method is the reference for every ratio; keep it in the method list")
+    # CZAO before best-of-n: best-of-n's n is matched to CZAO's measured compute.
+    return sorted(dict.fromkeys(methods), key=METHODS.index)
+
+
+class _Resources:
+    """Lazily built things several tasks share: A-LQR's Jacobians and the SAE."""
+
+    def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, out: Path, sae: Any, sae_tokens: int,
+                 exclude: set[str], progress: bool):
+        self.model, self.s, self.data, self.out, self._sae, self.sae_tokens = model, s, data, out, sae, sae_tokens
+        self.exclude, self.progress, self._jac, self.info = exclude, progress, None, {}
+
+    def jacobians(self):
+        if self._jac is None:
+            from czao_lens.steering.lqr import block_jacobians
+
+            n = self.model.cfg.n_layers
+            t0 = time.perf_counter()
+            if self.s.jac_layers is None:  # all layers: shares the cache with `czao-lens steer --method lqr`
+                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, progress=self.progress).subset(range(self.s.layer, n))
+            else:
+                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, layers=self.s.jac_layers, progress=self.progress)
+            self.info["jacobians"] = {"layers": list(self._jac.layers), "prompts": self.s.jac_prompts, "seconds": time.perf_counter() - t0}
+        return self._jac
+
+    def sae(self):
+        if self._sae is None:
+            from czao_lens.sae import CORPUS_PROMPTS, data_texts, train_sae
+
+            texts = [t for t in data_texts(self.data) if t not in self.exclude] + list(CORPUS_PROMPTS)
+            quick = self.sae_tokens < 20_000
+            t0 = time.perf_counter()
+            self._sae, stats = train_sae(
+                self.model, f"blocks.{self.s.layer - 1}.hook_resid_post", texts=texts,
+                width=(2 if quick else 8) * self.model.cfg.d_model, training_tokens=self.sae_tokens,
+                train_batch_size_tokens=256 if quick else 1024, context_size=32 if quick else 128,
+                lr=2e-3 if quick else 4e-4, l1_coefficient=3.0 if quick else 5.0, out_dir=self.out / "sae",
+                progress=self.progress, seed=self.s.seed)
+            self.info["sae"] = {"trained_here": True, "folder": str(self.out / "sae"), "seconds": time.perf_counter() - t0,
+                                **{k: stats.get(k) for k in ("explained_variance", "l0", "dead_fraction")}}
+        return self._sae
+
+
+def _steer(model, vec, g):
+    return lambda lay: vec.apply(model, g, layout=lay)
+
+
+def _apply(model, obj):
+    return lambda lay: obj.apply(model, lay)
+
+
+def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
+                 res: _Resources, bar) -> tuple[dict[str, Fitted], dict[str, str], dict]:
+    """Fit every method on a generation task's fit split."""
+    from czao_lens.steering.cast import CAST, fit_condition
+    from czao_lens.steering.lqr import fit_alqr
+
+    fitted: dict[str, Fitted] = {}
+    errors: dict[str, str] = {}
+    info: dict[str, Any] = {}
+    base = _static_run(model, None, s)
+    _, base_rows = tune_generate(model, task, {"unsteered": base}, s, None)
+    base_ppl = base_rows[0]["ppl"]
+    info["tune_unsteered"] = base_rows[0]
+    contrast, caa = None, None
+    for m in methods:
+        bar.set_postfix_str(f"fit {m}")
+        t0 = time.perf_counter()
+        try:
+            if m == "unsteered":
+                f = Fitted(m, {}, run=base)
+            elif m == "prompting":
+                f = Fitted(m, {"instruction": task.instruction}, run=_prompting_run(model, task, s))
+            elif m == "czao":
+                cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
+                runs = {k: _czao_run(model, task, c, s, store) for k, c in cfgs.items()}
+                key, rows = tune_generate(model, task, runs, s, base_ppl)
+                f = Fitted(m, {"config": asdict(cfgs[key]), "setting": key}, run=runs[key], sweep=rows)
+                info["czao_tune_passes"] = next(r["passes_per_token"] for r in rows if r["setting"] == key)
+            elif m == "bestofn":
+                n = int(min(16, max(2, round(info.get("czao_tune_passes", 4.0)))))
+                f = Fitted(m, {"n": n, "temperature": 1.0, "matched_to": "CZAO passes/token on the tune prompts"
+                               if "czao_tune_passes" in info else "default (CZAO not run)"}, run=_bestofn_run(model, task, n, s))
+            else:
+                if contrast is None:
+                    contrast = sample_contrast(model, task, s)
+                    info["contrast"] = contrast.describe()
+                    caa = contrast_vector(model, contrast, s.layer, store)
+                    info["caa_norm"] = float(caa.directions[s.layer].norm())
+                if m == "caa":
+                    vec, grid = caa, s.caa_grid
+                    runs = {f"x{g:g}": _static_run(model, _steer(model, vec, g), s) for g in grid}
+                elif m == "sae":
+                    vec = sae_vector(model, res.sae(), contrast.pos_texts, contrast.neg_texts, s.sae_features, store,
+                                     info["caa_norm"])
+                    runs = {f"x{g:g}": _static_run(model, _steer(model, vec, g), s) for g in s.sae_grid}
+                elif m == "cast":
+                    cond = fit_condition(model, contrast.trigger_prompts, contrast.other_prompts, s.condition_layer, chat=False, store=store)
+                    runs = {f"x{g:g}": _static_run(model, _apply(model, CAST(cond, caa, g)), s) for g in s.caa_grid}
+                else:  # lqr
+                    ctrl = fit_alqr(model, res.jacobians(), pos_texts=contrast.pos_texts, neg_texts=contrast.neg_texts,
+                                    concept=task.name, store=store)
+                    runs = {f"lambda={g:g}": _static_run(model, _apply(model, ctrl.with_lambda(g)), s) for g in s.lqr_grid}
+                key, rows = tune_generate(model, task, runs, s, base_ppl)
+                f = Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
+            f.fit_seconds = time.perf_counter() - t0
+            fitted[m] = f
+        except Exception as exc:  # a method that cannot be fitted on this task is reported, not fatal
+            errors[m] = f"{type(exc).__name__}: {exc}"
+    return fitted, errors, info
+
+
+def fit_choice(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
+               res: _Resources, reference: torch.Tensor, bar) -> tuple[dict[str, Fitted], dict[str, str], dict]:
+    """Fit every method that applies on a choice task's fit split."""
+    from czao_lens.steering.cast import CAST, fit_condition
+    from czao_lens.steering.lqr import fit_alqr
+    from czao_lens.steering.vectors import caa_vector
+
+    fitted: dict[str, Fitted] = {}
+    errors: dict[str, str] = {}
+    info: dict[str, Any] = {}
+    caa = None
+    for m in methods:
+        if m in GENERATE_ONLY:
+            continue
+        bar.set_postfix_str(f"fit {m}")
+        t0 = time.perf_counter()
+        try:
+            if m == "unsteered":
+                f = Fitted(m, {})
+            elif m == "prompting":
+                f = Fitted(m, {"instruction": task.instruction}, system_prompt=task.instruction)
+            else:
+                if caa is None:
+                    caa = caa_vector(model, task.fit, [s.layer], readout="answer", store=store)
+                    info["caa_norm"] = float(caa.directions[s.layer].norm())
+                if m == "caa":
+                    facs = {f"x{g:g}": _steer(model, caa, g) for g in s.choice_caa_grid}
+                elif m == "sae":
+                    pos, neg = answer_texts(model, task.fit)
+                    vec = sae_vector(model, res.sae(), pos, neg, s.sae_features, store, info["caa_norm"])
+                    facs = {f"x{g:g}": _steer(model, vec, g) for g in s.sae_grid}
+                elif m == "cast":
+                    cond = fit_condition(model, [it.stem() for it in task.fit], [it.stem() for it in task.contrast_items],
+                                         s.condition_layer, store=store)
+                    facs = {f"x{g:g}": _apply(model, CAST(cond, caa, g)) for g in s.choice_caa_grid}
+                else:  # lqr
+                    ctrl = fit_alqr(model, res.jacobians(), items=task.fit, readout="answer", concept=task.name, store=store)
+                    facs = {f"lambda={g:g}": _apply(model, ctrl.with_lambda(g)) for g in s.lqr_grid}
+                key, rows = tune_choice(model, task, facs, s, reference)
+                f = Fitted(m, {"setting": key}, factory=facs[key], sweep=rows)
+            f.fit_seconds = time.perf_counter() - t0
+            fitted[m] = f
+        except Exception as exc:
+            errors[m] = f"{type(exc).__name__}: {exc}"
+    return fitted, errors, info
+
+
+def _row_generate(model, task: Task, i: int, prompt: str, f: Fitted) -> dict:
+    row: dict[str, Any] = {"task": task.name, "method": f.name, "item": i, "prompt": prompt}
+    try:
+        out = f.run(prompt)
+        base_lp = unsteered_logprobs(model, prompt, out.tokens)
+        row.update(text=out.text, tokens=len(out.tokens), ok=_check(task, model, prompt, out.text),
+                   second_ok=bool(task.second(out.text)), passes_per_token=out.passes_per_token, seconds=out.seconds,
+                   **fluency(base_lp, out.tokens, out.steered_lp), **out.extra)
+    except Exception as exc:
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def _rows_choice(model, task: Task, f: Fitted, reference: torch.Tensor) -> list[dict]:
+    rows = []
+    kl = neutral_kl(model, f.factory, f.system_prompt, reference)
+    t0 = time.perf_counter()
+    try:
+        sc = choice_scores(model, task.test, f.factory, f.system_prompt)
+        per = [(float(sc["p_text"][i]), float(sc["p_letter"][i]), None) for i in range(len(task.test))]
+    except Exception:  # isolate the failing item(s): score one at a time
+        per = []
+        for it in task.test:
+            try:
+                sc = choice_scores(model, [it], f.factory, f.system_prompt)
+                per.append((float(sc["p_text"][0]), float(sc["p_letter"][0]), None))
+            except Exception as exc:
+                per.append((None, None, f"{type(exc).__name__}: {exc}"))
+    sec = (time.perf_counter() - t0) / max(len(task.test), 1)
+    for i, (it, (pt, pl, err)) in enumerate(zip(task.test, per)):
+        row = {"task": task.name, "method": f.name, "item": i, "prompt": it.question}
+        if err is not None:
+            row.update(ok=False, error=err)
+        else:
+            row.update(p_text=pt, p_letter=pl, ok=pt > 0.5, second_ok=pl > 0.5, kl=kl, passes_per_token=1.0,
+                       seconds=sec, tokens=1)
+        rows.append(row)
+    return rows
+
+
+def summarise(task: Task, rows: list[dict], fitted: dict[str, Fitted], errors: dict[str, str], seed: int) -> dict:
+    """Per-method metrics of one task, with bootstrap intervals over test items."""
+    by = {m: [r for r in rows if r["method"] == m] for m in fitted}
+    base = by.get("unsteered", [])
+    base_ok = [float(r["ok"]) for r in base]
+
+    def per_token_seconds(rs):
+        return sum(r.get("seconds", 0.0) for r in rs) / max(sum(r.get("tokens", 0) for r in rs), 1)
+
+    out: dict[str, Any] = {}
+    for m, rs in by.items():
+        good = [r for r in rs if "error" not in r]
+        ok = [float(r["ok"]) for r in rs]
+        lo, hi = bootstrap_ci(ok, seed=seed)
+        d = paired_diff_ci(ok, base_ok, seed=seed) if len(ok) == len(base_ok) and base_ok else (math.nan,) * 3
+        yes = [r for r in good if r["ok"]]
+        s: dict[str, Any] = {
+            "n": len(rs), "errors": len(rs) - len(good), "satisfaction": mean(ok), "ci": [lo, hi],
+            "delta_vs_unsteered": d[0], "delta_ci": [d[1], d[2]],
+            "second_agreement": mean([float(r["ok"] == r["second_ok"]) for r in good]),
+            "gaming": mean([float(not r["second_ok"]) for r in yes]) if yes else math.nan,
+            "kl": mean([r["kl"] for r in good]), "passes_per_token": mean([r["passes_per_token"] for r in good]),
+            "wall_ratio": per_token_seconds(good) / per_token_seconds(base) if base and per_token_seconds(base) > 0 else math.nan,
+            "setting": fitted[m].setting, "fit_seconds": fitted[m].fit_seconds, "sweep": fitted[m].sweep,
+        }
+        if task.kind == "generate":
+            s["ppl"] = statistics.median([r["ppl"] for r in good]) if good else math.nan
+            s["kl_steered"] = mean([r["kl_steered"] for r in good])
+            s["distinct2"] = distinct_n([r["text"] for r in good])
+        else:
+            s["p_text"] = mean([r["p_text"] for r in good])
+            s["p_text_ci"] = list(bootstrap_ci([r["p_text"] for r in good], seed=seed)) if good else [math.nan, math.nan]
+            s["p_letter"] = mean([r["p_letter"] for r in good])
+        if m == "czao":
+            steps = [x for r in good for x in r.get("steps", [])]
+            s["unreachable_share"] = mean([float(r.get("unreachable", False)) for r in good])
+            s["median_steps"] = statistics.median(steps) if steps else 0
+            s["max_steps"] = max(steps) if steps else 0
+            s["optimized_tokens_per_item"] = mean([r.get("optimized_tokens", 0) for r in good])
+        out[m] = s
+    if task.kind == "generate" and "unsteered" in out:
+        for m, s in out.items():
+            s["ppl_ratio"] = s["ppl"] / out["unsteered"]["ppl"] if out["unsteered"]["ppl"] else math.nan
+    for m, e in errors.items():
+        out[m] = {"failed": e}
+    return out
+
+
+def run_bench(
+    model: HookedTransformer,
+    *,
+    data: str | Path,
+    out: str | Path,
+    tasks: Sequence[str] = TASK_NAMES,
+    methods: Sequence[str] = METHODS,
+    n_fit: int = 24,
+    n_test: int = 40,
+    settings: BenchSettings | None = None,
+    sae: Any = None,
+    sae_tokens: int = 100_000,
+    concept_threshold: float = 0.3,
+    progress: bool = True,
+) -> dict:
+    """Run the benchmark and write results.jsonl, summary.json, report.md and report.html to ``out``.
+
+    ``sae`` is an SAELens SAE at ``blocks.{layer-1}.hook_resid_post``; when None, one is trained on
+    the data folder's texts (the test prompts left out) with ``sae_tokens`` tokens.
+    """
+    from czao_lens.bench.report import write_report
+
+    s = settings or BenchSettings()
+    methods = check_methods(methods)
+    if not 1 <= s.layer < model.cfg.n_layers or not 0 <= s.condition_layer <= s.layer:
+        raise BenchError(f"layer {s.layer} / condition layer {s.condition_layer} do not fit a {model.cfg.n_layers}-layer model")
+    data, out = Path(data), Path(out)
+    task_list = load_tasks(list(tasks), data, n_fit=n_fit, n_test=n_test, seed=s.seed, concept_threshold=concept_threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ActivationStore(model)
+    exclude = {p if isinstance(p, str) else p.question for t in task_list for p in t.test}
+    res = _Resources(model, s, data, out, sae, sae_tokens, exclude, progress)
+    reference = last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    t_start = time.perf_counter()
+    summary: dict[str, Any] = {"tasks": {}, "fit": {}}
+    with open(out / "results.jsonl", "w") as fh:
+        for task in task_list:
+            bar = tqdm(total=len(task.test), desc=task.name, unit="item", disable=not progress)
+            if task.kind == "generate":
+                fitted, errors, info = fit_generate(model, task, methods, s, store, res, bar)
+                rows = []
+                for i, prompt in enumerate(task.test):
+                    for f in fitted.values():
+                        bar.set_postfix_str(f.name)
+                        rows.append(_row_generate(model, task, i, prompt, f))
+                        fh.write(json.dumps(rows[-1]) + "\n")
+                    fh.flush()
+                    bar.update(1)
+            else:
+                fitted, errors, info = fit_choice(model, task, methods, s, store, res, reference, bar)
+                rows = []
+                for f in fitted.values():
+                    bar.set_postfix_str(f.name)
+                    rows += _rows_choice(model, task, f, reference)
+                for r in rows:
+                    fh.write(json.dumps(r) + "\n")
+                fh.flush()
+                bar.update(len(task.test))
+            bar.close()
+            for m, e in errors.items():
+                tqdm.write(f"[{task.name}] {m} could not be fitted: {e}")
+            summary["tasks"][task.name] = {
+                "kind": task.kind, "description": task.description, "source": task.source, "n_fit": len(task.fit),
+                "n_test": len(task.test), "second_evaluator": task.second_name,
+                "not_applicable": {m: "scores fixed answers: nothing is generated to select or constrain"
+                                   for m in methods if task.kind == "choice" and m in GENERATE_ONLY},
+                "fit_info": info, "methods": summarise(task, rows, fitted, errors, s.seed),
+            }
+    summary["run"] = {
+        "started": started, "seconds": time.perf_counter() - t_start, "model": model.cfg.model_name,
+        "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "data": str(data),
+        "threads": torch.get_num_threads(), "resources": res.info, "concept_threshold": concept_threshold,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_report(summary, out)
+    return summary
+
+
+

@@ -1,0 +1,293 @@
+"""The benchmark's methods: how each one is fitted on a task's fit split and run on one test item.
+
+Every method ends up as a :class:`Fitted`: a chosen setting plus ``run(prompt)`` for generation tasks
+or ``score(items)`` for choice tasks. Hyperparameters come from a small sweep scored on the fit
+split only (``tune``): maximise satisfaction subject to a fluency guard (mean perplexity under the
+unsteered model at most ``ppl_guard`` times unsteered's for generation; KL on neutral prompts at
+most ``kl_guard`` nats for choice tasks); ties go to the gentler setting.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from czao_lens.bench.metrics import mean, unsteered_logprobs
+from czao_lens.bench.tasks import BenchError, Task
+from czao_lens.constraints import Context
+from czao_lens.czao import CZAOConfig, generate_czao
+from czao_lens.generate import generate
+from czao_lens.prompts import format_prompt
+from czao_lens.steering.evaluate import NEUTRAL_PROMPTS, ab_probability, answer_text_probability, generate_steered, last_logits
+from czao_lens.steering.vectors import SteeringVector, answer_pair_texts, caa_vector
+from czao_lens.store import ActivationStore
+
+METHODS = ("unsteered", "prompting", "caa", "sae", "cast", "lqr", "czao", "bestofn")
+GENERATE_ONLY = ("czao", "bestofn")  # they select or constrain generated text; choice tasks read fixed answers
+
+Factory = Callable[[Any], Any]  # TokenLayout -> context manager
+
+
+@dataclass
+class Output:
+    """One method on one generation prompt."""
+
+    text: str
+    tokens: list[int]
+    steered_lp: Tensor | None  # [n_new, vocab] or None (the unsteered distribution)
+    passes_per_token: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Fitted:
+    """A method with its chosen setting, ready to run on test items."""
+
+    name: str
+    setting: dict[str, Any]
+    run: Callable[[str], Output] | None = None  # generation tasks
+    factory: Factory | None = None  # choice tasks: steering as a layout -> context manager factory
+    system_prompt: str | None = None  # choice tasks: the prompting method
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    fit_seconds: float = 0.0
+
+
+@dataclass
+class BenchSettings:
+    """Sizes and grids of one benchmark run (see ``czao-lens bench --help``)."""
+
+    max_new_tokens: int = 24
+    layer: int = 12  # steering layer of CAA / SAE / CAST and CZAO's R; A-LQR runs from here to the last layer
+    condition_layer: int = 8  # CAST decides here
+    samples_per_fit_prompt: int = 4
+    n_tune: int = 8
+    caa_grid: tuple[float, ...] = (0.5, 1.0, 2.0)  # multiples of the raw mean difference
+    choice_caa_grid: tuple[float, ...] = (0.5, 1.0, 2.0)
+    sae_grid: tuple[float, ...] = (0.5, 1.0, 2.0)  # the SAE vector is scaled to the CAA vector's norm first
+    lqr_grid: tuple[float, ...] = (1.0, 2.0, 3.0)
+    czao_eps_grid: tuple[float, ...] = (0.5, 1.5)
+    sae_features: int = 8
+    ppl_guard: float = 2.0
+    kl_guard: float = 1.0
+    jac_prompts: int = 24
+    jac_layers: tuple[int, ...] | None = None  # None: layer..n_layers-1
+    bestofn_top_p: float = 0.9  # nucleus sampling: pure temperature-1 samples of a 135M model are barely fluent
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _static_run(model: HookedTransformer, factory: Factory | None, s: BenchSettings) -> Callable[[str], Output]:
+    def run(prompt: str) -> Output:
+        t0 = time.perf_counter()
+        if factory is None:
+            g = generate(model, prompt, max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)
+        else:
+            g = generate_steered(model, prompt, factory, chat=False, max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)
+        sec = time.perf_counter() - t0
+        steered = g.step_logprobs[0] if factory is not None else None
+        return Output(g.texts[0], g.new_tokens[0], steered, _passes(g), sec)
+
+    return run
+
+
+def _passes(g) -> float:
+    return mean([c["passes"] for c in g.cost]) if g.cost else 1.0
+
+
+def prompting_text(model: HookedTransformer, task: Task, prompt: str) -> str:
+    """Chat template with the task's system instruction; the assistant turn starts with the prefix."""
+    return format_prompt(model, "Continue this text.", chat=True, system_prompt=task.instruction) + prompt
+
+
+def _prompting_run(model: HookedTransformer, task: Task, s: BenchSettings) -> Callable[[str], Output]:
+    def run(prompt: str) -> Output:
+        text = prompting_text(model, task, prompt)
+        t0 = time.perf_counter()
+        g = generate(model, text, max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)
+        sec = time.perf_counter() - t0
+        tok = model.tokenizer
+        extra = len(tok(text)["input_ids"]) - len(tok(prompt)["input_ids"])  # instruction positions prefilled
+        n = max(len(g.new_tokens[0]), 1)
+        return Output(g.texts[0], g.new_tokens[0], g.step_logprobs[0], _passes(g) + extra / n, sec)
+
+    return run
+
+
+def _check(task: Task, model: HookedTransformer, prompt: str, text: str) -> bool:
+    return bool(task.constraint.check_text(text, Context(prompt=prompt, generated=text, tokenizer=model.tokenizer)))
+
+
+def _bestofn_run(model: HookedTransformer, task: Task, n: int, s: BenchSettings) -> Callable[[str], Output]:
+    """Sample n continuations (nucleus sampling, one batch) and keep the first the primary evaluator accepts."""
+
+    def run(prompt: str) -> Output:
+        t0 = time.perf_counter()
+        g = generate(model, [prompt] * n, max_new_tokens=s.max_new_tokens, greedy=False, temperature=1.0,
+                     top_p=s.bestofn_top_p, seed=s.seed)
+        oks = [_check(task, model, prompt, t) for t in g.texts]
+        pick = oks.index(True) if any(oks) else 0
+        sec = time.perf_counter() - t0
+        # Samples come from the unsteered model (nucleus-truncated): KL is reported as 0.
+        return Output(g.texts[pick], g.new_tokens[pick], None, float(n), sec, {"n": n, "accepted": sum(oks)})
+
+    return run
+
+
+def _czao_run(model: HookedTransformer, task: Task, cfg: CZAOConfig, s: BenchSettings, store: ActivationStore) -> Callable[[str], Output]:
+    def run(prompt: str) -> Output:
+        t0 = time.perf_counter()
+        r = generate_czao(model, prompt, task.constraint, cfg, max_new_tokens=s.max_new_tokens, seed=s.seed,
+                          store=store, keep_logprobs=True)[0]
+        sec = time.perf_counter() - t0
+        summ = r.summary()
+        opt = [rec.steps for rec in r.records if rec.optimized]
+        return Output(r.text, r.tokens, r.step_logprobs, summ["passes_per_token"], sec,
+                      {"unreachable": r.unreachable, "steps": opt, "optimized_tokens": summ["optimized_tokens"],
+                       "unreachable_tokens": summ["unreachable_tokens"]})
+
+    return run
+
+
+@dataclass
+class Contrast:
+    """Unsteered samples on the fit prompts, labelled by the task's primary evaluator."""
+
+    pos_ids: list[list[int]]  # prompt + continuation token ids that satisfy the constraint
+    neg_ids: list[list[int]]
+    pos_texts: list[str]
+    neg_texts: list[str]
+    prompt_lens_pos: list[int]
+    prompt_lens_neg: list[int]
+    trigger_prompts: list[str]  # fit prompts whose samples mostly violate
+    other_prompts: list[str]
+
+    def describe(self) -> dict:
+        return {"positive": len(self.pos_ids), "negative": len(self.neg_ids),
+                "trigger_prompts": len(self.trigger_prompts), "other_prompts": len(self.other_prompts)}
+
+
+def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings, progress: Callable | None = None) -> Contrast:
+    c = Contrast([], [], [], [], [], [], [], [])
+    for i, prompt in enumerate(task.fit):
+        g = generate(model, [prompt] * s.samples_per_fit_prompt, max_new_tokens=s.max_new_tokens, greedy=False,
+                     temperature=1.0, seed=s.seed + i)
+        bad = 0
+        for toks, text, ptoks in zip(g.new_tokens, g.texts, g.prompt_tokens):
+            ok = _check(task, model, prompt, text)
+            bad += not ok
+            (c.pos_ids if ok else c.neg_ids).append(ptoks + toks)
+            (c.pos_texts if ok else c.neg_texts).append(prompt + text)
+            (c.prompt_lens_pos if ok else c.prompt_lens_neg).append(len(ptoks))
+        (c.trigger_prompts if 2 * bad >= len(g.texts) else c.other_prompts).append(prompt)
+        if progress:
+            progress()
+    if not c.pos_ids or not c.neg_ids:
+        raise BenchError(f"task {task.name}: the fit samples are all {'satisfying' if c.pos_ids else 'violating'}; "
+                         "no contrast to build a steering direction from (use more fit prompts)")
+    return c
+
+
+def contrast_vector(model: HookedTransformer, c: Contrast, layer: int, store: ActivationStore) -> SteeringVector:
+    """Mean resid_pre over continuation tokens of satisfying samples minus that of violating ones."""
+    hook = f"blocks.{layer}.hook_resid_pre"
+
+    def pooled(ids: list[list[int]], lens: list[int]) -> Tensor:
+        acts = store.get(ids, [hook])
+        return torch.stack([a[hook][n:].float().mean(0) for a, n in zip(acts, lens)]).mean(0)
+
+    d = pooled(c.pos_ids, c.prompt_lens_pos) - pooled(c.neg_ids, c.prompt_lens_neg)
+    return SteeringVector({layer: d}, "resid_pre", {"method": "caa-contrast", "n_pos": len(c.pos_ids), "n_neg": len(c.neg_ids)})
+
+
+def tune_generate(model: HookedTransformer, task: Task, runs: dict[str, Callable[[str], Output]], s: BenchSettings,
+                  base_ppl: float | None) -> tuple[str, list[dict]]:
+    """Score each setting on the tune prompts; return the chosen key and the sweep table."""
+    prompts = task.fit[: s.n_tune]
+    rows = []
+    for key, run in runs.items():
+        oks, ppls, passes = [], [], []
+        for p in prompts:
+            out = run(p)
+            oks.append(_check(task, model, p, out.text))
+            if out.tokens:
+                lp = unsteered_logprobs(model, p, out.tokens)
+                ppls.append(float((-lp[torch.arange(len(out.tokens)), torch.tensor(out.tokens)].mean()).exp()))
+            passes.append(out.passes_per_token)
+        rows.append({"setting": key, "satisfaction": mean(oks), "ppl": mean(ppls), "passes_per_token": mean(passes)})
+    return choose(rows, "satisfaction", "ppl", base_ppl * s.ppl_guard if base_ppl else math.inf), rows
+
+
+def choose(rows: list[dict], score_key: str, cost_key: str, limit: float) -> str:
+    """The best-scoring setting whose cost is within the limit; else the gentlest (grids go gentle first)."""
+    ok = [r for r in rows if not (r[cost_key] > limit)]  # a NaN cost passes
+    if not ok:
+        return rows[0]["setting"]
+    best = max(r[score_key] for r in ok)
+    return next(r["setting"] for r in ok if r[score_key] == best)
+
+
+# ----------------------------------------------------------------------------- choice tasks
+
+
+def choice_scores(model: HookedTransformer, items: Sequence, factory: Factory | None = None, system_prompt: str | None = None) -> dict[str, Tensor]:
+    """p(matching answer text) and p(matching letter) per item."""
+    return {"p_text": answer_text_probability(model, items, factory, system_prompt=system_prompt),
+            "p_letter": ab_probability(model, items, factory, system_prompt=system_prompt)}
+
+
+def neutral_kl(model: HookedTransformer, factory: Factory | None = None, system_prompt: str | None = None,
+               reference: Tensor | None = None) -> float:
+    """Mean KL(steered || unsteered) of the first response token on neutral prompts (nats)."""
+    base = reference if reference is not None else last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+    if factory is None and system_prompt is None:
+        return 0.0
+    texts = [format_prompt(model, p, chat=True, system_prompt=system_prompt) for p in NEUTRAL_PROMPTS]
+    got = last_logits(model, texts, factory)
+    lq, lp = base.log_softmax(-1), got.log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def tune_choice(model: HookedTransformer, task: Task, factories: dict[str, Factory], s: BenchSettings, reference: Tensor) -> tuple[str, list[dict]]:
+    items = task.fit[: max(s.n_tune, 2)]
+    rows = []
+    for key, f in factories.items():
+        p = answer_text_probability(model, items, f)
+        rows.append({"setting": key, "satisfaction": float((p > 0.5).float().mean()), "p_text": float(p.mean()),
+                     "kl_neutral": neutral_kl(model, f, reference=reference)})
+    # Mean probability is a finer signal than the >0.5 rate on a handful of items.
+    return choose(rows, "p_text", "kl_neutral", s.kl_guard), rows
+
+
+def sae_vector(model: HookedTransformer, sae: Any, pos: Sequence[str], neg: Sequence[str], k: int, store: ActivationStore,
+               norm: float) -> SteeringVector:
+    """FGAA-style: top-k SAE features by (positive - negative) mean activation, decoded with those
+    weights, and scaled to ``norm`` (the CAA vector's) so both methods share one multiplier grid."""
+    from czao_lens.diagnostics.features import select_features
+    from czao_lens.steering.sae import basis_vector
+
+    basis = select_features(model, sae, pos, neg, k=k, store=store)
+    vec = basis_vector(basis, basis.scores.tolist())
+    (layer,) = vec.directions
+    raw = float(vec.directions[layer].norm())
+    vec.directions[layer] = vec.directions[layer] * (norm / max(raw, 1e-12))
+    vec.meta.update({"features": basis.indices, "scores": basis.scores.tolist(), "raw_norm": raw})
+    return vec
+
+
+def answer_texts(model: HookedTransformer, items: Sequence) -> tuple[list[str], list[str]]:
+    pos, neg, _, _ = answer_pair_texts(model, items)
+    return pos, neg
+
+
+def no_context(_layout) -> Any:
+    return nullcontext()

@@ -1,0 +1,139 @@
+"""The benchmark report: a markdown table per task and a self-contained HTML page with plotly charts."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _ci(v: float, ci: list[float]) -> str:
+    return f"{_f(v)} [{_f(ci[0])}, {_f(ci[1])}]"
+
+
+def _setting(s: dict) -> str:
+    st = s.get("setting", {})
+    return str(st.get("setting") or st.get("n") and f"n={st['n']}" or ("system prompt" if "instruction" in st else "-"))
+
+
+def task_table(name: str, t: dict) -> str:
+    """Markdown table of one task."""
+    gen = t["kind"] == "generate"
+    if gen:
+        head = ["method", "satisfaction [95% CI]", "Δ vs unsteered [95% CI]", "2nd-eval agree", "gaming",
+                "ppl (x unsteered)", "KL/token", "distinct-2", "passes/token", "wall ratio", "setting", "CZAO"]
+    else:
+        head = ["method", "p>0.5 rate [95% CI]", "mean p(text) [95% CI]", "Δ rate vs unsteered [95% CI]", "p(letter)",
+                "2nd-eval agree", "gaming", "KL neutral", "wall ratio", "setting"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, s in t["methods"].items():
+        if "failed" in s:
+            lines.append(f"| {m} | failed: {s['failed'][:120]} |" + " |" * (len(head) - 2))
+            continue
+        err = f" ({s['errors']} errors)" if s["errors"] else ""
+        delta = _ci(s["delta_vs_unsteered"], s["delta_ci"]) if m != "unsteered" else "-"
+        if gen:
+            cz = (f"unreachable {_f(s['unreachable_share'])}, steps median {s['median_steps']} / max {s['max_steps']}"
+                  if m == "czao" else "")
+            row = [m + err, _ci(s["satisfaction"], s["ci"]), delta, _f(s["second_agreement"]), _f(s["gaming"]),
+                   f"{_f(s['ppl'], 1)} ({_f(s.get('ppl_ratio'))})", _f(s["kl"], 3), _f(s["distinct2"]),
+                   _f(s["passes_per_token"]), _f(s["wall_ratio"]), _setting(s), cz]
+        else:
+            row = [m + err, _ci(s["satisfaction"], s["ci"]), _ci(s["p_text"], s["p_text_ci"]), delta, _f(s["p_letter"]),
+                   _f(s["second_agreement"]), _f(s["gaming"]), _f(s["kl"], 3), _f(s["wall_ratio"]), _setting(s)]
+        lines.append("| " + " | ".join(row) + " |")
+    for m, why in t.get("not_applicable", {}).items():
+        lines.append(f"| {m} | n/a: {why} |" + " |" * (len(head) - 2))
+    return "\n".join(lines)
+
+
+def markdown(summary: dict) -> str:
+    run = summary["run"]
+    parts = [f"# czao-lens bench: {run['model']}",
+             f"Started {run['started']}, {run['seconds'] / 60:.1f} min, {run['threads']} threads; "
+             f"n_fit={run['n_fit']}, n_test={run['n_test']}, max_new_tokens={run['settings']['max_new_tokens']}, "
+             f"seed={run['settings']['seed']}."]
+    for name, t in summary["tasks"].items():
+        parts += [f"## {name}", f"{t['description']}. Data: `{t['source']}` ({t['n_fit']} fit / {t['n_test']} test). "
+                  f"Second evaluator: {t['second_evaluator']}.", task_table(name, t)]
+    return "\n\n".join(parts) + "\n"
+
+
+def trilemma_figure(summary: dict) -> go.Figure:
+    """Satisfaction vs compute vs fluency cost, one panel per task (the "steering trilemma", measured)."""
+    names = list(summary["tasks"])
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08, vertical_spacing=0.14)
+    for k, name in enumerate(names):
+        t = summary["tasks"][name]
+        gen = t["kind"] == "generate"
+        ms = {m: s for m, s in t["methods"].items() if "failed" not in s}
+        x = [s["passes_per_token"] if gen else s["wall_ratio"] for s in ms.values()]
+        y = [s["satisfaction"] for s in ms.values()]
+        fl = [s.get("ppl_ratio", math.nan) if gen else s["kl"] for s in ms.values()]
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="markers+text", text=list(ms), textposition="top center",
+            error_y=dict(type="data", symmetric=False, array=[s["ci"][1] - s["satisfaction"] for s in ms.values()],
+                         arrayminus=[s["satisfaction"] - s["ci"][0] for s in ms.values()], thickness=1),
+            marker=dict(size=12, color=fl, colorscale="Reds", showscale=k == 0, cmin=0,
+                        colorbar=dict(title="fluency cost<br>(ppl ratio; KL<br>for A/B tasks)") if k == 0 else None),
+            hovertemplate="%{text}<br>cost %{x:.2f}<br>satisfaction %{y:.2f}<br>fluency cost %{marker.color:.2f}<extra></extra>",
+            showlegend=False), row=k // cols + 1, col=k % cols + 1)
+        fig.update_xaxes(type="log", title_text="passes / token" if gen else "wall ratio", row=k // cols + 1, col=k % cols + 1)
+        fig.update_yaxes(range=[-0.05, 1.1], title_text="satisfaction", row=k // cols + 1, col=k % cols + 1)
+    fig.update_layout(height=380 * rows, width=1200, title="Satisfaction vs cost vs fluency (95% bootstrap CI)")
+    return fig
+
+
+def satisfaction_figure(summary: dict) -> go.Figure:
+    fig = go.Figure()
+    methods = list(dict.fromkeys(m for t in summary["tasks"].values() for m, s in t["methods"].items() if "failed" not in s))
+    for m in methods:
+        xs, ys, lo, hi = [], [], [], []
+        for name, t in summary["tasks"].items():
+            s = t["methods"].get(m)
+            if s and "failed" not in s:
+                xs.append(name)
+                ys.append(s["satisfaction"])
+                lo.append(s["satisfaction"] - s["ci"][0])
+                hi.append(s["ci"][1] - s["satisfaction"])
+        fig.add_trace(go.Bar(name=m, x=xs, y=ys, error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo)))
+    fig.update_layout(barmode="group", title="Constraint satisfaction per task and method (95% bootstrap CI)",
+                      yaxis_title="satisfaction", height=450, width=1200)
+    return fig
+
+
+def _html_table(md: str) -> str:
+    rows = [ln.strip("|").split(" | ") for ln in md.splitlines() if not ln.startswith("|---")]
+    head, body = rows[0], rows[1:]
+    th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+    tb = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><tr>{th}</tr>{tb}</table>"
+
+
+def write_report(summary: dict, out: Path) -> tuple[Path, Path]:
+    """Write report.md and a self-contained report.html (plotly.js inlined once)."""
+    md = markdown(summary)
+    (out / "report.md").write_text(md)
+    figs = [trilemma_figure(summary), satisfaction_figure(summary)]
+    body = [f"<h1>{html.escape(md.splitlines()[0][2:])}</h1>", f"<p>{html.escape(md.split(chr(10) * 2)[1])}</p>"]
+    body += [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+    for name, t in summary["tasks"].items():
+        body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(t['description'])}; second evaluator: "
+                 f"{html.escape(t['second_evaluator'])}</p>", _html_table(task_table(name, t))]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>czao-lens bench</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    (out / "report.html").write_text(page)
+    return out / "report.md", out / "report.html"
