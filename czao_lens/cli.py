@@ -470,20 +470,20 @@ def bench(
     from dataclasses import replace
 
     from czao_lens.bench import METHODS, QUICK, TASK_NAMES, BenchError, BenchSettings, check_methods, run_bench
+    from czao_lens.bench.tasks import load_tasks
 
     tasks, methods = list(task or TASK_NAMES), list(method or METHODS)
-    try:
-        check_methods(methods)
-        bad = [t for t in tasks if t not in TASK_NAMES]
-        if bad:
-            raise BenchError(f"unknown task(s) {bad}; choose from {', '.join(TASK_NAMES)}")
-    except BenchError as exc:
-        _fail(str(exc))
+    data = data or default_data_dir()
     if quick:
         settings = replace(QUICK["settings"], layer=layer, seed=seed)
         n_fit, n_test, sae_tokens = QUICK["n_fit"], QUICK["n_test"], 2048
     else:
         settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed)
+    try:  # bad names and missing data fail here, before the model loads
+        check_methods(methods)
+        load_tasks(tasks, data, n_fit=n_fit, n_test=n_test, seed=seed)
+    except BenchError as exc:
+        _fail(str(exc))
     sae = None
     if sae_path is not None:
         from czao_lens.sae import SAEError, load_sae
@@ -494,7 +494,7 @@ def bench(
             _fail(str(exc))
     m = _load(model)
     try:
-        summary = run_bench(m, data=data or default_data_dir(), out=out, tasks=tasks, methods=methods, n_fit=n_fit,
+        summary = run_bench(m, data=data, out=out, tasks=tasks, methods=methods, n_fit=n_fit,
                             n_test=n_test, settings=settings, sae=sae, sae_tokens=sae_tokens,
                             concept_threshold=concept_threshold)
     except BenchError as exc:

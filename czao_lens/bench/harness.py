@@ -27,11 +27,11 @@ from czao_lens.bench.methods import (
     METHODS,
     BenchSettings,
     Fitted,
-    _bestofn_run,
-    _check,
-    _czao_run,
-    _prompting_run,
-    _static_run,
+    bestofn_run,
+    check,
+    czao_run,
+    prompting_run,
+    static_run,
     answer_texts,
     choice_scores,
     contrast_vector,
@@ -121,7 +121,7 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
     fitted: dict[str, Fitted] = {}
     errors: dict[str, str] = {}
     info: dict[str, Any] = {}
-    base = _static_run(model, None, s)
+    base = static_run(model, None, s)
     _, base_rows = tune_generate(model, task, {"unsteered": base}, s, None)
     base_ppl = base_rows[0]["ppl"]
     info["tune_unsteered"] = base_rows[0]
@@ -133,17 +133,17 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
             if m == "unsteered":
                 f = Fitted(m, {}, run=base)
             elif m == "prompting":
-                f = Fitted(m, {"instruction": task.instruction}, run=_prompting_run(model, task, s))
+                f = Fitted(m, {"instruction": task.instruction}, run=prompting_run(model, task, s))
             elif m == "czao":
                 cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
-                runs = {k: _czao_run(model, task, c, s, store) for k, c in cfgs.items()}
+                runs = {k: czao_run(model, task, c, s, store) for k, c in cfgs.items()}
                 key, rows = tune_generate(model, task, runs, s, base_ppl)
                 f = Fitted(m, {"config": asdict(cfgs[key]), "setting": key}, run=runs[key], sweep=rows)
                 info["czao_tune_passes"] = next(r["passes_per_token"] for r in rows if r["setting"] == key)
             elif m == "bestofn":
                 n = int(min(16, max(2, round(info.get("czao_tune_passes", 4.0)))))
                 f = Fitted(m, {"n": n, "temperature": 1.0, "matched_to": "CZAO passes/token on the tune prompts"
-                               if "czao_tune_passes" in info else "default (CZAO not run)"}, run=_bestofn_run(model, task, n, s))
+                               if "czao_tune_passes" in info else "default (CZAO not run)"}, run=bestofn_run(model, task, n, s))
             else:
                 if contrast is None:
                     contrast = sample_contrast(model, task, s)
@@ -152,18 +152,18 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
                     info["caa_norm"] = float(caa.directions[s.layer].norm())
                 if m == "caa":
                     vec, grid = caa, s.caa_grid
-                    runs = {f"x{g:g}": _static_run(model, _steer(model, vec, g), s) for g in grid}
+                    runs = {f"x{g:g}": static_run(model, _steer(model, vec, g), s) for g in grid}
                 elif m == "sae":
                     vec = sae_vector(model, res.sae(), contrast.pos_texts, contrast.neg_texts, s.sae_features, store,
                                      info["caa_norm"])
-                    runs = {f"x{g:g}": _static_run(model, _steer(model, vec, g), s) for g in s.sae_grid}
+                    runs = {f"x{g:g}": static_run(model, _steer(model, vec, g), s) for g in s.sae_grid}
                 elif m == "cast":
                     cond = fit_condition(model, contrast.trigger_prompts, contrast.other_prompts, s.condition_layer, chat=False, store=store)
-                    runs = {f"x{g:g}": _static_run(model, _apply(model, CAST(cond, caa, g)), s) for g in s.caa_grid}
+                    runs = {f"x{g:g}": static_run(model, _apply(model, CAST(cond, caa, g)), s) for g in s.caa_grid}
                 else:  # lqr
                     ctrl = fit_alqr(model, res.jacobians(), pos_texts=contrast.pos_texts, neg_texts=contrast.neg_texts,
                                     concept=task.name, store=store)
-                    runs = {f"lambda={g:g}": _static_run(model, _apply(model, ctrl.with_lambda(g)), s) for g in s.lqr_grid}
+                    runs = {f"lambda={g:g}": static_run(model, _apply(model, ctrl.with_lambda(g)), s) for g in s.lqr_grid}
                 key, rows = tune_generate(model, task, runs, s, base_ppl)
                 f = Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
             f.fit_seconds = time.perf_counter() - t0
@@ -225,7 +225,7 @@ def _row_generate(model, task: Task, i: int, prompt: str, f: Fitted) -> dict:
     try:
         out = f.run(prompt)
         base_lp = unsteered_logprobs(model, prompt, out.tokens)
-        row.update(text=out.text, tokens=len(out.tokens), ok=_check(task, model, prompt, out.text),
+        row.update(text=out.text, tokens=len(out.tokens), ok=check(task, model, prompt, out.text),
                    second_ok=bool(task.second(out.text)), passes_per_token=out.passes_per_token, seconds=out.seconds,
                    **fluency(base_lp, out.tokens, out.steered_lp), **out.extra)
     except Exception as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -26,7 +25,7 @@ from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.generate import generate
 from czao_lens.prompts import format_prompt
 from czao_lens.steering.evaluate import NEUTRAL_PROMPTS, ab_probability, answer_text_probability, generate_steered, last_logits
-from czao_lens.steering.vectors import SteeringVector, answer_pair_texts, caa_vector
+from czao_lens.steering.vectors import SteeringVector, answer_pair_texts
 from czao_lens.store import ActivationStore
 
 METHODS = ("unsteered", "prompting", "caa", "sae", "cast", "lqr", "czao", "bestofn")
@@ -86,7 +85,7 @@ class BenchSettings:
 # ----------------------------------------------------------------------------- generation
 
 
-def _static_run(model: HookedTransformer, factory: Factory | None, s: BenchSettings) -> Callable[[str], Output]:
+def static_run(model: HookedTransformer, factory: Factory | None, s: BenchSettings) -> Callable[[str], Output]:
     def run(prompt: str) -> Output:
         t0 = time.perf_counter()
         if factory is None:
@@ -109,7 +108,7 @@ def prompting_text(model: HookedTransformer, task: Task, prompt: str) -> str:
     return format_prompt(model, "Continue this text.", chat=True, system_prompt=task.instruction) + prompt
 
 
-def _prompting_run(model: HookedTransformer, task: Task, s: BenchSettings) -> Callable[[str], Output]:
+def prompting_run(model: HookedTransformer, task: Task, s: BenchSettings) -> Callable[[str], Output]:
     def run(prompt: str) -> Output:
         text = prompting_text(model, task, prompt)
         t0 = time.perf_counter()
@@ -123,18 +122,19 @@ def _prompting_run(model: HookedTransformer, task: Task, s: BenchSettings) -> Ca
     return run
 
 
-def _check(task: Task, model: HookedTransformer, prompt: str, text: str) -> bool:
+def check(task: Task, model: HookedTransformer, prompt: str, text: str) -> bool:
+    """The task's primary evaluator on one continuation."""
     return bool(task.constraint.check_text(text, Context(prompt=prompt, generated=text, tokenizer=model.tokenizer)))
 
 
-def _bestofn_run(model: HookedTransformer, task: Task, n: int, s: BenchSettings) -> Callable[[str], Output]:
+def bestofn_run(model: HookedTransformer, task: Task, n: int, s: BenchSettings) -> Callable[[str], Output]:
     """Sample n continuations (nucleus sampling, one batch) and keep the first the primary evaluator accepts."""
 
     def run(prompt: str) -> Output:
         t0 = time.perf_counter()
         g = generate(model, [prompt] * n, max_new_tokens=s.max_new_tokens, greedy=False, temperature=1.0,
                      top_p=s.bestofn_top_p, seed=s.seed)
-        oks = [_check(task, model, prompt, t) for t in g.texts]
+        oks = [check(task, model, prompt, t) for t in g.texts]
         pick = oks.index(True) if any(oks) else 0
         sec = time.perf_counter() - t0
         # Samples come from the unsteered model (nucleus-truncated): KL is reported as 0.
@@ -143,7 +143,7 @@ def _bestofn_run(model: HookedTransformer, task: Task, n: int, s: BenchSettings)
     return run
 
 
-def _czao_run(model: HookedTransformer, task: Task, cfg: CZAOConfig, s: BenchSettings, store: ActivationStore) -> Callable[[str], Output]:
+def czao_run(model: HookedTransformer, task: Task, cfg: CZAOConfig, s: BenchSettings, store: ActivationStore) -> Callable[[str], Output]:
     def run(prompt: str) -> Output:
         t0 = time.perf_counter()
         r = generate_czao(model, prompt, task.constraint, cfg, max_new_tokens=s.max_new_tokens, seed=s.seed,
@@ -183,7 +183,7 @@ def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings, prog
                      temperature=1.0, seed=s.seed + i)
         bad = 0
         for toks, text, ptoks in zip(g.new_tokens, g.texts, g.prompt_tokens):
-            ok = _check(task, model, prompt, text)
+            ok = check(task, model, prompt, text)
             bad += not ok
             (c.pos_ids if ok else c.neg_ids).append(ptoks + toks)
             (c.pos_texts if ok else c.neg_texts).append(prompt + text)
@@ -218,7 +218,7 @@ def tune_generate(model: HookedTransformer, task: Task, runs: dict[str, Callable
         oks, ppls, passes = [], [], []
         for p in prompts:
             out = run(p)
-            oks.append(_check(task, model, p, out.text))
+            oks.append(check(task, model, p, out.text))
             if out.tokens:
                 lp = unsteered_logprobs(model, p, out.tokens)
                 ppls.append(float((-lp[torch.arange(len(out.tokens)), torch.tensor(out.tokens)].mean()).exp()))
@@ -288,6 +288,3 @@ def answer_texts(model: HookedTransformer, items: Sequence) -> tuple[list[str], 
     pos, neg, _, _ = answer_pair_texts(model, items)
     return pos, neg
 
-
-def no_context(_layout) -> Any:
-    return nullcontext()

@@ -1,0 +1,160 @@
+"""The benchmark harness: `czao-lens bench --quick` end to end, its metrics, its errors, and that a
+method failing on one item is recorded as a failure while the run goes on."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from czao_lens.bench import BenchError, BenchSettings, check_methods, load_task, run_bench
+from czao_lens.bench import harness
+from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, paired_diff_ci, unsteered_logprobs
+from czao_lens.bench.tasks import no_violent_words, split, textblob_ok, wordlist_ok
+from czao_lens.cli import app, default_data_dir
+from czao_lens.generate import generate
+from czao_lens.perturb import Perturbation, resid_hook
+
+runner = CliRunner()
+DATA = default_data_dir()
+
+
+@pytest.mark.real
+def test_bench_quick_runs_end_to_end(smol, tmp_path):
+    """The harness works on every task and method; no performance is asserted here."""
+    out = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert set(summary["tasks"]) == {"profanity", "sentiment", "concept", "refusal", "sycophancy", "truthfulness"}
+    for name, t in summary["tasks"].items():
+        ran = {m for m, s in t["methods"].items() if "failed" not in s}
+        assert "unsteered" in ran
+        for m in ran:  # one row per test item per method that was fitted
+            got = [r for r in rows if r["task"] == name and r["method"] == m]
+            assert len(got) == t["n_test"] == 2, (name, m)
+            assert all("error" not in r for r in got), got
+        if t["kind"] == "generate":
+            assert {"czao", "bestofn", "prompting"} <= ran
+            cz = t["methods"]["czao"]
+            assert 0 <= cz["unreachable_share"] <= 1 and cz["passes_per_token"] >= 1
+        else:
+            assert set(t["not_applicable"]) == {"czao", "bestofn"}
+    html = (out / "report.html").read_text()
+    assert "plotly" in html and "Satisfaction vs cost vs fluency" in html
+    assert "| method |" in (out / "report.md").read_text()
+    assert (out / "sae" / "cfg.json").exists()  # trained here since no --sae was given
+
+
+def test_bench_bad_inputs(tmp_path):
+    with pytest.raises(BenchError, match="unknown method"):
+        check_methods(["unsteered", "telepathy"])
+    with pytest.raises(BenchError, match="reference"):
+        check_methods(["caa"])
+    assert check_methods(["bestofn", "czao", "unsteered"]) == ["unsteered", "czao", "bestofn"]
+    with pytest.raises(BenchError, match="no data for task 'profanity'"):
+        load_task("profanity", tmp_path / "nowhere", n_fit=2, n_test=2)
+    (tmp_path / "rtp").mkdir()
+    with pytest.raises(BenchError, match="rtp_threat.txt does not exist"):
+        load_task("concept", tmp_path, n_fit=2, n_test=2)
+    with pytest.raises(BenchError, match="no data for task 'refusal'"):
+        load_task("refusal", tmp_path, n_fit=2, n_test=2)
+    with pytest.raises(BenchError, match="unknown task"):
+        load_task("poetry", tmp_path, n_fit=2, n_test=2)
+    res = runner.invoke(app, ["bench", "--method", "telepathy", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown method" in res.output
+    res = runner.invoke(app, ["bench", "--task", "poetry", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown task" in res.output
+    res = runner.invoke(app, ["bench", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "no data for task 'profanity'" in res.output
+    res = runner.invoke(app, ["bench", "--task", "truthfulness", "--data", str(tmp_path), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "no data for task 'truthfulness'" in res.output
+
+
+def test_split_is_deterministic_and_disjoint():
+    items = list(range(50))
+    fit, test = split(items, 10, 30, seed=3)
+    assert (fit, test) == split(items, 10, 30, seed=3)
+    assert len(fit) == 10 and len(test) == 30 and not set(fit) & set(test)
+    assert split(items, 10, 30, seed=4) != (fit, test)
+    fit, test = split(items, 40, 40, seed=0)  # the fit part never takes more than half
+    assert len(fit) == 25 and len(test) == 25
+    t = load_task("refusal", DATA, n_fit=8, n_test=5)
+    assert len(t.fit) == 8 and len(t.test) == 5
+    assert not {i.question for i in t.fit} & {i.question for i in t.test}
+
+
+def test_second_evaluators_disagree_where_they_should():
+    assert not wordlist_ok("what the fuck is this") and wordlist_ok("what a lovely day")
+    assert textblob_ok("I love this wonderful place") and not textblob_ok("This is a terrible, awful mess")
+    assert not no_violent_words("He grabbed a knife.") and no_violent_words("He grabbed a sandwich.")
+
+
+def test_metrics():
+    assert distinct_n(["a b a b"]) == pytest.approx(2 / 3)  # bigrams ab, ba, ab
+    assert distinct_n(["a b", "a b"]) == pytest.approx(1 / 2)
+    vals = [float(i % 2) for i in range(200)]
+    lo, hi = bootstrap_ci(vals)
+    assert lo < 0.5 < hi and hi - lo < 0.2
+    lo4, hi4 = bootstrap_ci(vals[:8])
+    assert hi4 - lo4 > hi - lo  # fewer items, wider interval
+    d, dlo, dhi = paired_diff_ci([1, 1, 1, 0], [0, 0, 0, 0])
+    assert d == pytest.approx(0.75) and dlo <= d <= dhi
+
+
+def test_step_logprobs_match_teacher_forcing_and_kl(tiny):
+    """keep_logprobs records the distribution each token was drawn from: unsteered it equals a
+    teacher-forced forward (KL 0); with a perturbation the KL is positive."""
+    prompt = "The cat sat on the"
+    g = generate(tiny, prompt, max_new_tokens=6, keep_logprobs=True, stop_at_eos=False)
+    base = unsteered_logprobs(tiny, prompt, g.new_tokens[0])
+    assert g.step_logprobs[0].shape == base.shape == (6, tiny.cfg.d_vocab)
+    f = fluency(base, g.new_tokens[0], g.step_logprobs[0])
+    assert f["kl"] < 1e-4 and f["ppl"] > 1
+    delta = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 5
+    s = generate(tiny, prompt, max_new_tokens=6, keep_logprobs=True, stop_at_eos=False,
+                 perturbations=[Perturbation(resid_hook(1), delta)])
+    f2 = fluency(unsteered_logprobs(tiny, prompt, s.new_tokens[0]), s.new_tokens[0], s.step_logprobs[0])
+    assert f2["kl"] > 0.01 and f2["kl_steered"] >= f2["kl"]
+    assert "step_logprobs" not in g.to_dict()
+
+
+@pytest.mark.real
+def test_a_method_failing_on_one_item_is_recorded_and_the_run_goes_on(smol, tmp_path, monkeypatch):
+    real = harness.static_run
+
+    def flaky(model, factory, s):
+        run = real(model, factory, s)
+
+        def maybe(prompt):
+            if factory is not None and prompt == bad_prompt:
+                raise RuntimeError("boom on one prompt")
+            return run(prompt)
+
+        return maybe
+
+    bad_prompt = load_task("sentiment", DATA, n_fit=6, n_test=3).test[1]
+    monkeypatch.setattr(harness, "static_run", flaky)
+    real_scores = harness.choice_scores
+
+    def flaky_scores(model, items, factory=None, system_prompt=None):
+        if system_prompt is not None and any(it == bad_item for it in items):
+            raise RuntimeError("boom on one item")
+        return real_scores(model, items, factory, system_prompt)
+
+    bad_item = load_task("refusal", DATA, n_fit=4, n_test=3).test[2]
+    monkeypatch.setattr(harness, "choice_scores", flaky_scores)
+    s = BenchSettings(max_new_tokens=4, n_tune=1, caa_grid=(1.0,), choice_caa_grid=(1.0,))
+    summary = run_bench(smol, data=DATA, out=tmp_path, tasks=["sentiment", "refusal"], methods=["unsteered", "caa", "prompting"],
+                        n_fit=6, n_test=3, settings=s, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    caa = [r for r in rows if r["task"] == "sentiment" and r["method"] == "caa"]
+    assert [("error" in r) for r in caa] == [False, True, False]
+    assert "boom on one prompt" in caa[1]["error"] and caa[1]["ok"] is False
+    st = summary["tasks"]["sentiment"]["methods"]["caa"]
+    assert st["errors"] == 1 and st["n"] == 3
+    assert st["satisfaction"] == pytest.approx(sum(r["ok"] for r in caa) / 3)  # the failure counts as unsatisfied
+    pr = [r for r in rows if r["task"] == "refusal" and r["method"] == "prompting"]
+    assert [("error" in r) for r in pr] == [False, False, True]
+    assert summary["tasks"]["refusal"]["methods"]["prompting"]["errors"] == 1
