@@ -28,6 +28,7 @@ from czao_lens.bench.methods import (
     BenchSettings,
     Fitted,
     bestofn_run,
+    matched_n,
     check,
     czao_run,
     prompting_run,
@@ -141,9 +142,11 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
                 f = Fitted(m, {"config": asdict(cfgs[key]), "setting": key}, run=runs[key], sweep=rows)
                 info["czao_tune_passes"] = next(r["passes_per_token"] for r in rows if r["setting"] == key)
             elif m == "bestofn":
-                n = int(min(16, max(2, round(info.get("czao_tune_passes", 4.0)))))
-                f = Fitted(m, {"n": n, "temperature": 1.0, "matched_to": "CZAO passes/token on the tune prompts"
-                               if "czao_tune_passes" in info else "default (CZAO not run)"}, run=bestofn_run(model, task, n, s))
+                # Per item, n is matched to CZAO's passes/token on the same item (see the test loop);
+                # this n (from the tune prompts) is the fallback when CZAO did not run on it.
+                n = matched_n(info.get("czao_tune_passes", 4.0))
+                f = Fitted(m, {"n": "matched to CZAO per item" if "czao" in methods else n, "top_p": s.bestofn_top_p},
+                           run=bestofn_run(model, task, n, s))
             else:
                 if contrast is None:
                     contrast = sample_contrast(model, task, s)
@@ -220,10 +223,10 @@ def fit_choice(model: HookedTransformer, task: Task, methods: list[str], s: Benc
     return fitted, errors, info
 
 
-def _row_generate(model, task: Task, i: int, prompt: str, f: Fitted) -> dict:
+def _row_generate(model, task: Task, i: int, prompt: str, f: Fitted, **kw) -> dict:
     row: dict[str, Any] = {"task": task.name, "method": f.name, "item": i, "prompt": prompt}
     try:
-        out = f.run(prompt)
+        out = f.run(prompt, **kw)
         base_lp = unsteered_logprobs(model, prompt, out.tokens)
         row.update(text=out.text, tokens=len(out.tokens), ok=check(task, model, prompt, out.text),
                    second_ok=bool(task.second(out.text)), passes_per_token=out.passes_per_token, seconds=out.seconds,
@@ -351,9 +354,13 @@ def run_bench(
                 fitted, errors, info = fit_generate(model, task, methods, s, store, res, bar)
                 rows = []
                 for i, prompt in enumerate(task.test):
+                    czao_passes = None
                     for f in fitted.values():
                         bar.set_postfix_str(f.name)
-                        rows.append(_row_generate(model, task, i, prompt, f))
+                        kw = {"n": matched_n(czao_passes)} if f.name == "bestofn" and czao_passes else {}
+                        rows.append(_row_generate(model, task, i, prompt, f, **kw))
+                        if f.name == "czao" and "error" not in rows[-1]:
+                            czao_passes = rows[-1]["passes_per_token"]
                         fh.write(json.dumps(rows[-1]) + "\n")
                     fh.flush()
                     bar.update(1)

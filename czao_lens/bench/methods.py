@@ -68,10 +68,10 @@ class BenchSettings:
     condition_layer: int = 8  # CAST decides here
     samples_per_fit_prompt: int = 4
     n_tune: int = 8
-    caa_grid: tuple[float, ...] = (0.5, 1.0, 2.0)  # multiples of the raw mean difference
-    choice_caa_grid: tuple[float, ...] = (0.5, 1.0, 2.0)
-    sae_grid: tuple[float, ...] = (0.5, 1.0, 2.0)  # the SAE vector is scaled to the CAA vector's norm first
-    lqr_grid: tuple[float, ...] = (1.0, 2.0, 3.0)
+    caa_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of the raw mean difference
+    choice_caa_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    sae_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # the SAE vector is scaled to the CAA vector's norm first
+    lqr_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 3.0)
     czao_eps_grid: tuple[float, ...] = (0.5, 1.5)
     sae_features: int = 8
     ppl_guard: float = 2.0
@@ -127,10 +127,16 @@ def check(task: Task, model: HookedTransformer, prompt: str, text: str) -> bool:
     return bool(task.constraint.check_text(text, Context(prompt=prompt, generated=text, tokenizer=model.tokenizer)))
 
 
-def bestofn_run(model: HookedTransformer, task: Task, n: int, s: BenchSettings) -> Callable[[str], Output]:
-    """Sample n continuations (nucleus sampling, one batch) and keep the first the primary evaluator accepts."""
+def matched_n(passes_per_token: float) -> int:
+    """Best-of-n's n for a compute budget of ``passes_per_token`` (rounded, within [2, 16])."""
+    return int(min(16, max(2, round(passes_per_token))))
 
-    def run(prompt: str) -> Output:
+
+def bestofn_run(model: HookedTransformer, task: Task, n: int, s: BenchSettings) -> Callable[..., Output]:
+    """Sample n continuations (nucleus sampling, one batch) and keep the first the primary evaluator
+    accepts. ``run(prompt, n=...)`` overrides n per item (the harness matches it to CZAO's compute)."""
+
+    def run(prompt: str, n: int = n) -> Output:
         t0 = time.perf_counter()
         g = generate(model, [prompt] * n, max_new_tokens=s.max_new_tokens, greedy=False, temperature=1.0,
                      top_p=s.bestofn_top_p, seed=s.seed)

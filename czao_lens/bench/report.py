@@ -23,7 +23,11 @@ def _ci(v: float, ci: list[float]) -> str:
 
 def _setting(s: dict) -> str:
     st = s.get("setting", {})
-    return str(st.get("setting") or st.get("n") and f"n={st['n']}" or ("system prompt" if "instruction" in st else "-"))
+    if "setting" in st:
+        return str(st["setting"])
+    if "n" in st:
+        return f"n={st['n']}" if isinstance(st["n"], int) else f"n={_f(s.get('passes_per_token'), 1)} (mean, matched to CZAO)"
+    return "system prompt" if "instruction" in st else "-"
 
 
 def task_table(name: str, t: dict) -> str:
