@@ -10,6 +10,11 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from czao_lens.bench.methods import METHODS
+
+
+PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
+
 
 def _f(x: Any, nd: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -74,29 +79,37 @@ def markdown(summary: dict) -> str:
 
 
 def trilemma_figure(summary: dict) -> go.Figure:
-    """Satisfaction vs compute vs fluency cost, one panel per task (the "steering trilemma", measured)."""
+    """The "steering trilemma", measured: satisfaction (y) against fluency cost (x: perplexity ratio to
+    unsteered for generation, KL on neutral prompts for A/B tasks), marker area growing with compute
+    (passes per token), one panel per task, one colour per method."""
     names = list(summary["tasks"])
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08, vertical_spacing=0.14)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.07, vertical_spacing=0.16)
+    colors = dict(zip(METHODS, PALETTE))
+    shown: set[str] = set()
     for k, name in enumerate(names):
         t = summary["tasks"][name]
         gen = t["kind"] == "generate"
-        ms = {m: s for m, s in t["methods"].items() if "failed" not in s}
-        x = [s["passes_per_token"] if gen else s["wall_ratio"] for s in ms.values()]
-        y = [s["satisfaction"] for s in ms.values()]
-        fl = [s.get("ppl_ratio", math.nan) if gen else s["kl"] for s in ms.values()]
-        fig.add_trace(go.Scatter(
-            x=x, y=y, mode="markers+text", text=list(ms), textposition="top center",
-            error_y=dict(type="data", symmetric=False, array=[s["ci"][1] - s["satisfaction"] for s in ms.values()],
-                         arrayminus=[s["satisfaction"] - s["ci"][0] for s in ms.values()], thickness=1),
-            marker=dict(size=12, color=fl, colorscale="Reds", showscale=k == 0, cmin=0,
-                        colorbar=dict(title="fluency cost<br>(ppl ratio; KL<br>for A/B tasks)") if k == 0 else None),
-            hovertemplate="%{text}<br>cost %{x:.2f}<br>satisfaction %{y:.2f}<br>fluency cost %{marker.color:.2f}<extra></extra>",
-            showlegend=False), row=k // cols + 1, col=k % cols + 1)
-        fig.update_xaxes(type="log", title_text="passes / token" if gen else "wall ratio", row=k // cols + 1, col=k % cols + 1)
-        fig.update_yaxes(range=[-0.05, 1.1], title_text="satisfaction", row=k // cols + 1, col=k % cols + 1)
-    fig.update_layout(height=380 * rows, width=1200, title="Satisfaction vs cost vs fluency (95% bootstrap CI)")
+        r, c = k // cols + 1, k % cols + 1
+        for m, s in t["methods"].items():
+            if "failed" in s:
+                continue
+            x = s.get("ppl_ratio", math.nan) if gen else s["kl"]
+            size = 9 + 7 * math.log2(max(s["passes_per_token"], 1.0))
+            fig.add_trace(go.Scatter(
+                x=[x], y=[s["satisfaction"]], mode="markers", name=m, legendgroup=m, showlegend=m not in shown,
+                marker=dict(size=size, color=colors.get(m), line=dict(width=1, color="black")),
+                error_y=dict(type="data", symmetric=False, array=[s["ci"][1] - s["satisfaction"]],
+                             arrayminus=[s["satisfaction"] - s["ci"][0]], thickness=1, color=colors.get(m)),
+                hovertemplate=(f"{m}<br>satisfaction %{{y:.2f}}<br>{'ppl ratio' if gen else 'KL neutral'} %{{x:.2f}}"
+                               f"<br>passes/token {s['passes_per_token']:.2f}<br>wall ratio {s['wall_ratio']:.2f}<extra></extra>"),
+            ), row=r, col=c)
+            shown.add(m)
+        fig.update_xaxes(title_text="perplexity / unsteered's" if gen else "KL on neutral prompts (nats)", row=r, col=c)
+        fig.update_yaxes(range=[-0.05, 1.1], title_text="satisfaction" if c == 1 else None, row=r, col=c)
+    fig.update_layout(height=400 * rows, width=1250, legend_title_text="method",
+                      title="Satisfaction vs fluency cost; marker area grows with passes/token (95% bootstrap CI)")
     return fig
 
 
@@ -112,7 +125,8 @@ def satisfaction_figure(summary: dict) -> go.Figure:
                 ys.append(s["satisfaction"])
                 lo.append(s["satisfaction"] - s["ci"][0])
                 hi.append(s["ci"][1] - s["satisfaction"])
-        fig.add_trace(go.Bar(name=m, x=xs, y=ys, error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo)))
+        fig.add_trace(go.Bar(name=m, x=xs, y=ys, marker_color=dict(zip(METHODS, PALETTE)).get(m),
+                             error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo)))
     fig.update_layout(barmode="group", title="Constraint satisfaction per task and method (95% bootstrap CI)",
                       yaxis_title="satisfaction", height=450, width=1200)
     return fig
