@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.bench.metrics import mean, unsteered_logprobs
+from czao_lens.bench.metrics import fluency, mean, unsteered_logprobs
 from czao_lens.bench.tasks import BenchError, Task
 from czao_lens.constraints import Context
 from czao_lens.czao import CZAOConfig, generate_czao
@@ -182,7 +182,8 @@ class Contrast:
                 "trigger_prompts": len(self.trigger_prompts), "other_prompts": len(self.other_prompts)}
 
 
-def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings, progress: Callable | None = None) -> Contrast:
+def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings) -> Contrast:
+    """``samples_per_fit_prompt`` temperature-1 samples per fit prompt, split by the primary evaluator."""
     c = Contrast([], [], [], [], [], [], [], [])
     for i, prompt in enumerate(task.fit):
         g = generate(model, [prompt] * s.samples_per_fit_prompt, max_new_tokens=s.max_new_tokens, greedy=False,
@@ -195,8 +196,6 @@ def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings, prog
             (c.pos_texts if ok else c.neg_texts).append(prompt + text)
             (c.prompt_lens_pos if ok else c.prompt_lens_neg).append(len(ptoks))
         (c.trigger_prompts if 2 * bad >= len(g.texts) else c.other_prompts).append(prompt)
-        if progress:
-            progress()
     if not c.pos_ids or not c.neg_ids:
         raise BenchError(f"task {task.name}: the fit samples are all {'satisfying' if c.pos_ids else 'violating'}; "
                          "no contrast to build a steering direction from (use more fit prompts)")
@@ -226,8 +225,7 @@ def tune_generate(model: HookedTransformer, task: Task, runs: dict[str, Callable
             out = run(p)
             oks.append(check(task, model, p, out.text))
             if out.tokens:
-                lp = unsteered_logprobs(model, p, out.tokens)
-                ppls.append(float((-lp[torch.arange(len(out.tokens)), torch.tensor(out.tokens)].mean()).exp()))
+                ppls.append(fluency(unsteered_logprobs(model, p, out.tokens), out.tokens, None)["ppl"])
             passes.append(out.passes_per_token)
         rows.append({"setting": key, "satisfaction": mean(oks), "ppl": mean(ppls), "passes_per_token": mean(passes)})
     return choose(rows, "satisfaction", "ppl", base_ppl * s.ppl_guard if base_ppl else math.inf), rows
