@@ -42,7 +42,8 @@ def test_bench_quick_runs_end_to_end(smol, tmp_path):
         else:
             assert set(t["not_applicable"]) == {"czao", "bestofn"}
     html = (out / "report.html").read_text()
-    assert "plotly" in html and "Satisfaction vs cost vs fluency" in html
+    assert "plotly" in html and "Satisfaction vs fluency cost" in html
+    assert "<td>|</td>" not in html
     assert "| method |" in (out / "report.md").read_text()
     assert (out / "sae" / "cfg.json").exists()  # trained here since no --sae was given
 

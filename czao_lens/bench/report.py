@@ -47,7 +47,7 @@ def task_table(name: str, t: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, s in t["methods"].items():
         if "failed" in s:
-            lines.append(f"| {m} | failed: {s['failed'][:120]} |" + " |" * (len(head) - 2))
+            lines.append(_row([m, f"failed: {s['failed'][:120]}"], len(head)))
             continue
         err = f" ({s['errors']} errors)" if s["errors"] else ""
         delta = _ci(s["delta_vs_unsteered"], s["delta_ci"]) if m != "unsteered" else "-"
@@ -60,10 +60,14 @@ def task_table(name: str, t: dict) -> str:
         else:
             row = [m + err, _ci(s["satisfaction"], s["ci"]), _ci(s["p_text"], s["p_text_ci"]), delta, _f(s["p_letter"]),
                    _f(s["second_agreement"]), _f(s["gaming"]), _f(s["kl"], 3), _f(s["wall_ratio"]), _setting(s)]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(_row(row, len(head)))
     for m, why in t.get("not_applicable", {}).items():
-        lines.append(f"| {m} | n/a: {why} |" + " |" * (len(head) - 2))
+        lines.append(_row([m, f"n/a: {why}"], len(head)))
     return "\n".join(lines)
+
+
+def _row(cells: list[str], width: int) -> str:
+    return "| " + " | ".join(cells + [""] * (width - len(cells))) + " |"
 
 
 def markdown(summary: dict) -> str:
@@ -133,7 +137,7 @@ def satisfaction_figure(summary: dict) -> go.Figure:
 
 
 def _html_table(md: str) -> str:
-    rows = [ln.strip("|").split(" | ") for ln in md.splitlines() if not ln.startswith("|---")]
+    rows = [ln[2:-2].split(" | ") for ln in md.splitlines() if not ln.startswith("|---")]
     head, body = rows[0], rows[1:]
     th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
     tb = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body)
