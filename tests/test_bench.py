@@ -71,6 +71,17 @@ def test_bench_bad_inputs(tmp_path):
     assert res.exit_code == 2 and "no data for task 'profanity'" in res.output
     res = runner.invoke(app, ["bench", "--task", "truthfulness", "--data", str(tmp_path), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "no data for task 'truthfulness'" in res.output
+    res = runner.invoke(app, ["bench", "--n-test", "0", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "n_fit and n_test must be >= 1" in res.output
+    res = runner.invoke(app, ["bench", "--sae", str(tmp_path / "no_sae"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "no_sae" in res.output
+
+
+def test_bench_rejects_a_layer_the_model_does_not_have(tiny, tmp_path):
+    with pytest.raises(BenchError, match="do not fit"):
+        run_bench(tiny, data=DATA, out=tmp_path, settings=BenchSettings(layer=tiny.cfg.n_layers), progress=False)
+    with pytest.raises(BenchError, match="do not fit"):
+        run_bench(tiny, data=DATA, out=tmp_path, settings=BenchSettings(layer=1, condition_layer=2), progress=False)
 
 
 def test_split_is_deterministic_and_disjoint():
