@@ -35,8 +35,8 @@ def _setting(s: dict) -> str:
     return "system prompt" if "instruction" in st else "-"
 
 
-def task_table(name: str, t: dict) -> str:
-    """Markdown table of one task."""
+def task_rows(t: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and cell rows of one task's table (rendered as markdown and as HTML)."""
     gen = t["kind"] == "generate"
     if gen:
         head = ["method", "satisfaction [95% CI]", "Δ vs unsteered [95% CI]", "2nd-eval agree", "gaming",
@@ -44,10 +44,10 @@ def task_table(name: str, t: dict) -> str:
     else:
         head = ["method", "p>0.5 rate [95% CI]", "mean p(text) [95% CI]", "Δ rate vs unsteered [95% CI]", "p(letter)",
                 "2nd-eval agree", "gaming", "KL neutral", "wall ratio", "setting"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str]] = []
     for m, s in t["methods"].items():
         if "failed" in s:
-            lines.append(_row([m, f"failed: {s['failed'][:120]}"], len(head)))
+            rows.append([m, f"failed: {s['failed'][:120]}"])
             continue
         err = f" ({s['errors']} errors)" if s["errors"] else ""
         delta = _ci(s["delta_vs_unsteered"], s["delta_ci"]) if m != "unsteered" else "-"
@@ -60,14 +60,16 @@ def task_table(name: str, t: dict) -> str:
         else:
             row = [m + err, _ci(s["satisfaction"], s["ci"]), _ci(s["p_text"], s["p_text_ci"]), delta, _f(s["p_letter"]),
                    _f(s["second_agreement"]), _f(s["gaming"]), _f(s["kl"], 3), _f(s["wall_ratio"]), _setting(s)]
-        lines.append(_row(row, len(head)))
-    for m, why in t.get("not_applicable", {}).items():
-        lines.append(_row([m, f"n/a: {why}"], len(head)))
-    return "\n".join(lines)
+        rows.append(row)
+    rows += [[m, f"n/a: {why}"] for m, why in t.get("not_applicable", {}).items()]
+    return head, [r + [""] * (len(head) - len(r)) for r in rows]
 
 
-def _row(cells: list[str], width: int) -> str:
-    return "| " + " | ".join(cells + [""] * (width - len(cells))) + " |"
+def task_table(name: str, t: dict) -> str:
+    """Markdown table of one task."""
+    head, rows = task_rows(t)
+    line = lambda r: "| " + " | ".join(r) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
 
 
 def markdown(summary: dict) -> str:
@@ -136,11 +138,10 @@ def satisfaction_figure(summary: dict) -> go.Figure:
     return fig
 
 
-def _html_table(md: str) -> str:
-    rows = [ln[2:-2].split(" | ") for ln in md.splitlines() if not ln.startswith("|---")]
-    head, body = rows[0], rows[1:]
-    th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
-    tb = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body)
+def _html_table(t: dict) -> str:
+    head, rows = task_rows(t)
+    th = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    tb = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{tb}</table>"
 
 
@@ -153,7 +154,7 @@ def write_report(summary: dict, out: Path) -> tuple[Path, Path]:
     body += [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
     for name, t in summary["tasks"].items():
         body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(t['description'])}; second evaluator: "
-                 f"{html.escape(t['second_evaluator'])}</p>", _html_table(task_table(name, t))]
+                 f"{html.escape(t['second_evaluator'])}</p>", _html_table(t)]
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>czao-lens bench</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
