@@ -28,7 +28,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 from czao_lens import load_model  # noqa: E402
-from czao_lens.cli import default_data_dir  # noqa: E402
+from czao_lens.paths import default_data_dir  # noqa: E402
 from czao_lens.constraints import AvoidConcept, AvoidTokens, Context, NoProfanity, Sentiment  # noqa: E402
 from czao_lens.czao import CZAOConfig, generate_czao  # noqa: E402
 from czao_lens.generate import generate  # noqa: E402

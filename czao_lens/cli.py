@@ -14,21 +14,14 @@ from typing import List, Optional
 
 import typer
 
+from czao_lens.paths import DATA_ENV, default_data_dir
+
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Steer language models at inference time.")
 
 DEFAULT_OUT = Path("runs")
-DATA_ENV = "CZAO_LENS_DATA"
-
-
-def default_data_dir() -> Path:
-    """Where evaluation data sets live: ``$CZAO_LENS_DATA``, else ``../shared/data`` beside the checkout."""
-    if env := os.environ.get(DATA_ENV):
-        return Path(env)
-    here = Path(__file__).resolve().parents[1]
-    return here.parent / "shared" / "data"
 
 
 def _fail(msg: str) -> None:

@@ -28,6 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from czao_lens.sites import resid_hook
+from czao_lens.errors import CzaoLensError
 from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
 from czao_lens.generate import DecodeStep, generate
 from czao_lens.prompts import encode_prompts
@@ -38,7 +40,7 @@ from czao_lens.zo import diagonal_curvature, line_search_candidates, spsa_candid
 Fallback = Literal["flag", "relax", "mask"]
 
 
-class CZAOError(RuntimeError):
+class CZAOError(CzaoLensError, RuntimeError):
     """CZAO could not run: a bad configuration, or a constraint that failed while scoring."""
 
 
@@ -261,7 +263,7 @@ class CZAOController:
         self.probe: ViolationProbe | None = None
         self._probe_x: list[Tensor] = []
         self._probe_y: list[Tensor] = []
-        self.probe_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+        self.probe_hook = resid_hook(model.cfg.n_layers - 1, "post")
         if config.fallback == "mask" and constraint.level == "token" and not hasattr(constraint, "banned_ids"):
             raise CZAOError("fallback='mask' needs a constraint with banned tokens (e.g. AvoidTokens)")
 

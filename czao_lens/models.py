@@ -28,11 +28,14 @@ from typing import Any, Callable
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from czao_lens.errors import CzaoLensError
+from czao_lens.paths import cache_root
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE_FORMAT = 1  # bump when the cached layout or conversion changes
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CzaoLensError, RuntimeError):
     """A model could not be found or loaded; the message says what to do."""
 
 
@@ -79,12 +82,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-def cache_root() -> Path:
-    """The folder for converted weights: ``$CZAO_LENS_CACHE``, else ``$XDG_CACHE_HOME/czao-lens``."""
-    if env := os.environ.get("CZAO_LENS_CACHE"):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "czao-lens"
 
 
 # ----------------------------------------------------------------------------- public entry point

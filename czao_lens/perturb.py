@@ -10,7 +10,6 @@ always remove what they added, also when an exception flies through.
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -21,39 +20,33 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from czao_lens.errors import CzaoLensError
 from czao_lens.prompts import PositionSpec, TokenLayout
+from czao_lens.sites import layer_of, resid_hook  # noqa: F401  (resid_hook re-exported)
 
 
-class PerturbationError(ValueError):
+class PerturbationError(CzaoLensError, ValueError):
     """A perturbation does not fit the model: unknown hook, wrong shape, or non-finite values."""
-
-
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 def hook_layer(model: HookedTransformer, hook_name: str) -> int:
     """The block index a hook point belongs to (0 for embeddings, n_layers for the final norm)."""
-    m = _LAYER_RE.match(hook_name)
-    if m:
-        return int(m.group(1))
+    layer = layer_of(hook_name)
+    if layer is not None:
+        return layer
     if hook_name.startswith(("hook_embed", "hook_pos_embed", "hook_tokens")):
         return 0
     return model.cfg.n_layers
-
-
-def resid_hook(layer: int, kind: str = "pre") -> str:
-    """Name of the residual-stream hook entering (``pre``), inside (``mid``) or leaving (``post``) a block."""
-    return f"blocks.{layer}.hook_resid_{kind}"
 
 
 def check_hook_name(model: HookedTransformer, hook_name: str) -> HookPoint:
     """Return the hook point, or raise with the nearest valid names."""
     hp = model.hook_dict.get(hook_name)
     if hp is None:
-        m = _LAYER_RE.match(hook_name)
-        if m and int(m.group(1)) >= model.cfg.n_layers:
+        layer = layer_of(hook_name)
+        if layer is not None and layer >= model.cfg.n_layers:
             raise PerturbationError(
-                f"hook {hook_name!r}: layer {m.group(1)} is out of range; the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})"
+                f"hook {hook_name!r}: layer {layer} is out of range; the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})"
             )
         suffix = hook_name.split(".")[-1]
         near = [n for n in model.hook_dict if n.endswith(suffix)][:3] or list(model.hook_dict)[:3]

@@ -15,11 +15,13 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from czao_lens.errors import CzaoLensError
+
 PositionSpec = Union[Literal["all", "prompt", "generated", "last_prompt"], Sequence[int]]
 NAMED_POSITIONS = ("all", "prompt", "generated", "last_prompt")
 
 
-class PromptError(ValueError):
+class PromptError(CzaoLensError, ValueError):
     """A prompt is empty or cannot be encoded."""
 
 

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.diagnostics import DiagnosticError
+from czao_lens.errors import DiagnosticError
+from czao_lens.paths import default_data_dir
+from czao_lens.sites import check_layers, layer_of
 from czao_lens.perturb import PerturbationError, check_hook_name, expected_width
 
 
@@ -94,12 +96,6 @@ CORPUS_PROMPTS: tuple[str, ...] = (
     "Write a formal email asking for a deadline extension.",
     "How does a car engine work?",
 )
-
-
-def _default_data_dir() -> Path:
-    from czao_lens.cli import default_data_dir
-
-    return default_data_dir()
 
 
 def data_texts(data_dir: str | Path) -> list[str]:
@@ -180,7 +176,7 @@ def build_corpus(
 
     Generations: ``n_generations`` chat-formatted answers sampled (``greedy=False``, temperature
     0.8, top-p 0.95) to :data:`CORPUS_PROMPTS` cycled, in batches, each stored as
-    ``prompt + "\\n" + answer``. ``data_dir`` (default: ``czao_lens.cli.default_data_dir()``) adds
+    ``prompt + "\\n" + answer``. ``data_dir`` (default: ``czao_lens.paths.default_data_dir()``) adds
     the CAA / TruthfulQA / RTP prompts when it exists; a ``data_dir`` given explicitly must exist.
     """
     from czao_lens.generate import generate
@@ -196,7 +192,7 @@ def build_corpus(
         texts += [f"{p}\n{t.strip()}" for p, t in zip(prompts, res.texts)]
     if include_data:
         explicit = data_dir is not None
-        root = Path(data_dir) if explicit else _default_data_dir()
+        root = Path(data_dir) if explicit else default_data_dir()
         if root.exists():
             texts += data_texts(root)
         elif explicit:
@@ -217,11 +213,9 @@ def build_corpus(
 
 def check_sae_hook(model: HookedTransformer, hook_name: str) -> int:
     """Validate a hook name for an SAE (exists, layer in range, vector width); return its width."""
-    import re
-
-    m = re.match(r"^blocks\.(\d+)\.", hook_name or "")
-    if m and int(m.group(1)) >= model.cfg.n_layers:
-        raise SAEError(f"layer {m.group(1)} is out of range; the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})")
+    layer = layer_of(hook_name or "")
+    if layer is not None:
+        check_layers(model.cfg.n_layers, [layer], error=SAEError)
     try:
         check_hook_name(model, hook_name)
     except (PerturbationError, ValueError, KeyError) as exc:

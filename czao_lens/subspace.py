@@ -19,11 +19,13 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from czao_lens.sites import check_layers
+from czao_lens.errors import CzaoLensError
 from czao_lens.perturb import resid_hook
 from czao_lens.store import ActivationStore
 
 
-class SubspaceError(ValueError):
+class SubspaceError(CzaoLensError, ValueError):
     """A subspace does not fit the model: empty R, rank above d, a layer out of range."""
 
 
@@ -85,13 +87,7 @@ class Subspace:
 
 
 def _check_layers(model: HookedTransformer, layers: Sequence[int], rank: int) -> list[int]:
-    layers = [int(l) for l in layers]
-    if not layers:
-        raise SubspaceError("the layer set R is empty: give at least one layer")
-    n = model.cfg.n_layers
-    bad = [l for l in layers if not 0 <= l < n]
-    if bad:
-        raise SubspaceError(f"layers {bad} are out of range; the model has {n} layers (0..{n - 1})")
+    layers = check_layers(model.cfg.n_layers, layers, "layer in R", SubspaceError)
     if rank < 1:
         raise SubspaceError("rank r must be at least 1")
     if rank > model.cfg.d_model:

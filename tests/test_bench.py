@@ -11,7 +11,8 @@ from czao_lens.bench import BenchError, BenchSettings, check_methods, load_task,
 from czao_lens.bench import harness
 from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, paired_diff_ci, unsteered_logprobs
 from czao_lens.bench.tasks import no_violent_words, split, textblob_ok, wordlist_ok
-from czao_lens.cli import app, default_data_dir
+from czao_lens.cli import app
+from czao_lens.paths import default_data_dir
 from czao_lens.generate import generate
 from czao_lens.perturb import Perturbation, resid_hook
 

@@ -138,7 +138,7 @@ def test_caa_prompt_ends_before_the_letter(tiny, tmp_path):
 
 
 def _data_dir():
-    from czao_lens.cli import default_data_dir
+    from czao_lens.paths import default_data_dir
 
     return default_data_dir()
 

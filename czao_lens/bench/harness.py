@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from czao_lens.sites import resid_hook
 from czao_lens.bench.methods import (
     GENERATE_ONLY,
     METHODS,
@@ -95,7 +96,7 @@ class _Resources:
             quick = self.sae_tokens < 20_000
             t0 = time.perf_counter()
             self._sae, stats = train_sae(
-                self.model, f"blocks.{self.s.layer - 1}.hook_resid_post", texts=texts,
+                self.model, resid_hook(self.s.layer - 1, "post"), texts=texts,
                 width=(2 if quick else 8) * self.model.cfg.d_model, training_tokens=self.sae_tokens,
                 train_batch_size_tokens=256 if quick else 1024, context_size=32 if quick else 128,
                 lr=2e-3 if quick else 4e-4, l1_coefficient=3.0 if quick else 5.0, out_dir=self.out / "sae",

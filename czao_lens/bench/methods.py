@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from czao_lens.sites import resid_hook
 from czao_lens.bench.metrics import fluency, mean, unsteered_logprobs
 from czao_lens.bench.tasks import BenchError, Task
 from czao_lens.constraints import Context
@@ -204,7 +205,7 @@ def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings) -> C
 
 def contrast_vector(model: HookedTransformer, c: Contrast, layer: int, store: ActivationStore) -> SteeringVector:
     """Mean resid_pre over continuation tokens of satisfying samples minus that of violating ones."""
-    hook = f"blocks.{layer}.hook_resid_pre"
+    hook = resid_hook(layer)
 
     def pooled(ids: list[list[int]], lens: list[int]) -> Tensor:
         acts = store.get(ids, [hook])

@@ -22,12 +22,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from czao_lens.errors import CzaoLensError
 from czao_lens.constraints import AvoidConcept, Constraint, NoProfanity, Sentiment
 from czao_lens.constraints.text import load_vader
 from czao_lens.steering.data import SteeringDataError, load_ab, load_truthfulqa
 
 
-class BenchError(ValueError):
+class BenchError(CzaoLensError, ValueError):
     """Bad benchmark input: unknown task or method, missing data, bad sizes."""
 
 

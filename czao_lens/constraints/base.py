@@ -20,6 +20,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from czao_lens.errors import CzaoLensError
+
 Level = Literal["token", "sequence"]
 
 #: A violation at or below this counts as satisfied. Evaluators work in float32, where a hinge such as
@@ -27,7 +29,7 @@ Level = Literal["token", "sequence"]
 SAT_TOL = 1e-6
 
 
-class ConstraintError(ValueError):
+class ConstraintError(CzaoLensError, ValueError):
     """Bad constraint input or a misbehaving constraint; the message names the constraint and the fix."""
 
 

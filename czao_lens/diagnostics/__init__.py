@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-class DiagnosticError(ValueError):
-    """Bad input to a diagnostic: empty prompt set, multi-token answer, unknown hook, bad layer..."""
+from czao_lens import sites
+from czao_lens.errors import DiagnosticError  # noqa: F401  (re-exported: diagnostics' error type)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
@@ -23,11 +22,5 @@ def write_json(obj: Any, path: str | Path) -> Path:
 
 
 def check_layers(n_layers: int, layers, what: str = "layer") -> list[int]:
-    """Validate a list of layer indices against the model depth."""
-    out = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    if not out:
-        raise DiagnosticError(f"no {what}s selected")
-    bad = [x for x in out if not 0 <= x < n_layers]
-    if bad:
-        raise DiagnosticError(f"{what} {bad[0]} is out of range; the model has {n_layers} layers (0..{n_layers - 1})")
-    return out
+    """Validate a list of layer indices against the model depth (``None``: all); raises :class:`DiagnosticError`."""
+    return sites.check_layers(n_layers, layers, what, DiagnosticError)

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from czao_lens.sites import resid_hook
 from czao_lens.diagnostics import DiagnosticError, check_layers, write_json
 from czao_lens.store import ActivationStore
 
@@ -51,13 +52,13 @@ class LyapunovResult:
 
 def _resid_hooks(model: HookedTransformer, layers: Sequence[int]) -> list[str]:
     L = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
-    names += [f"blocks.{l}.hook_resid_post" for l in layers if l == L - 1]
+    names = [resid_hook(l) for l in layers]
+    names += [resid_hook(l, "post") for l in layers if l == L - 1]
     return names
 
 
 def _state_after(l: int, L: int) -> str:
-    return f"blocks.{l + 1}.hook_resid_pre" if l + 1 < L else f"blocks.{l}.hook_resid_post"
+    return resid_hook(l + 1) if l + 1 < L else resid_hook(l, "post")
 
 
 def _block_last(model: HookedTransformer, l: int, context: Tensor, x: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ def fd_growth(
     for i, a in enumerate(tqdm(acts, desc="FD growth", disable=not progress)):
         delta = torch.randn(n_dirs, model.cfg.d_model, generator=g)
         for j, l in enumerate(layers):
-            ctx = a[f"blocks.{l}.hook_resid_pre"]
+            ctx = a[resid_hook(l)]
             eps = rel_eps * ctx[-1].norm()
             delta = delta / delta.norm(dim=-1, keepdim=True) * eps
             out = _block_last(model, l, ctx, ctx[-1] + delta)
@@ -158,7 +159,7 @@ def jacobian_top_singular(
     fd = torch.zeros(len(rows), len(layer_list))
     for i, a in enumerate(acts):
         for j, l in enumerate(tqdm(layer_list, desc="power iteration", disable=not progress)):
-            ctx = a[f"blocks.{l}.hook_resid_pre"]
+            ctx = a[resid_hook(l)]
             jvp, vjp = _linear_maps(model, l, ctx)
             v = torch.randn(model.cfg.d_model, generator=g)
             v = v / v.norm()
@@ -209,7 +210,7 @@ def lyapunov_spectrum(
     for i, a in enumerate(acts):
         q, _ = torch.linalg.qr(torch.randn(model.cfg.d_model, k, generator=g))
         for j, l in enumerate(tqdm(layers, desc="Benettin QR", disable=not progress)):
-            jvp, _ = _linear_maps(model, l, a[f"blocks.{l}.hook_resid_pre"])
+            jvp, _ = _linear_maps(model, l, a[resid_hook(l)])
             w = torch.stack([jvp(q[:, c]).detach() for c in range(k)], 1)
             q, r = torch.linalg.qr(w)
             logr[i, j] = r.diagonal().abs().log()

@@ -29,6 +29,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens import patching as tlp
 
+from czao_lens.sites import hook_name
 from czao_lens.diagnostics import DiagnosticError, check_layers, write_json
 from czao_lens.diagnostics.tracing import Target
 from czao_lens.store import ActivationStore
@@ -111,8 +112,7 @@ def activation_patching(
             f"clean and corrupted prompts must have the same number of tokens ({len(c_ids)} vs {len(x_ids)})"
         )
     T = len(c_ids)
-    names = sorted({f"blocks.{l}.{'attn.' if KINDS[k][0] in ('z', 'k', 'v') else ''}hook_{KINDS[k][0]}"
-                    for k in kinds for l in layer_list})
+    names = sorted({hook_name(l, KINDS[k][0]) for k in kinds for l in layer_list})
     acts = store.get([c_ids], names + ["ln_final.hook_normalized"])[0]
     clean_cache = {n: acts[n][None] for n in names}
     clean_val = float(target(model.unembed(acts["ln_final.hook_normalized"][None, -1:])[:, 0])[0])

@@ -33,13 +33,14 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from czao_lens.sites import hook_name, resid_hook
 from czao_lens.diagnostics import DiagnosticError, check_layers, write_json
 from czao_lens.perturb import add_hook
 from czao_lens.prompts import encode_prompts, format_prompt
 from czao_lens.store import ActivationStore
 
 KINDS = ("resid", "mlp", "attn")
-_KIND_HOOK = {"resid": "hook_resid_pre", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+_KIND_HOOK = {"resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -367,8 +368,8 @@ def trace_prompt(
     device = cfg.device or "cpu"
 
     # Clean states (and clean logits) through the store.
-    hooks = {f"blocks.{l}.{_KIND_HOOK[k]}" for k in kinds for l in range(L)}
-    hooks |= {f"blocks.{l}.hook_resid_pre" for l in range(L)}
+    hooks = {hook_name(l, _KIND_HOOK[k]) for k in kinds for l in range(L)}
+    hooks |= {resid_hook(l) for l in range(L)}
     clean_acts = store.get([ids], sorted(hooks) + ["ln_final.hook_normalized"])[0]
     target = prompt.target
     clean = float(target(model.unembed(clean_acts["ln_final.hook_normalized"][None, -1:].to(device))[:, 0])[0])
@@ -392,7 +393,7 @@ def trace_prompt(
 
     cache = TransformerLensKeyValueCache.init_cache(cfg, device, S)
     removers = [add_hook(model.hook_dict["hook_embed"], add_noise)]
-    removers += [add_hook(model.hook_dict[f"blocks.{l}.hook_resid_pre"], grab(l)) for l in range(L)]
+    removers += [add_hook(model.hook_dict[resid_hook(l)], grab(l)) for l in range(L)]
     try:
         final = model(toks, attention_mask=torch.ones_like(toks), past_kv_cache=cache, stop_at_layer=L)
     finally:
@@ -410,10 +411,10 @@ def trace_prompt(
         plan = []
         for l in layer_list:
             if kind == "resid":
-                plan.append((l, l, [f"blocks.{l}.hook_resid_pre"]))
+                plan.append((l, l, [resid_hook(l)]))
             else:
                 win = _window(l, window, L)
-                plan.append((l, win[0], [f"blocks.{j}.{_KIND_HOOK[kind]}" for j in win]))
+                plan.append((l, win[0], [hook_name(j, _KIND_HOOK[kind]) for j in win]))
         plan.sort(key=lambda r: r[1])
         rows = [(l, start, hk, s) for (l, start, hk) in plan for s in range(S)]
         out = torch.zeros(len(layer_list), S)

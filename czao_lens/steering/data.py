@@ -1,7 +1,7 @@
 """CAA A/B contrast pairs and prompt sets for steering, read from the shared data folder.
 
 The data is never copied into the repository: every loader takes ``data_dir`` (default
-:func:`czao_lens.cli.default_data_dir`, i.e. ``$CZAO_LENS_DATA`` or ``../shared/data``).
+:func:`czao_lens.paths.default_data_dir`, i.e. ``$CZAO_LENS_DATA`` or ``../shared/data``).
 
 Splits are deterministic: ``"fit"`` is ``generate_dataset.json`` (the upstream pairs for building
 vectors), ``"test"`` is ``test_dataset_ab.json`` (the upstream held-out questions). ``n`` takes a
@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+from czao_lens.errors import CzaoLensError
+from czao_lens.paths import default_data_dir
+
 BEHAVIORS = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination", "myopic-reward", "refusal", "sycophancy")
 Split = Literal["fit", "test"]
 _FILES = {"fit": "generate_dataset.json", "test": "test_dataset_ab.json"}
 
 
-class SteeringDataError(ValueError):
+class SteeringDataError(CzaoLensError, ValueError):
     """Data for steering is missing or malformed."""
 
 
@@ -60,8 +63,6 @@ def _letter(s: str) -> str:
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     if data_dir is None:
-        from czao_lens.cli import default_data_dir
-
         data_dir = default_data_dir()
     p = Path(data_dir).expanduser()
     if not p.is_dir():

@@ -42,6 +42,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from czao_lens.sites import resid_hook
+from czao_lens.errors import CzaoLensError
 from czao_lens.models import cache_root, model_fingerprint
 from czao_lens.perturb import Intervention, PerturbationHandle, add_hook
 from czao_lens.prompts import TokenLayout, encode_prompts, format_prompt
@@ -64,7 +66,7 @@ _JAC_EXTRA = (
 )
 
 
-class RiccatiError(ValueError):
+class RiccatiError(CzaoLensError, ValueError):
     """The Riccati recursion hit a singular or ill-conditioned step."""
 
 
@@ -120,7 +122,7 @@ def _prefix_run(model: HookedTransformer, toks: Tensor, layers: Sequence[int]) -
     """KV cache of all but the last token, and the last token's input to each requested block."""
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device or "cpu", 1)
     got: dict[int, Tensor] = {}
-    hooks = [(f"blocks.{l}.hook_resid_pre", (lambda l: lambda a, hook: got.__setitem__(l, a[:, -1].detach().clone()))(l)) for l in layers]
+    hooks = [(resid_hook(l), (lambda l: lambda a, hook: got.__setitem__(l, a[:, -1].detach().clone()))(l)) for l in layers]
     with torch.no_grad():
         model(toks[:, :-1], past_kv_cache=cache, return_type=None)
         with model.hooks(fwd_hooks=hooks):
@@ -332,8 +334,8 @@ class ALQR(Intervention):
                         record.append((l, u.detach()))
                     return act + u
 
-                handle.removers.append(add_hook(model.hook_dict[f"blocks.{l}.hook_resid_pre"], read))
-                handle.removers.append(add_hook(model.hook_dict[f"blocks.{l}.hook_resid_post"], write))
+                handle.removers.append(add_hook(model.hook_dict[resid_hook(l)], read))
+                handle.removers.append(add_hook(model.hook_dict[resid_hook(l, "post")], write))
         except BaseException:
             handle.remove()
             raise
@@ -448,7 +450,7 @@ def _trajectories(model: HookedTransformer, texts: Sequence[str], layers: list[i
     """Last-position states x_{l0..L} (resid_pre of each layer, then resid_post of the last) and controls u_l."""
     xs, us = [], []
     last = layers[-1]
-    names = [f"blocks.{l}.hook_resid_pre" for l in layers] + [f"blocks.{last}.hook_resid_post"]
+    names = [resid_hook(l) for l in layers] + [resid_hook(last, "post")]
     for t in texts:
         toks = encode_prompts(model, t, chat=False).tokens
         got: dict[str, Tensor] = {}

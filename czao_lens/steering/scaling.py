@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from czao_lens.sites import hook_name, resid_hook
 from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks, check_hook_name, hook_layer
 from czao_lens.prompts import PositionSpec, TokenLayout, format_prompt
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem
@@ -83,7 +84,7 @@ class ActivationScaling(Intervention):
 
 def layer_sites(layers: Sequence[int], kinds: Sequence[str] = ("attn_out", "mlp_out")) -> list[str]:
     """``blocks.{l}.hook_{kind}`` for every layer and kind."""
-    return [f"blocks.{l}.hook_{k}" for l in layers for k in kinds]
+    return [hook_name(l, k) for l in layers for k in kinds]
 
 
 def _stack_left(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -123,7 +124,7 @@ def fit_scaling(
     if l0 >= model.cfg.n_layers:
         raise SteeringError("sites must be inside the blocks")
     store = store or default_store(model)
-    start = f"blocks.{l0}.hook_resid_pre"
+    start = resid_hook(l0)
     ab_texts = [ab_prefix(model, it.question, chat=chat) for it in items]
     nt_texts = [format_prompt(model, p, chat=chat) for p in neutral]
     ab_x, ab_mask = _stack_left([a[start].float() for a in store.get(ab_texts, start)])

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from czao_lens import sites
+from czao_lens.errors import CzaoLensError
 from czao_lens.models import model_fingerprint
 from czao_lens.perturb import Perturbation, PerturbationHandle, attach
 from czao_lens.prompts import PositionSpec, TokenLayout, format_prompt
@@ -36,7 +38,7 @@ HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 FORMAT_VERSION = 1
 
 
-class SteeringError(ValueError):
+class SteeringError(CzaoLensError, ValueError):
     """A steering method got bad inputs (no pairs, a zero difference, a mismatched model, ...)."""
 
 
@@ -53,19 +55,15 @@ def default_store(model: HookedTransformer) -> ActivationStore:
 
 
 def hook_name(layer: int, hook: str) -> str:
+    """A steering site: ``hook`` must be one of ``HOOK_KINDS``."""
     if hook not in HOOK_KINDS:
         raise SteeringError(f"hook must be one of {HOOK_KINDS}, got {hook!r}")
-    return f"blocks.{int(layer)}.hook_{hook}"
+    return sites.hook_name(layer, hook)
 
 
 def check_layers(model: HookedTransformer, layers: Sequence[int]) -> list[int]:
-    layers = [int(l) for l in layers]
-    if not layers:
-        raise SteeringError("no layers given")
-    bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
-    if bad:
-        raise SteeringError(f"layers {bad} are out of range; the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})")
-    return sorted(set(layers))
+    """The steering layers, sorted and deduplicated; raises :class:`SteeringError` when out of range."""
+    return sorted(set(sites.check_layers(model.cfg.n_layers, layers, error=SteeringError)))
 
 
 def ab_prefix(model: HookedTransformer, question: str, *, chat: bool = True, system_prompt: str | None = None) -> str:

@@ -1,0 +1,23 @@
+"""The root of every error czao-lens raises on bad input or an impossible request.
+
+``except czao_lens.CzaoLensError`` catches them all. Each module's error class also keeps its
+builtin base (``ValueError`` or ``RuntimeError``) as a second base, so older handlers still work.
+"""
+
+from __future__ import annotations
+
+
+class CzaoLensError(Exception):
+    """Any error raised by czao-lens about its inputs, files or models (not an internal bug)."""
+
+
+class LayerError(CzaoLensError, ValueError):
+    """A layer index the model does not have."""
+
+
+class ArtifactError(CzaoLensError, ValueError):
+    """A saved object that cannot be read: missing, malformed, of another type, or for another model."""
+
+
+class DiagnosticError(CzaoLensError, ValueError):
+    """Bad input to a diagnostic or an SAE: empty prompt set, multi-token answer, unknown hook, bad layer..."""
