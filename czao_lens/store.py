@@ -38,7 +38,7 @@ class StoreStats:
     evictions: int = 0
     bytes_in_memory: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
 

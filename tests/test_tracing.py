@@ -120,7 +120,7 @@ def test_rank_layers_uses_store_cache(tiny):
     b = rank_layers(tiny, prs, store=store, n_samples=2, progress=False)
     assert store.stats.forward_passes == passes and store.stats.hits > 0
     torch.testing.assert_close(a.scores["resid"], b.scores["resid"])
-    rows = a.to_json()["layers"]
+    rows = a.to_dict()["layers"]
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     assert sorted(r["layer"] for r in rows) == list(range(tiny.cfg.n_layers))
     assert topk_overlap(a.top(2), b.top(2), 2) == 1.0

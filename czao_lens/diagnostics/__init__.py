@@ -1,5 +1,5 @@
 """Diagnostics that choose where to intervene: causal tracing, activation patching, Lyapunov
-sensitivity and SAE feature selection. Each returns a dataclass with ``to_json``/``save``; figures
+sensitivity and SAE feature selection. Each returns a dataclass with ``to_dict``/``save``; figures
 live in :mod:`czao_lens.plots`.
 """
 

@@ -81,7 +81,7 @@ class FeatureBasis:
         """``{layer: directions}`` for :func:`czao_lens.subspace.direction_basis` (resid_pre of ``layer``)."""
         return {self.layer: self.directions.clone()}
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "hook_name": self.hook_name,
             "features": [
@@ -97,7 +97,7 @@ class FeatureBasis:
 
         path = Path(path)
         base = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-        j = write_json(self.to_json(), base.with_suffix(".json"))
+        j = write_json(self.to_dict(), base.with_suffix(".json"))
         st = base.with_suffix(".safetensors")
         save_file({"directions": self.directions.contiguous(), "scores": self.scores.contiguous(),
                    "freq": self.freq.contiguous(), "indices": torch.tensor(self.indices, dtype=torch.int64)}, str(st))
@@ -219,7 +219,7 @@ class TokenHit:
     context: str
     activation: float
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 

@@ -42,7 +42,7 @@ class Landscape:
     z_star_norm: dict[int, float | None]
     roughness: dict[int, dict[str, float]] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "prompt": self.prompt, "constraint": self.constraint, "axis": self.axis,
             "slice_t": self.slice_t, "slices": {str(k): v for k, v in self.slices.items()},
@@ -62,7 +62,7 @@ class Landscape:
                    for l, g in self.grids.items() for c in COMPONENTS}
         tensors["axis"] = torch.tensor(self.axis, dtype=torch.float32)
         save_file(tensors, str(folder / "landscape.safetensors"))
-        (folder / "landscape.json").write_text(json.dumps(self.to_json(), indent=1))
+        (folder / "landscape.json").write_text(json.dumps(self.to_dict(), indent=1))
         html = save_figure(landscape_figure(self), folder / "landscape.html")
         return {"json": folder / "landscape.json", "grids": folder / "landscape.safetensors", "html": html}
 

@@ -42,12 +42,12 @@ class LyapunovResult:
     summary: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "layers": self.layers, "curves": self.curves, "summary": self.summary,
                 "meta": self.meta}
 
     def save(self, path: str | Path) -> Path:
-        return write_json(self.to_json(), path)
+        return write_json(self.to_dict(), path)
 
 
 def _resid_hooks(model: HookedTransformer, layers: Sequence[int]) -> list[str]:

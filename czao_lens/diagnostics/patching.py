@@ -64,7 +64,7 @@ class PatchingResult:
         e = self.effects[kind]
         return e.reshape(e.shape[0], -1).max(1).values
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "clean_tokens": self.clean_tokens, "corrupted_tokens": self.corrupted_tokens, "metric": self.metric,
             "clean": self.clean, "corrupted": self.corrupted, "layers": self.layers,
@@ -73,7 +73,7 @@ class PatchingResult:
         }
 
     def save(self, path: str | Path) -> Path:
-        return write_json(self.to_json(), path)
+        return write_json(self.to_dict(), path)
 
 
 def _n_heads(model: HookedTransformer, act: str) -> int:

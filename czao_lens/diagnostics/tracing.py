@@ -217,7 +217,7 @@ class PromptTrace:
             raise DiagnosticError(f"position {position} was not traced (traced: {self.positions})")
         return self.effects[kind][self.positions.index(position)]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label, "tokens": self.tokens, "span": list(self.span), "positions": self.positions,
             "n_layers": self.n_layers, "metric": self.metric, "clean": self.clean, "corrupted": self.corrupted,
@@ -226,7 +226,7 @@ class PromptTrace:
         }
 
     def save(self, path: str | Path) -> Path:
-        return write_json(self.to_json(), path)
+        return write_json(self.to_dict(), path)
 
 
 @dataclass
@@ -248,7 +248,7 @@ class LayerRanking:
     def top(self, k: int, kind: str = "resid") -> list[int]:
         return [r["layer"] for r in self.layers(kind)[:k]]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "hook": "resid_pre",
@@ -259,7 +259,7 @@ class LayerRanking:
         }
 
     def save(self, path: str | Path) -> Path:
-        return write_json(self.to_json(), path)
+        return write_json(self.to_dict(), path)
 
 
 def load_layers(path: str | Path, top_k: int | None = None) -> list[int]:
@@ -503,15 +503,3 @@ def rank_layers(
     name = getattr(model.cfg, "model_name", "model")
     return LayerRanking(model=name, scores={k: v / den for k, v in num.items()}, n_prompts=len(prompts),
                         position=position, source=dict(source or {}), traces=traces)
-
-
-def split_half_stability(
-    model: HookedTransformer, prompts: Sequence[TracePrompt], *, k: int = 5, **kwargs
-) -> tuple[float, LayerRanking, LayerRanking]:
-    """Rank layers on the two disjoint halves (even / odd items) and return the top-k overlap."""
-    prompts = list(prompts)
-    if len(prompts) < 2:
-        raise DiagnosticError("split-half stability needs at least two prompts")
-    a = rank_layers(model, prompts[0::2], **kwargs)
-    b = rank_layers(model, prompts[1::2], **kwargs)
-    return topk_overlap(a.top(k), b.top(k), k), a, b
