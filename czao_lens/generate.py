@@ -27,6 +27,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from czao_lens.errors import CzaoLensError
 from czao_lens.perturb import (
     Perturbation,
     PerturbationError,
@@ -39,6 +40,11 @@ from czao_lens.perturb import (
 from czao_lens.prompts import EncodedPrompts, TokenLayout, encode_prompts, pad_token_id
 
 CandidateDeltas = dict[str, Float[Tensor, "batch n_cand *width"]]
+
+
+class GenerationError(CzaoLensError, ValueError):
+    """Bad generation settings: token counts, temperature, nucleus mass."""
+
 StepDeltas = dict[str, Float[Tensor, "batch *width"]]
 
 
@@ -279,11 +285,11 @@ def generate(
     Hooks added here are removed on return and on any exception.
     """
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not greedy and not (temperature > 0):
-        raise ValueError("temperature must be > 0 when sampling (use greedy=True for argmax)")
+        raise GenerationError(f"temperature must be > 0 when sampling (use greedy=True for argmax), got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError("top_p must be in (0, 1]")
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     enc = encode_prompts(model, prompt_list, chat=chat, system_prompt=system_prompt)
     return generate_tokens(

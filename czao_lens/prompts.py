@@ -138,10 +138,10 @@ class TokenLayout:
                 return idx >= plen
             if positions == "last_prompt":
                 return idx == plen - 1
-            raise ValueError(f"unknown position spec {positions!r}; use one of {NAMED_POSITIONS} or a list of ints")
+            raise PromptError(f"unknown position spec {positions!r}; use one of {NAMED_POSITIONS} or a list of ints")
         wanted = torch.as_tensor(list(positions), dtype=torch.long)
         if wanted.numel() == 0:
-            raise ValueError("an explicit position list must not be empty")
+            raise PromptError("an explicit position list must not be empty")
         # Negative explicit positions count from the end of the prompt, like Python indexing.
         wanted_rows = torch.where(wanted[None, :] < 0, plen + wanted[None, :], wanted[None, :])
         return real & (idx[:, :, None] == wanted_rows[:, None, :]).any(-1)

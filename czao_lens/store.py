@@ -23,7 +23,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from czao_lens.models import model_fingerprint
-from czao_lens.perturb import check_hook_name, hook_layer
+from czao_lens.perturb import PerturbationError, check_hook_name, hook_layer
 from czao_lens.prompts import PromptError, encode_prompts
 
 
@@ -59,7 +59,7 @@ class ActivationStore:
         batch_size: int = 16,
     ) -> None:
         if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
+            raise PerturbationError(f"max_bytes must be positive, got {max_bytes}")
         self.model = model
         self.max_bytes = int(max_bytes)
         self.batch_size = batch_size
@@ -80,7 +80,7 @@ class ActivationStore:
         """Activations of each prompt (text, or token ids) at each hook, computing only misses."""
         hook_names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
         if not hook_names:
-            raise ValueError("no hook names requested")
+            raise PerturbationError("no hook names requested")
         for h in hook_names:
             check_hook_name(self.model, h)
         rows = self.tokenize(prompts, chat=chat)

@@ -18,6 +18,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from czao_lens.errors import CzaoLensError
+
+
+class ZOError(CzaoLensError, ValueError):
+    """Bad settings of a zeroth-order estimator."""
+
 
 @dataclass
 class SPSAProbe:
@@ -34,7 +40,7 @@ def spsa_candidates(z: Float[Tensor, "dim"], n_dirs: int, mu: float, generator: 
     Gaussian rather than Rademacher: with u_j^2 = 1 always, curvature would be unidentifiable per
     coordinate."""
     if n_dirs < 1 or not mu > 0:
-        raise ValueError("SPSA needs n_dirs >= 1 and mu > 0")
+        raise ZOError(f"SPSA needs n_dirs >= 1 and mu > 0, got n_dirs={n_dirs}, mu={mu}")
     u = torch.randn(n_dirs, z.shape[-1], generator=generator)
     pts = torch.stack([z + mu * u, z - mu * u], 1).reshape(2 * n_dirs, -1)
     return SPSAProbe(pts, u, mu)
