@@ -40,12 +40,11 @@ from czao_lens.perturb import (
 from czao_lens.prompts import EncodedPrompts, TokenLayout, encode_prompts, pad_token_id
 
 CandidateDeltas = dict[str, Float[Tensor, "batch n_cand *width"]]
+StepDeltas = dict[str, Float[Tensor, "batch *width"]]
 
 
 class GenerationError(CzaoLensError, ValueError):
     """Bad generation settings: token counts, temperature, nucleus mass."""
-
-StepDeltas = dict[str, Float[Tensor, "batch *width"]]
 
 
 class Controller(Protocol):
