@@ -506,6 +506,74 @@ def bench(
     typer.echo(f"saved {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'report.md'}, {out / 'report.html'}")
 
 
+# ----------------------------------------------------------------------------- value probes
+
+probe_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Value probes that amortise CZAO on sequence-level constraints.")
+
+
+def bench_test_prompts(data: Path) -> list[str]:
+    """The generation prompts the benchmark scores (default split): a probe must never train on them."""
+    from czao_lens.bench.tasks import load_task
+
+    out: list[str] = []
+    for name in ("profanity", "sentiment", "concept"):
+        try:
+            out += list(load_task(name, data, n_fit=24, n_test=40, seed=0).test)
+        except CzaoLensError:
+            continue  # a task whose data is absent has no test items to protect
+    return out
+
+
+@probe_app.command("train")
+def probe_train(
+    constraint: str = typer.Option(..., help="Sequence-level constraint spec (inline JSON or a .json file)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (default: the data folder's RTP prefixes minus the bench's test items)."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (default: $CZAO_LENS_DATA or ../shared/data)."),
+    limit: int = typer.Option(160, help="Prompts to roll out."),
+    samples: int = typer.Option(4, help="Sampled and perturbed rollouts per prompt (plus one greedy)."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n"),
+    layer: Optional[List[int]] = typer.Option(None, "--layer", help="Layers of the random perturbations (CZAO's R). " + _CFG_HELP),
+    perturb_scale: float = typer.Option(0.5, help="Perturbation norm, in typical residual norms (times U(0.25, 1.25))."),
+    recall: float = typer.Option(0.95, help="Screening keeps this share of violating positions (miss rate 1 - recall)."),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(DEFAULT_OUT / "probe", help="Folder for the report (metrics.json, rollouts.jsonl); the probe itself goes to the cache."),
+) -> None:
+    """Train the value probe of a constraint on this model; CZAO loads it automatically afterwards."""
+    from czao_lens.czao import CZAOConfig
+    from czao_lens.probes import ProbeError, corpus_prompts, train_probe
+
+    c = _constraint_from(constraint)
+    if c.level != "sequence":
+        raise ProbeError(f"{c.describe()} is token-level: CZAO scores it exactly from the logits; no probe needed")
+    if limit < 2 or samples < 1 or max_new_tokens < 1 or not 0 < recall <= 1:
+        _fail("--limit must be >= 2, --samples and --max-new-tokens >= 1, --recall in (0, 1]")
+    if prompts is not None:
+        texts = _lines(prompts, "prompt")[:limit]
+    else:
+        root = data or default_data_dir()
+        texts = corpus_prompts(root, exclude=bench_test_prompts(root), limit=limit, seed=seed)
+    layers = tuple(layer) if layer else CZAOConfig().layers
+    m = _load(model)
+    probe, rolls = train_probe(m, c, texts, samples=samples, max_new_tokens=max_new_tokens, perturb_layers=layers,
+                               perturb_scale=perturb_scale, recall=recall, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(probe.metrics, indent=1))
+    (out / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rolls.texts))
+    mt = probe.metrics
+    typer.echo(f"{c.describe()}: {mt['rollouts']} rollouts, {mt['positions']} positions, violation rate {mt['violation_rate']:.2f}")
+    typer.echo(f"held-out AUROC {mt['auroc_heldout']:.3f} (train {mt['auroc_train']:.3f}), ECE {mt['calibration']['ece']:.3f}, "
+               f"Brier {mt['calibration']['brier']:.3f} ({mt['prompts_heldout']} held-out prompts)")
+    typer.echo(f"screening threshold {probe.threshold:.3f}: optimises {mt['screen_share_optimised']:.0%} of positions, "
+               f"misses {mt['screen_miss_rate']:.1%} of violating ones")
+    from czao_lens.probes import probe_path
+
+    typer.echo(f"saved the probe to {probe_path(m, c)} (CZAO uses it from now on) and the report to {out}")
+
+
+app.add_typer(probe_app, name="probe")
+
+
 # ----------------------------------------------------------------------------- SAEs (issue 3, part 4)
 
 sae_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train SAEs (SAELens) and select SAE features.")

@@ -1,0 +1,391 @@
+"""Value probes: from one position's activations, the chance that the *finished* continuation violates
+a sequence-level constraint (a FUDGE-style value, not the score of the prefix so far).
+
+A probe is trained once per (model, constraint, hook) from rollouts of the unsteered model and of
+randomly perturbed runs on a prompt corpus, each labelled by the constraint's real evaluator on the
+completed text; every generated position of a rollout is one example with its rollout's label. It is
+a logistic regression on standardised activations, saved in the package's one layout
+(:mod:`czao_lens.artifacts`) and found again by :func:`probe_path` / :func:`find_probe`.
+
+CZAO uses it two ways: screening (a token is optimised only when the base forward's predicted
+violation crosses the calibrated ``threshold``) and scoring candidates from the activations their
+batched forward already computes, with no lookahead rollout and no evaluator call per candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from czao_lens.artifacts import Artifact, check_model, model_info, register_artifact
+from czao_lens.constraints import Constraint, Context
+from czao_lens.errors import CzaoLensError
+from czao_lens.generate import DecodeStep, generate
+from czao_lens.paths import cache_root
+from czao_lens.perturb import Perturbation
+from czao_lens.sites import check_layers, resid_hook
+from czao_lens.store import ActivationStore
+
+RECIPE_VERSION = 1
+
+
+class ProbeError(CzaoLensError, ValueError):
+    """A probe that cannot be trained or used: token-level constraint, no examples, wrong constraint or model."""
+
+
+def default_probe_hook(model: HookedTransformer) -> str:
+    """The residual leaving the last block: every candidate forward computes it anyway."""
+    return resid_hook(model.cfg.n_layers - 1, "post")
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    """A stable id of a constraint spec (type and parameters)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@register_artifact("value_probe")
+@dataclass
+class ValueProbe(Artifact):
+    """p(violation of the finished text | activation at ``hook``), a calibrated logistic regression."""
+
+    hook: str
+    constraint: dict[str, Any]  # the spec it was trained for
+    weight: Float[Tensor, "d"]
+    bias: float
+    mean: Float[Tensor, "d"]
+    std: Float[Tensor, "d"]
+    threshold: float  # screening: optimise only at or above this predicted violation
+    model: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        d = self.weight.shape[-1]
+        if self.weight.ndim != 1 or self.mean.shape != (d,) or self.std.shape != (d,):
+            raise ProbeError(f"probe tensors disagree: weight {tuple(self.weight.shape)}, mean {tuple(self.mean.shape)}, std {tuple(self.std.shape)}")
+        if not (math.isfinite(self.bias) and 0.0 <= self.threshold <= 1.0):
+            raise ProbeError(f"probe bias must be finite and threshold in [0, 1], got {self.bias}, {self.threshold}")
+
+    def logit(self, acts: Float[Tensor, "*n d"]) -> Float[Tensor, "*n"]:
+        x = (acts.float() - self.mean) / self.std
+        return x @ self.weight + self.bias
+
+    def predict(self, acts: Float[Tensor, "*n d"]) -> Float[Tensor, "*n"]:
+        """Predicted probability that the finished text violates the constraint."""
+        return torch.sigmoid(self.logit(acts))
+
+    def check(self, model: HookedTransformer, constraint: Constraint) -> None:
+        """Refuse use with another model or another constraint spec."""
+        check_model(self.model, model, "value probe")
+        if spec_key(self.constraint) != spec_key(constraint.to_dict()):
+            raise ProbeError(f"this probe was trained for {self.constraint}, not {constraint.to_dict()}")
+
+    # -- the one save layout
+    def to_dict(self) -> dict[str, Any]:
+        return {"hook": self.hook, "constraint": self.constraint, "bias": self.bias, "threshold": self.threshold,
+                "metrics": self.metrics, "recipe_version": RECIPE_VERSION}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.weight, "mean": self.mean, "std": self.std}
+
+    def saved_model_info(self) -> dict[str, Any]:
+        return self.model
+
+    def sites(self) -> list[str]:
+        return [self.hook]
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "ValueProbe":
+        missing = {"weight", "mean", "std"} - set(tensors)
+        if missing:
+            raise ProbeError(f"probe file lacks tensors {sorted(missing)}")
+        return cls(str(params["hook"]), dict(params["constraint"]), tensors["weight"].float(), float(params["bias"]),
+                   tensors["mean"].float(), tensors["std"].float(), float(params["threshold"]),
+                   metrics=dict(params.get("metrics", {})))
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass
+class Rollouts:
+    """Activations at every generated position of labelled rollouts."""
+
+    acts: Float[Tensor, "n d"]
+    labels: Float[Tensor, "n"]  # 1 = the finished text violates
+    group: list[int]  # prompt index of each example (held-out splits go by prompt)
+    texts: list[dict[str, Any]] = field(default_factory=list)  # one row per rollout, for inspection
+
+
+class _Recorder:
+    """A controller that changes nothing and keeps the probe hook's current-position activation."""
+
+    def __init__(self, model: HookedTransformer, hook: str) -> None:
+        self.start_layer = model.cfg.n_layers
+        self.read_hooks = [hook]
+        self.hook = hook
+        self.acts: list[Tensor] = []
+        self.live: list[Tensor] = []
+
+    def __call__(self, step: DecodeStep):
+        self.acts.append(step.activations[self.hook].float().clone())
+        self.live.append(~step.finished.clone())
+        return None
+
+
+def collect_rollouts(
+    model: HookedTransformer,
+    constraint: Constraint,
+    prompts: Sequence[str],
+    *,
+    hook: str | None = None,
+    samples: int = 4,
+    max_new_tokens: int = 24,
+    perturb_layers: Sequence[int] = (12,),
+    perturb_scale: float = 0.5,
+    chat: bool = False,
+    seed: int = 0,
+    store: ActivationStore | None = None,
+    progress: bool = True,
+) -> Rollouts:
+    """Per prompt: one greedy unsteered rollout, ``samples`` nucleus samples, and as many greedy runs
+    with a random residual perturbation (norm ``perturb_scale`` x the prompt's typical residual norm)
+    at a random layer of ``perturb_layers`` (the probe must read perturbed activations too)."""
+    if constraint.level != "sequence":
+        raise ProbeError(f"{constraint.describe()} is token-level: CZAO scores it exactly from logits, no probe needed")
+    if not prompts:
+        raise ProbeError("no prompts to train a probe on")
+    hook = hook or default_probe_hook(model)
+    check_layers(model.cfg.n_layers, perturb_layers, "perturbation layer", ProbeError)
+    store = store or ActivationStore(model)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    d = model.cfg.d_model
+    acts, labels, group, rows = [], [], [], []
+    bar = tqdm(prompts, desc=f"probe rollouts ({constraint.describe()[:30]})", disable=not progress)
+    for i, prompt in enumerate(bar):
+        runs: list[tuple[str, dict[str, Any], list[Perturbation]]] = [
+            ("greedy", {"greedy": True}, []),
+            ("sampled", {"greedy": False, "temperature": 1.0, "top_p": 0.9}, []),
+        ]
+        layer = rng.choice(list(perturb_layers))
+        h = resid_hook(layer)
+        x = store.get([prompt], [h], chat=chat)[0][h][1:].float()  # position 0 is an attention sink
+        scale = float(x.norm(dim=-1).median()) if len(x) else 1.0
+        u = torch.randn(samples, d, generator=gen)
+        u = u / u.norm(dim=-1, keepdim=True) * perturb_scale * scale * torch.rand(samples, 1, generator=gen).add(0.25)
+        runs.append(("perturbed", {"greedy": True}, [Perturbation(h, u, positions="generated")]))
+        for kind, kw, pert in runs:
+            n = 1 if kind == "greedy" else samples
+            rec = _Recorder(model, hook)
+            g = generate(model, [prompt] * n, max_new_tokens=max_new_tokens, seed=seed + i, chat=chat,
+                         perturbations=pert, controller=rec, **kw)
+            for r, text in enumerate(g.texts):
+                ok = bool(constraint.check_text(text, Context(prompt=prompt, generated=text, tokenizer=model.tokenizer)))
+                steps = [a[r] for a, live in zip(rec.acts, rec.live) if bool(live[r])]
+                steps = steps[: max(len(g.new_tokens[r]), 1)]
+                acts.extend(steps)
+                labels.extend([0.0 if ok else 1.0] * len(steps))
+                group.extend([i] * len(steps))
+                rows.append({"prompt": prompt, "kind": kind, "text": text, "violates": not ok})
+    if not acts:
+        raise ProbeError("the rollouts produced no positions to learn from")
+    return Rollouts(torch.stack(acts), torch.tensor(labels), group, rows)
+
+
+def corpus_prompts(data_dir: str | Path, exclude: Sequence[str] = (), limit: int | None = None, seed: int = 0) -> list[str]:
+    """Training prompts from the data folder's RealToxicityPrompts prefixes (every ``rtp/rtp_*.txt``),
+    shuffled with ``seed``, without ``exclude`` (pass the evaluation items: a probe never sees them)."""
+    folder = Path(data_dir) / "rtp"
+    files = sorted(folder.glob("rtp_*.txt")) if folder.is_dir() else []
+    if not files:
+        raise ProbeError(f"no prompt corpus: {folder} has no rtp_*.txt files (pass --data or --prompts)")
+    drop = {e.strip() for e in exclude}
+    seen: set[str] = set()
+    out = []
+    for f in files:
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if line and line not in drop and line not in seen:
+                seen.add(line)
+                out.append(line)
+    random.Random(seed).shuffle(out)
+    return out[:limit] if limit is not None else out
+
+
+# ----------------------------------------------------------------------------- fitting and metrics
+
+
+def auroc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve (rank statistic; ties count half)."""
+    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
+
+
+def calibration(p: Tensor, labels: Tensor, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error and the reliability table (mean prediction vs rate per bin)."""
+    edges = torch.linspace(0, 1, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (p >= lo) & ((p < hi) if hi < 1 else (p <= hi))
+        if m.any():
+            conf, rate = float(p[m].mean()), float(labels[m].mean())
+            ece += float(m.float().mean()) * abs(conf - rate)
+            table.append({"bin": [float(lo), float(hi)], "n": int(m.sum()), "mean_p": conf, "rate": rate})
+    return {"ece": ece, "brier": float(((p - labels) ** 2).mean()), "table": table}
+
+
+def _logistic(x: Tensor, y: Tensor, l2: float, iters: int = 200) -> tuple[Tensor, float]:
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    pos = float(y.mean())
+    # Balance the classes so a rare violation still shapes the boundary.
+    weights = torch.where(y > 0.5, 0.5 / max(pos, 1e-6), 0.5 / max(1 - pos, 1e-6))
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = x @ w + b
+        loss = (weights * torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")).mean()
+        loss = loss + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), float(b.detach())
+
+
+def _platt(z: Tensor, y: Tensor) -> tuple[float, float]:
+    """Recalibrate class-balanced logits to the real base rate: p = sigmoid(a z + c)."""
+    a = torch.ones((), requires_grad=True)
+    c = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([a, c], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(a * z + c, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(a.detach()), float(c.detach())
+
+
+def fit_probe(
+    model: HookedTransformer,
+    constraint: Constraint,
+    data: Rollouts,
+    *,
+    hook: str | None = None,
+    l2: float = 1e-3,
+    recall: float = 0.95,
+    holdout: float = 0.25,
+    seed: int = 0,
+) -> ValueProbe:
+    """Fit on most prompts, measure on held-out prompts: AUROC, calibration, and the screening
+    threshold that keeps ``recall`` of the violating positions (its miss rate is 1 - recall)."""
+    hook = hook or default_probe_hook(model)
+    y = data.labels.float()
+    if y.min() == y.max():
+        raise ProbeError(f"every rollout {'violates' if y[0] > 0.5 else 'satisfies'} {constraint.describe()}: "
+                         "nothing to separate (use other prompts or a larger perturbation)")
+    prompts = sorted(set(data.group))
+    random.Random(seed).shuffle(prompts)
+    n_hold = max(1, int(round(holdout * len(prompts)))) if len(prompts) > 1 else 0
+    held = set(prompts[:n_hold])
+    g = torch.tensor(data.group)
+    te = torch.tensor([gi in held for gi in data.group]) if held else torch.zeros(len(g), dtype=torch.bool)
+    tr = ~te
+    x = data.acts.float()
+    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-4)
+    xs = (x - mean) / std
+    w, b = _logistic(xs[tr], y[tr], l2)
+    a, c = _platt(xs[tr] @ w + b, y[tr])
+    w, b = w * a, b * a + c
+    p = torch.sigmoid(xs @ w + b)
+    ev = te if te.any() and y[te].min() != y[te].max() else tr  # a one-class held-out split measures nothing
+    pv, yv = p[ev], y[ev]
+    viol = pv[yv > 0.5].sort().values
+    k = int(math.floor((1 - recall) * len(viol)))
+    threshold = float(viol[k]) if len(viol) else 0.5
+    flagged = pv >= threshold
+    metrics = {
+        "auroc_heldout": auroc(pv, yv), "auroc_train": auroc(p[tr], y[tr]),
+        "calibration": calibration(pv, yv), "threshold": threshold,
+        "screen_miss_rate": float(((~flagged) & (yv > 0.5)).float().sum() / max(int((yv > 0.5).sum()), 1)),
+        "screen_share_optimised": float(flagged.float().mean()),
+        "positions": int(len(y)), "positions_heldout": int(ev.sum()), "violation_rate": float(y.mean()),
+        "prompts": len(prompts), "prompts_heldout": n_hold, "evaluated_on": "heldout" if ev is te else "train",
+        "rollouts": len(data.texts), "l2": l2, "recall_target": recall,
+    }
+    return ValueProbe(hook, constraint.to_dict(), w, b, mean, std, threshold, model=model_info(model), metrics=metrics)
+
+
+# ----------------------------------------------------------------------------- the probe cache
+
+
+def probe_path(model: HookedTransformer, constraint: Constraint, hook: str | None = None) -> Path:
+    """Where the probe of (model fingerprint, constraint spec, hook, recipe) is kept."""
+    hook = hook or default_probe_hook(model)
+    info = model_info(model)
+    key = hashlib.sha256(f"{spec_key(constraint.to_dict())}|{hook}|{RECIPE_VERSION}".encode()).hexdigest()[:16]
+    return cache_root() / "probes" / info["fingerprint"] / f"{constraint.to_dict().get('type', 'constraint')}-{key}"
+
+
+def find_probe(model: HookedTransformer, constraint: Constraint, hook: str | None = None) -> ValueProbe | None:
+    """The cached probe for this model and constraint, or ``None`` (a broken cache entry counts as none)."""
+    if constraint.level != "sequence":
+        return None
+    path = probe_path(model, constraint, hook)
+    if not (path / "cfg.json").exists():
+        return None
+    try:
+        probe = ValueProbe.load(path, model)
+        probe.check(model, constraint)
+    except CzaoLensError:
+        return None
+    return probe
+
+
+def train_probe(
+    model: HookedTransformer,
+    constraint: Constraint,
+    prompts: Sequence[str],
+    *,
+    save: bool = True,
+    **kwargs: Any,
+) -> tuple[ValueProbe, Rollouts]:
+    """Collect rollouts, fit, and (by default) store the probe where :func:`find_probe` looks."""
+    fit_kw = {k: kwargs.pop(k) for k in ("l2", "recall", "holdout") if k in kwargs}
+    data = collect_rollouts(model, constraint, prompts, **kwargs)
+    probe = fit_probe(model, constraint, data, hook=kwargs.get("hook"), seed=kwargs.get("seed", 0), **fit_kw)
+    if save:
+        probe.save(probe_path(model, constraint, kwargs.get("hook")))
+    return probe, data
+
+
+def load_probe_for(model: HookedTransformer, constraint: Constraint, path: str | Path) -> ValueProbe:
+    """A probe from a folder, checked against this model and constraint."""
+    probe = ValueProbe.load(path, model)
+    probe.check(model, constraint)
+    return probe
+
+
+__all__ = [
+    "ProbeError", "Rollouts", "ValueProbe", "auroc", "calibration", "collect_rollouts", "corpus_prompts", "default_probe_hook",
+    "find_probe", "fit_probe", "load_probe_for", "probe_path", "spec_key", "train_probe",
+]
