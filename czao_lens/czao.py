@@ -15,24 +15,26 @@ is reported unreachable (never as a success) and a fallback policy decides what 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.sites import resid_hook
-from czao_lens.errors import CzaoLensError
+from czao_lens.artifacts import Artifact, model_info, register_artifact
 from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
-from czao_lens.generate import DecodeStep, generate
-from czao_lens.prompts import encode_prompts
+from czao_lens.errors import ArtifactError, CzaoLensError
+from czao_lens.generate import DecodeStep, StepDeltas, check_sampling, generate_tokens
+from czao_lens.prompts import EncodedPrompts, encode_prompts
+from czao_lens.sites import resid_hook
 from czao_lens.store import ActivationStore
 from czao_lens.subspace import Subspace, SubspaceError, activation_basis, random_basis
 from czao_lens.zo import diagonal_curvature, line_search_candidates, spsa_candidates, spsa_gradient
@@ -69,7 +71,8 @@ class CZAOConfig:
     relax_max_eps: float = 6.0
     seed: int = 0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Refuse settings CZAO cannot run with (model-dependent checks happen when the subspace is built)."""
         if not self.layers:
             raise SubspaceError("the layer set R is empty: give at least one layer")
         if not self.kl_eps > 0:
@@ -105,8 +108,27 @@ class TokenRecord:
 
 
 @dataclass
+class DistillPairs:
+    """Training data for a :class:`ZPredictor`: one row per token CZAO solved.
+
+    ``x`` is the residual entering min R at that token divided by the layer's scale, ``z`` the
+    feasible coefficients CZAO chose there."""
+
+    x: Float[Tensor, "n d_model"]
+    z: Float[Tensor, "n dim"]
+    model: dict[str, Any] = field(default_factory=dict)  # artifacts.model_info of the model they came from
+    hooks: list[str] = field(default_factory=list)  # the residual read, then the hooks z writes to
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
 class CZAOResult:
-    """A CZAO generation: text, per-token telemetry and a sequence verdict."""
+    """A CZAO generation: text, per-token telemetry and a sequence verdict.
+
+    ``pairs`` (for :func:`distill_predictor`) and ``probe`` (the learned surrogate of V, when one
+    was fitted) are fitted-object material and stay out of :meth:`to_dict`, as do the log-probs."""
 
     prompt: str
     text: str
@@ -117,9 +139,14 @@ class CZAOResult:
     seconds: float
     config: dict[str, Any]
     constraint: str
-    step_logprobs: Tensor | None = field(default=None, repr=False)  # [n_new, vocab], with keep_logprobs
+    step_logprobs: Float[Tensor, "n_new vocab"] | None = field(default=None, repr=False)  # with keep_logprobs
+    pairs: DistillPairs | None = field(default=None, repr=False)
+    probe: "ViolationProbe | None" = field(default=None, repr=False)
+
+    _NOT_JSON = ("step_logprobs", "pairs", "probe")
 
     def summary(self) -> dict[str, Any]:
+        """Aggregate telemetry: optimised and unreachable tokens, steps, passes per token, KL, |delta|."""
         opt = [r for r in self.records if r.optimized]
         steps = [r.steps for r in opt]
         n = max(len(self.records), 1)
@@ -138,30 +165,58 @@ class CZAOResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("step_logprobs")
+        """The JSON record: every field but the tensors, plus ``summary``."""
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in self._NOT_JSON}
+        d["records"] = [asdict(r) for r in self.records]
         d["summary"] = self.summary()
         return d
 
-    def save_json(self, path: str | Path) -> Path:
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CZAOResult":
+        """Rebuild a result from :meth:`to_dict` (without log-probs, pairs or probe)."""
+        try:
+            kw = {f.name: d[f.name] for f in fields(cls) if f.name not in cls._NOT_JSON}
+            kw["records"] = [TokenRecord(**r) for r in d["records"]]
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"not a CZAO result record: {exc!r}") from None
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON (a result is an output, not a fitted object)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1))
         return path
 
+    @classmethod
+    def load(cls, path: str | Path) -> "CZAOResult":
+        """Read a result written by :meth:`save`."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"cannot read a CZAO result from {path}: {exc}") from None
+
 
 # ----------------------------------------------------------------------------- distilled predictor
 
 
+@register_artifact("ridge_map")
 @dataclass
-class RidgeMap:
-    """A ridge-regression linear map ``y = x W + b``, saved as safetensors."""
+class RidgeMap(Artifact):
+    """A ridge-regression linear map ``y = x W + b``, saved in the one artifact layout."""
 
     weight: Float[Tensor, "d k"]
     bias: Float[Tensor, "k"]
+    alpha: float | None = None  # the ridge strength it was fitted with, relative to the mean feature variance
+    model: dict[str, Any] = field(default_factory=dict, repr=False)  # artifacts.model_info, if known
+    hooks: list[str] = field(default_factory=list)  # the sites it reads (and, for a ZPredictor, writes)
 
     @classmethod
-    def fit(cls, X: Float[Tensor, "n d"], Y: Float[Tensor, "n k"], alpha: float = 0.01):
+    def fit(
+        cls, X: Float[Tensor, "n d"], Y: Float[Tensor, "n k"], alpha: float = 0.01, *,
+        model: dict[str, Any] | None = None, hooks: Sequence[str] = (),
+    ):
+        """Least squares with a ridge of ``alpha`` times the mean feature variance."""
         if X.shape[0] != Y.shape[0] or X.shape[0] == 0:
             raise CZAOError(f"{cls.__name__}.fit needs the same, non-zero number of inputs and targets")
         X, Y = X.float(), Y.float()
@@ -171,25 +226,40 @@ class RidgeMap:
         # alpha is relative to the mean feature variance, so it means the same at any input scale
         ridge = alpha * G.trace().clamp_min(1e-12) / X.shape[1]
         W = torch.linalg.solve(G + ridge * torch.eye(X.shape[1]), Xc.T @ Yc)
-        return cls(W, ym - xm @ W)
+        return cls(W, ym - xm @ W, alpha=float(alpha), model=dict(model or {}), hooks=list(hooks))
 
     def predict(self, x: Float[Tensor, "*n d"]) -> Float[Tensor, "*n k"]:
+        """Apply the map."""
         return x.float() @ self.weight + self.bias
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+    # -- the one save layout (czao_lens.artifacts)
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "d_in": int(self.weight.shape[0]), "d_out": int(self.weight.shape[1]),
+                "hooks": list(self.hooks)}
 
-        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path))
-        return Path(path)
+    def tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def saved_model_info(self) -> dict[str, Any]:
+        return self.model
+
+    def sites(self) -> list[str]:
+        return list(self.hooks)
 
     @classmethod
-    def load(cls, path: str | Path):
-        from safetensors.torch import load_file
+    def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]):
+        W, b = tensors["weight"].float(), tensors["bias"].float()
+        if W.ndim != 2 or b.shape != (W.shape[1],):
+            raise ArtifactError(f"{cls.__name__}: weight {tuple(W.shape)} and bias {tuple(b.shape)} do not fit")
+        want = (params.get("d_in"), params.get("d_out"))
+        if want != (None, None) and tuple(W.shape) != want:
+            raise ArtifactError(f"{cls.__name__}: cfg.json says {list(want)}, the weight is {list(W.shape)}")
+        alpha = params.get("alpha")
+        return cls(W, b, alpha=None if alpha is None else float(alpha), hooks=[str(h) for h in params.get("hooks", [])])
 
-        t = load_file(str(path))
-        return cls(t["weight"], t["bias"])
 
-
+@register_artifact("z_predictor")
+@dataclass
 class ZPredictor(RidgeMap):
     """Distilled warm start: the current residual at min R (divided by its scale) -> optimised z.
 
@@ -197,6 +267,8 @@ class ZPredictor(RidgeMap):
     first candidate batch often already holds a feasible point."""
 
 
+@register_artifact("violation_probe")
+@dataclass
 class ViolationProbe(RidgeMap):
     """Learned surrogate of a sequence-level V: final-layer residual of a candidate -> V.
 
@@ -208,15 +280,15 @@ class ViolationProbe(RidgeMap):
 
 
 @dataclass
-class _Eval:
-    """Scores of a candidate batch."""
+class Scores:
+    """Scores of a candidate batch under CZAO's objective, one entry per candidate."""
 
-    loss: Tensor
-    v: Tensor
-    kl: Tensor
-    logits: Tensor
-    feasible: Tensor
-    surrogate: bool = False
+    loss: Float[Tensor, "n"]
+    v: Float[Tensor, "n"]
+    kl: Float[Tensor, "n"]
+    logits: Float[Tensor, "n vocab"]
+    feasible: Bool[Tensor, "n"]
+    surrogate: bool = False  # V came from the learned probe, not from the constraint's evaluator
 
 
 @dataclass
@@ -232,8 +304,30 @@ class _Best:
     surrogate: bool = False
 
 
+@dataclass
+class SearchResult:
+    """What :meth:`CZAOController.search` found at one token."""
+
+    z: Float[Tensor, "dim"]  # the best coefficients (within the norm cap)
+    feasible: bool  # V = 0 and KL <= eps
+    v: float
+    kl: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """The bounds of one search: the KL bound ``eps`` and the cap on |z| (``None``: no cap)."""
+
+    eps: float
+    cap: float | None
+
+
 class CZAOController:
-    """The per-token controller that the generation loop calls (batch size 1)."""
+    """The per-token controller that the generation loop calls (batch size 1).
+
+    Besides the loop's ``__call__``, probes built on CZAO's objective use :meth:`screen`,
+    :meth:`score` and :meth:`search`; :meth:`pairs` hands over the distillation data."""
 
     def __init__(
         self,
@@ -242,24 +336,20 @@ class CZAOController:
         subspace: Subspace,
         config: CZAOConfig,
         *,
-        prompt_len: int,
         prompt_text: str = "",
         document: str | None = None,
         predictor: ZPredictor | None = None,
     ) -> None:
-        config.validate()
         self.model, self.constraint, self.subspace, self.cfg = model, constraint, subspace, config
         self.start_layer = subspace.start_layer
         self.read_hooks: Sequence[str] = ()
-        self.prompt_len = prompt_len
         self.context = Context(prompt=prompt_text, tokenizer=model.tokenizer, document=document)
         self.predictor = predictor
         self.records: list[TokenRecord] = []
-        self.residuals: list[Tensor] = []  # (resid, z*) pairs for distilling a predictor
-        self.z_star: list[Tensor] = []
+        self._pair_x: list[Tensor] = []  # (resid, z*) of every solved token, for distilling a predictor
+        self._pair_z: list[Tensor] = []
         self.z_prev = torch.zeros(subspace.dim)
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.eps = config.kl_eps
         self.probe: ViolationProbe | None = None
         self._probe_x: list[Tensor] = []
         self._probe_y: list[Tensor] = []
@@ -267,12 +357,42 @@ class CZAOController:
         if config.fallback == "mask" and constraint.level == "token" and not hasattr(constraint, "banned_ids"):
             raise CZAOError("fallback='mask' needs a constraint with banned tokens (e.g. AvoidTokens)")
 
+    # -- public probes of the objective
+
+    def screen(self, step: DecodeStep) -> float:
+        """V of the unperturbed next token (for sequence level: the text so far plus the greedy token)."""
+        return self._screen(step, _base_logprobs(step))
+
+    def score(self, step: DecodeStep, Z: Float[Tensor, "n dim"]) -> Scores:
+        """Score candidate coefficients at this token with the configured eps and norm cap."""
+        return self._evaluate(step, Z, _base_logprobs(step), self._limits())
+
+    def search(self, step: DecodeStep, *, norm_cap: float | None = None) -> SearchResult:
+        """A fresh constrained search at this token, as the loop would run it but repeatable.
+
+        It starts cold (z = 0, or the predictor's guess) with the generator reseeded from
+        ``cfg.seed``, so calls with different caps are comparable; ``norm_cap`` bounds |z| (default
+        ``cfg.max_norm``). Telemetry, the warm start and the distillation pairs are left alone."""
+        self.gen.manual_seed(self.cfg.seed)
+        lim = _Limits(self.cfg.kl_eps, self.cfg.max_norm if norm_cap is None else norm_cap)
+        best, steps = self._optimize(step, _base_logprobs(step), self._start(step, warm=False), lim)
+        return SearchResult(best.z, best.feasible, best.v, best.kl, steps)
+
+    def pairs(self) -> DistillPairs:
+        """The (scaled residual, z*) pairs of the tokens solved so far."""
+        x = torch.stack(self._pair_x) if self._pair_x else torch.zeros(0, self.model.cfg.d_model)
+        z = torch.stack(self._pair_z) if self._pair_z else torch.zeros(0, self.subspace.dim)
+        return DistillPairs(x, z, model=model_info(self.model), hooks=self.subspace.hooks())
+
     # -- scoring
+
+    def _limits(self) -> _Limits:
+        return _Limits(self.cfg.kl_eps, self.cfg.max_norm)
 
     def _texts(self, step: DecodeStep, first: Tensor, rollout: Tensor | None) -> list[str]:
         """Candidate texts: what was generated so far plus each candidate's next token(s)."""
         tok = self.model.tokenizer
-        so_far = step.tokens[0, self.prompt_len:].tolist()
+        so_far = step.new_tokens[0].tolist()
         rows = rollout[0] if rollout is not None else first[:, None]
         return [tok.decode(so_far + r.tolist(), skip_special_tokens=True) for r in rows]
 
@@ -286,11 +406,16 @@ class CZAOController:
         except Exception as exc:
             raise CZAOError(f"constraint {self.constraint.describe()} raised while scoring: {exc!r}") from exc
 
-    def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, *, exact: bool = False) -> _Eval:
+    def _screen(self, step: DecodeStep, base_lp: Tensor) -> float:
+        seq = self.constraint.level == "sequence"
+        texts = self._texts(step, base_lp.argmax(-1, keepdim=True), None) if seq else None
+        return float(self._violation(base_lp[None], texts)[0])
+
+    def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, lim: _Limits, *, exact: bool = False) -> Scores:
         """Score candidates z: one batched forward (plus rollouts, or the surrogate, for sequence level)."""
-        if self.cfg.max_norm is not None:
+        if lim.cap is not None:
             n = Z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            Z = Z * torch.clamp(self.cfg.max_norm / n, max=1.0)
+            Z = Z * torch.clamp(lim.cap / n, max=1.0)
         deltas = {h: d[None] for h, d in self.subspace.deltas(Z).items()}
         seq = self.constraint.level == "sequence"
         use_probe = seq and self.probe is not None and not exact
@@ -304,40 +429,40 @@ class CZAOController:
             if capture is not None and self.probe is None:
                 self._learn(step.captured[0], v)
         kl = (lp.exp() * (lp - base_lp[None])).sum(-1).clamp_min(0)
-        loss = v + self.cfg.norm_penalty * Z.pow(2).sum(-1) + self.cfg.kl_beta * (kl - self.eps).clamp_min(0)
-        feasible = (v <= SAT_TOL) & (kl <= self.eps)
-        return _Eval(loss, v, kl, logits[0], feasible, surrogate=use_probe)
+        loss = v + self.cfg.norm_penalty * Z.pow(2).sum(-1) + self.cfg.kl_beta * (kl - lim.eps).clamp_min(0)
+        feasible = (v <= SAT_TOL) & (kl <= lim.eps)
+        return Scores(loss, v, kl, logits[0], feasible, surrogate=use_probe)
 
     def _learn(self, h: Tensor, v: Tensor) -> None:
-        """Collect rollout-scored candidates; fit the surrogate once there are enough."""
+        """Collect (final residual, real V) pairs; fit the surrogate once there are enough."""
         self._probe_x.append(h.float())
         self._probe_y.append(v.float())
         if sum(len(x) for x in self._probe_x) >= self.cfg.surrogate_min_samples:
             X, Y = torch.cat(self._probe_x), torch.cat(self._probe_y)[:, None]
-            self.probe = ViolationProbe.fit(X, Y, alpha=0.1)
+            self.probe = ViolationProbe.fit(X, Y, alpha=0.1, model=model_info(self.model), hooks=[self.probe_hook])
 
-    def __call__(self, step: DecodeStep) -> dict[str, Tensor] | None:
+    # -- the loop's entry point
+
+    def __call__(self, step: DecodeStep) -> StepDeltas | None:
         if step.resid.shape[0] != 1:
             raise CZAOError("CZAOController runs one prompt at a time; generate_czao loops over prompts")
-        base_lp = step.logits[0].float().log_softmax(-1)
-        seq = self.constraint.level == "sequence"
-        texts = self._texts(step, base_lp.argmax(-1, keepdim=True), None) if seq else None
-        v0 = float(self._violation(base_lp[None], texts)[0])
+        base_lp = _base_logprobs(step)
+        v0 = self._screen(step, base_lp)
         if v0 <= SAT_TOL:  # already holds (for sequence level: the greedy next token keeps it)
             self.records.append(TokenRecord(step.index, False, 0, step.cost.passes, 0, 0.0, 0.0, 0.0, v0, v0, True, False))
             return None
-        best, steps = self._optimize(step, base_lp)
+        lim = self._limits()
+        best, steps = self._optimize(step, base_lp, self._start(step, warm=self.cfg.warm_start), lim)
         rec = TokenRecord(
             index=step.index, optimized=True, steps=steps, passes=0.0, candidates=0, delta_norm=0.0,
             z_norm=0.0, kl=best.kl, v_before=v0, v_after=best.v, satisfied=best.feasible,
             unreachable=not best.feasible,
         )
         if not best.feasible and self.cfg.fallback == "relax":
-            best, extra = self._relax(step, base_lp, best)
+            best, extra, eps = self._relax(step, base_lp, best, lim)
             rec.steps += extra
-            rec.fallback = f"relax(eps={self.eps:g})"
+            rec.fallback = f"relax(eps={eps:g})"
             rec.kl, rec.v_after, rec.satisfied = best.kl, best.v, best.feasible
-            self.eps = self.cfg.kl_eps
         if not best.feasible:
             rec.fallback = rec.fallback or self.cfg.fallback
             if self.cfg.fallback == "mask":
@@ -348,8 +473,8 @@ class CZAOController:
         rec.delta_norm, rec.z_norm = float(self.subspace.delta_norm(z)), float(z.norm())
         if best.feasible:
             self.z_prev = z
-            self.residuals.append(step.resid[0].detach() / self.subspace.scales[self.start_layer])
-            self.z_star.append(z.detach())
+            self._pair_x.append(step.resid[0].detach() / self.subspace.scales[self.start_layer])
+            self._pair_z.append(z.detach())
         # The loop re-runs the upper layers once with the chosen delta: count it here.
         n_layers = self.model.cfg.n_layers
         rec.passes = step.cost.passes + (n_layers - self.start_layer) / n_layers
@@ -357,29 +482,31 @@ class CZAOController:
         self.records.append(rec)
         return self.subspace.deltas(z[None])  # [1, d] per hook
 
-    def _start(self, step: DecodeStep) -> Tensor:
+    # -- the search
+
+    def _start(self, step: DecodeStep, *, warm: bool) -> Tensor:
+        """The first z: the predictor's guess, else the previous token's z (``warm``), else 0."""
         if self.predictor is not None:
             return self.predictor.predict(step.resid[0] / self.subspace.scales[self.start_layer]).float()
-        return self.z_prev.clone() if self.cfg.warm_start else torch.zeros(self.subspace.dim)
+        return self.z_prev.clone() if warm else torch.zeros(self.subspace.dim)
 
-    def _optimize(self, step: DecodeStep, base_lp: Tensor, start: _Best | None = None) -> tuple[_Best, int]:
-        """SPSA + batched line search until a feasible candidate appears or K steps are spent."""
+    def _optimize(self, step: DecodeStep, base_lp: Tensor, z: Tensor, lim: _Limits) -> tuple[_Best, int]:
+        """SPSA + batched line search from ``z`` until a feasible candidate appears or K steps are spent."""
         cfg = self.cfg
-        z = self._start(step) if start is None else start.z.clone()
         radii = torch.tensor(cfg.radii)
         best, stale, last_key = None, 0, float("inf")
         for k in range(1, cfg.max_steps + 1):
             probe = spsa_candidates(z, cfg.n_dirs, cfg.mu, self.gen)
             pts = torch.cat([z[None], probe.points])  # the current point rides along for free
-            ev = self._evaluate(step, pts, base_lp)
-            best = self._verified(step, base_lp, self._keep_best(pts, ev, best))
+            ev = self._evaluate(step, pts, base_lp, lim)
+            best = self._verified(step, base_lp, self._keep_best(pts, ev, best, lim), lim)
             if best.feasible:
                 return best, k
             g = spsa_gradient(probe, ev.loss[1:])
             if cfg.curvature:
                 g = g / diagonal_curvature(probe, ev.loss[1:], float(ev.loss[0]))
             line = line_search_candidates(z, g, radii)
-            best = self._verified(step, base_lp, self._keep_best(line, self._evaluate(step, line, base_lp), best))
+            best = self._verified(step, base_lp, self._keep_best(line, self._evaluate(step, line, base_lp, lim), best, lim), lim)
             if best.feasible:
                 return best, k
             # Stagnation: the budget is better reported as unreachable than spent on a plateau.
@@ -392,32 +519,32 @@ class CZAOController:
         assert best is not None
         return best, cfg.max_steps
 
-    def _keep_best(self, pts: Tensor, ev: _Eval, best: _Best | None) -> _Best:
+    def _keep_best(self, pts: Tensor, ev: Scores, best: _Best | None, lim: _Limits) -> _Best:
         key = ev.loss + torch.where(ev.feasible, 0.0, 1e6)
         i = int(key.argmin())
         if best is not None and float(key[i]) >= best.key:
             return best
         z = pts[i].clone()
-        if self.cfg.max_norm is not None:  # _evaluate scored the projected point
-            z = z * min(1.0, self.cfg.max_norm / max(float(z.norm()), 1e-12))
+        if lim.cap is not None:  # _evaluate scored the projected point
+            z = z * min(1.0, lim.cap / max(float(z.norm()), 1e-12))
         return _Best(z, float(ev.v[i]), float(ev.kl[i]), bool(ev.feasible[i]), ev.logits[i], float(key[i]), ev.surrogate)
 
-    def _verified(self, step: DecodeStep, base_lp: Tensor, best: _Best) -> _Best:
+    def _verified(self, step: DecodeStep, base_lp: Tensor, best: _Best, lim: _Limits) -> _Best:
         """A point the surrogate calls feasible counts only after a real rollout agrees."""
         if not (best.feasible and best.surrogate):
             return best
-        ev = self._evaluate(step, best.z[None], base_lp, exact=True)
+        ev = self._evaluate(step, best.z[None], base_lp, lim, exact=True)
         return _Best(best.z, float(ev.v[0]), float(ev.kl[0]), bool(ev.feasible[0]), ev.logits[0],
                      float(ev.loss[0]) + (0.0 if bool(ev.feasible[0]) else 1e6))
 
-    def _relax(self, step: DecodeStep, base_lp: Tensor, best: _Best) -> tuple[_Best, int]:
-        """Fallback: double eps (up to relax_max_eps) and continue from the best point."""
-        extra = 0
-        while self.eps < self.cfg.relax_max_eps and not best.feasible:
-            self.eps = min(self.eps * 2, self.cfg.relax_max_eps)
-            best, k = self._optimize(step, base_lp, start=best)
+    def _relax(self, step: DecodeStep, base_lp: Tensor, best: _Best, lim: _Limits) -> tuple[_Best, int, float]:
+        """Fallback: double eps (up to relax_max_eps) and continue from the best point; returns the final eps."""
+        eps, extra = lim.eps, 0
+        while eps < self.cfg.relax_max_eps and not best.feasible:
+            eps = min(eps * 2, self.cfg.relax_max_eps)
+            best, k = self._optimize(step, base_lp, best.z.clone(), replace(lim, eps=eps))
             extra += k
-        return best, extra
+        return best, extra, eps
 
     def _mask(self, step: DecodeStep, logits: Tensor) -> Tensor:
         """Fallback: token-level guided decoding. Ban the tokens that would violate the constraint."""
@@ -433,18 +560,34 @@ class CZAOController:
         return bias
 
 
+def _base_logprobs(step: DecodeStep) -> Float[Tensor, "vocab"]:
+    """Unperturbed next-token log-probs of the (single) row."""
+    return step.logits[0].float().log_softmax(-1)
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
+def _prompt_ids(enc: EncodedPrompts) -> list[int]:
+    """The token ids of a single encoded prompt (what the activation store keys on)."""
+    return enc.tokens[0, enc.tokens.shape[1] - int(enc.prompt_lens[0]):].tolist()
+
+
 def build_subspace(
-    model: HookedTransformer, prompt: str, config: CZAOConfig, *, chat: bool, store: ActivationStore | None = None
+    model: HookedTransformer,
+    prompt: str | Sequence[int],
+    config: CZAOConfig,
+    *,
+    chat: bool = False,
+    store: ActivationStore | None = None,
 ) -> Subspace:
-    """The subspace of a config for one prompt, read through the shared activation store."""
+    """The subspace of a config for one prompt (text, or its token ids), read through the shared store."""
     store = store or ActivationStore(model)
     make = {"activation": activation_basis, "random": random_basis}.get(config.basis)
     if make is None:
         raise SubspaceError(f"unknown basis {config.basis!r}; use activation or random, or pass subspace=")
-    return make(store, prompt, list(config.layers), config.rank, chat=chat, seed=config.seed)
+    return make(store, prompt if isinstance(prompt, str) else list(prompt), list(config.layers), config.rank,
+                chat=chat, seed=config.seed)
 
 
 def generate_czao(
@@ -466,22 +609,24 @@ def generate_czao(
     progress: bool = False,
     keep_logprobs: bool = False,
 ) -> list[CZAOResult]:
-    """Generate with CZAO for each prompt (one at a time), returning text and telemetry
-    (``keep_logprobs``: also the steered next-token log-probs, ``result.step_logprobs``)."""
+    """Generate with CZAO for each prompt (one at a time), returning text and telemetry.
+
+    Each prompt is encoded once; the subspace, the store and the decode loop share its tokens.
+    ``keep_logprobs`` also keeps the steered next-token log-probs (``result.step_logprobs``);
+    ``result.pairs`` feeds :func:`distill_predictor`."""
     config = config or CZAOConfig()
-    config.validate()
+    check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     store = store or ActivationStore(model)
     results = []
     for prompt in prompts:
-        sub = subspace or build_subspace(model, prompt, config, chat=chat, store=store)
         enc = encode_prompts(model, prompt, chat=chat)
-        ctl = CZAOController(model, constraint, sub, config, prompt_len=int(enc.prompt_lens[0]),
-                             prompt_text=prompt, document=document, predictor=predictor)
+        sub = subspace or build_subspace(model, _prompt_ids(enc), config, store=store)
+        ctl = CZAOController(model, constraint, sub, config, prompt_text=prompt, document=document, predictor=predictor)
         t0 = time.perf_counter()
-        gen = generate(model, prompt, max_new_tokens=max_new_tokens, chat=chat, greedy=greedy,
-                       temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress,
-                       keep_logprobs=keep_logprobs)
+        gen = generate_tokens(model, enc, [prompt], max_new_tokens=max_new_tokens, greedy=greedy,
+                              temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress,
+                              keep_logprobs=keep_logprobs, config={"chat": chat, "system_prompt": None})
         seconds = time.perf_counter() - t0
         text = gen.texts[0]
         try:
@@ -493,60 +638,49 @@ def generate_czao(
             unreachable=any(r.unreachable for r in ctl.records), seconds=seconds,
             config=asdict(config), constraint=constraint.describe(),
             step_logprobs=gen.step_logprobs[0] if keep_logprobs else None,
+            pairs=ctl.pairs(), probe=ctl.probe,
         ))
-        results[-1]._controller = ctl  # type: ignore[attr-defined]  # for distilling a predictor
     return results
 
 
 def distill_predictor(results: Sequence[CZAOResult], alpha: float = 0.01) -> ZPredictor:
-    """Fit a :class:`ZPredictor` on the (residual, z*) pairs of earlier CZAO runs."""
-    X, Z = [], []
-    for r in results:
-        ctl = getattr(r, "_controller", None)
-        if ctl is not None:
-            X += ctl.residuals
-            Z += ctl.z_star
-    if not X:
+    """Fit a :class:`ZPredictor` on the (residual, z*) pairs of earlier CZAO runs (``result.pairs``)."""
+    pairs = [r.pairs for r in results if r.pairs is not None and len(r.pairs)]
+    if not pairs:
         raise CZAOError("no optimised tokens to distill from: run CZAO on prompts that need steering first")
-    return ZPredictor.fit(torch.stack(X), torch.stack(Z), alpha)
+    dims = {p.z.shape[1] for p in pairs}
+    if len(dims) > 1:
+        raise CZAOError(f"the runs used subspaces of different sizes {sorted(dims)}; distill runs of one config")
+    return ZPredictor.fit(torch.cat([p.x for p in pairs]), torch.cat([p.z for p in pairs]), alpha,
+                          model=pairs[0].model, hooks=pairs[0].hooks)
 
 
 class _MarginProbe:
     """A controller that measures the reachability margin at the first generated token."""
 
-    def __init__(self, inner: CZAOController, b_max: float, iters: int):
-        self.inner, self.b_max, self.iters = inner, b_max, iters
-        self.start_layer, self.read_hooks = inner.start_layer, ()
+    def __init__(self, ctl: CZAOController, b_max: float, iters: int):
+        self.ctl, self.b_max, self.iters = ctl, b_max, iters
+        self.start_layer, self.read_hooks = ctl.start_layer, ()
         self.result: dict[str, Any] = {}
 
-    def __call__(self, step: DecodeStep):
-        c = self.inner
-        base_lp = step.logits[0].float().log_softmax(-1)
-        seq = c.constraint.level == "sequence"
-        v0 = float(c._violation(base_lp[None], c._texts(step, base_lp.argmax(-1, keepdim=True), None) if seq else None)[0])
+    def __call__(self, step: DecodeStep) -> None:
+        v0 = self.ctl.screen(step)
         if v0 <= SAT_TOL:
             self.result = {"rho": 0.0, "rho_delta_norm": 0.0, "reachable": True, "v0": v0}
             return None
-
-        def feasible(b: float) -> tuple[bool, Tensor]:
-            c.cfg = replace(c.cfg, max_norm=b, warm_start=False)
-            c.gen.manual_seed(c.cfg.seed)
-            best, _ = c._optimize(step, base_lp)
-            return best.feasible, best.z
-
-        ok, z = feasible(self.b_max)
-        if not ok:
+        found = self.ctl.search(step, norm_cap=self.b_max)
+        if not found.feasible:
             self.result = {"rho": math.inf, "rho_delta_norm": math.inf, "reachable": False, "v0": v0, "b_max": self.b_max}
             return None
-        lo, hi, z_hi = 0.0, self.b_max, z
+        lo, hi, z_hi = 0.0, self.b_max, found.z
         for _ in range(self.iters):
             mid = (lo + hi) / 2
-            ok, z = feasible(mid)
-            if ok:
-                hi, z_hi = mid, z
+            found = self.ctl.search(step, norm_cap=mid)
+            if found.feasible:
+                hi, z_hi = mid, found.z
             else:
                 lo = mid
-        self.result = {"rho": hi, "rho_delta_norm": float(c.subspace.delta_norm(z_hi)), "reachable": True,
+        self.result = {"rho": hi, "rho_delta_norm": float(self.ctl.subspace.delta_norm(z_hi)), "reachable": True,
                        "v0": v0, "bracket": [lo, hi]}
         return None
 
@@ -567,9 +701,8 @@ def reachability_margin(
     ``rho = inf`` means unreachable even at ``b_max`` within the step budget and the KL bound.
     """
     config = config or CZAOConfig()
-    sub = build_subspace(model, prompt, config, chat=chat, store=store)
     enc = encode_prompts(model, prompt, chat=chat)
-    inner = CZAOController(model, constraint, sub, config, prompt_len=int(enc.prompt_lens[0]), prompt_text=prompt)
-    probe = _MarginProbe(inner, b_max, iters)
-    generate(model, prompt, max_new_tokens=1, chat=chat, controller=probe)
+    sub = build_subspace(model, _prompt_ids(enc), config, store=store)
+    probe = _MarginProbe(CZAOController(model, constraint, sub, config, prompt_text=prompt), b_max, iters)
+    generate_tokens(model, enc, [prompt], max_new_tokens=1, controller=probe, config={"chat": chat, "system_prompt": None})
     return probe.result

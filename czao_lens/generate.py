@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -89,6 +89,11 @@ class DecodeStep:
     # A controller may set this [batch, vocab] additive bias, e.g. -inf on banned tokens (guided decoding).
     logit_bias: Tensor | None = None
     captured: Tensor | None = None
+
+    @property
+    def new_tokens(self) -> Int[Tensor, "batch n_new"]:
+        """The tokens generated before this step (prompt and padding columns left out)."""
+        return self.tokens[:, int(self.layout.pad[0] + self.layout.prompt_lens[0]):]
 
     def evaluate(
         self, deltas: CandidateDeltas, *, lookahead: int = 0, capture: str | None = None
@@ -260,6 +265,16 @@ def _capture(store: dict[str, Tensor], name: str):
     return hook
 
 
+def check_sampling(max_new_tokens: int, *, greedy: bool, temperature: float, top_p: float) -> None:
+    """Refuse generation settings the loop cannot honour (raises :class:`GenerationError`)."""
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not greedy and not (temperature > 0):
+        raise GenerationError(f"temperature must be > 0 when sampling (use greedy=True for argmax), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
 @torch.no_grad()
 def generate(
     model: HookedTransformer,
@@ -283,12 +298,7 @@ def generate(
     Sampling is reproducible: ``seed`` seeds a private generator (no global RNG state is touched).
     Hooks added here are removed on return and on any exception.
     """
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not greedy and not (temperature > 0):
-        raise GenerationError(f"temperature must be > 0 when sampling (use greedy=True for argmax), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     enc = encode_prompts(model, prompt_list, chat=chat, system_prompt=system_prompt)
     return generate_tokens(
@@ -319,6 +329,7 @@ def generate_tokens(
 ) -> GenerationResult:
     """:func:`generate` on already encoded prompts. ``keep_logprobs`` keeps the distribution each new
     token was drawn from (after interventions and logit bias), for KL and fluency measurements."""
+    check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
     device = model.cfg.device or "cpu"
     n_layers = model.cfg.n_layers
     start_layer = n_layers
@@ -331,34 +342,27 @@ def generate_tokens(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     stops = stop_token_ids(model) if stop_at_eos else set()
     tokens = enc.tokens.to(device)
-    layout = enc.layout()
     batch = tokens.shape[0]
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
-    finished = torch.zeros(batch, dtype=torch.bool)
+    st = _DecodeState(model, TransformerLensKeyValueCache.init_cache(model.cfg, device, batch), enc.layout(),
+                      tokens, tokens[:, -1], torch.zeros(batch, dtype=torch.bool), {})
+    finished = st.finished
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     kept: list[list[Tensor]] = [[] for _ in range(batch)]
     costs: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    handle = attach(model, list(perturbations), layout)
-    read_store: dict[str, Tensor] = {}
+    handle = attach(model, list(perturbations), st.layout)
     removers = []
     try:
         if controller is not None:
-            removers = [add_hook(model.hook_dict[n], _capture(read_store, n)) for n in controller.read_hooks]
+            removers = [add_hook(model.hook_dict[n], _capture(st.read_store, n)) for n in controller.read_hooks]
         # Prefill all but the last prompt token; the loop feeds the last one as step 0's current token.
         if tokens.shape[1] > 1:
-            model(tokens[:, :-1], attention_mask=enc.attention_mask[:, :-1].to(device), past_kv_cache=cache, return_type=None)
-        layout.offset = tokens.shape[1] - 1
-        current = tokens[:, -1]
+            model(tokens[:, :-1], attention_mask=enc.attention_mask[:, :-1].to(device), past_kv_cache=st.cache, return_type=None)
+        st.layout.offset = tokens.shape[1] - 1
         bar = tqdm(range(max_new_tokens), disable=not progress, desc="generate", unit="tok")
         for t in bar:
-            one = torch.ones(batch, 1, dtype=torch.long, device=device)
-            cost = StepCost()
-            if controller is None:
-                logits = model(current[:, None], attention_mask=one, past_kv_cache=cache)[:, -1]
-                cost.passes = 1.0
-            else:
-                logits = _controlled_step(model, controller, cache, current, one, layout, tokens, read_store, finished, t, cost)
+            st.index = t
+            logits, cost = _plain_step(st) if controller is None else _controlled_step(st, controller)
             nxt = sample_next(logits, greedy=greedy, temperature=temperature, top_p=top_p, generator=gen)
             nxt = torch.where(finished.to(nxt.device), torch.full_like(nxt, pad_token_id(model)), nxt)
             lps = logits.float().log_softmax(-1) if keep_logprobs else None
@@ -370,9 +374,7 @@ def generate_tokens(
                     if int(nxt[b]) in stops:
                         finished[b] = True
             costs.append(asdict(cost))
-            tokens = torch.cat([tokens, nxt[:, None]], 1)
-            layout.offset += 1
-            current = nxt
+            st.advance(nxt)
             if bool(finished.all()):
                 break
     finally:
@@ -392,36 +394,55 @@ def generate_tokens(
     )
 
 
-def _controlled_step(
-    model: HookedTransformer,
-    controller: Controller,
-    cache: TransformerLensKeyValueCache,
-    current: Tensor,
-    one: Tensor,
-    layout: TokenLayout,
-    tokens: Tensor,
-    read_store: dict[str, Tensor],
-    finished: Tensor,
-    index: int,
-    cost: StepCost,
-) -> Float[Tensor, "batch vocab"]:
+@dataclass
+class _DecodeState:
+    """What the decode loop carries from one token to the next."""
+
+    model: HookedTransformer
+    cache: TransformerLensKeyValueCache
+    layout: TokenLayout
+    tokens: Int[Tensor, "batch pos"]  # every token so far, left-padded
+    current: Int[Tensor, "batch"]  # the token this step feeds (its output predicts the next one)
+    finished: Bool[Tensor, "batch"]  # rows that already stopped
+    read_store: dict[str, Tensor]  # the controller's read_hooks, captured at the current position
+    index: int = 0  # the step: how many tokens were generated before it
+
+    def ones(self) -> Int[Tensor, "batch 1"]:
+        """The attention mask of the one new position."""
+        return torch.ones(self.tokens.shape[0], 1, dtype=torch.long, device=self.tokens.device)
+
+    def advance(self, nxt: Int[Tensor, "batch"]) -> None:
+        """Append the sampled tokens; they are the next step's current tokens."""
+        self.tokens = torch.cat([self.tokens, nxt[:, None]], 1)
+        self.layout.offset += 1
+        self.current = nxt
+
+
+def _plain_step(st: _DecodeState) -> tuple[Float[Tensor, "batch vocab"], StepCost]:
+    """One token without a controller: a single forward of the current position."""
+    logits = st.model(st.current[:, None], attention_mask=st.ones(), past_kv_cache=st.cache)[:, -1]
+    return logits, StepCost(passes=1.0)
+
+
+def _controlled_step(st: _DecodeState, controller: Controller) -> tuple[Float[Tensor, "batch vocab"], StepCost]:
     """One token with the forward split at ``start_layer`` so a controller can perturb and re-run."""
+    model, cache, cost = st.model, st.cache, StepCost()
     n_layers = model.cfg.n_layers
     L = controller.start_layer
-    read_store.clear()
-    resid = model(current[:, None], attention_mask=one, past_kv_cache=cache, stop_at_layer=L)
+    st.read_store.clear()
+    resid = model(st.current[:, None], attention_mask=st.ones(), past_kv_cache=cache, stop_at_layer=L)
     mask = cache.previous_attention_mask
     logits = model(resid, start_at_layer=L, past_kv_cache=cache, attention_mask=mask)[:, -1]
     cost.passes = 1.0
     step = DecodeStep(
-        model=model, index=index, start_layer=L, layout=layout, tokens=tokens, resid=resid[:, -1],
-        logits=logits, activations=dict(read_store), finished=finished.clone(), cost=cost,
+        model=model, index=st.index, start_layer=L, layout=st.layout, tokens=st.tokens, resid=resid[:, -1],
+        logits=logits, activations=dict(st.read_store), finished=st.finished.clone(), cost=cost,
         _cache=cache, _attention_mask=mask,
     )
     deltas = controller(step)
     bias = step.logit_bias if step.logit_bias is not None else 0.0
     if not deltas:
-        return logits + bias
+        return logits + bias, cost
     for name, d in deltas.items():
         check_hook_name(model, name)
         if hook_layer(model, name) < L:
@@ -437,4 +458,4 @@ def _controlled_step(
         for r in removers:
             r()
     cost.passes += (n_layers - L) / n_layers
-    return logits + bias
+    return logits + bias, cost

@@ -19,10 +19,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.sites import check_layers
 from czao_lens.errors import CzaoLensError
-from czao_lens.perturb import resid_hook
+from czao_lens.sites import check_layers, resid_hook
 from czao_lens.store import ActivationStore
+
+Prompt = str | Sequence[int]  # text, or token ids as the store and generation encode them
 
 
 class SubspaceError(CzaoLensError, ValueError):
@@ -50,6 +51,7 @@ class Subspace:
 
     @property
     def layers(self) -> list[int]:
+        """The layers in R, ascending."""
         return sorted(self.bases)
 
     @property
@@ -59,9 +61,11 @@ class Subspace:
 
     @property
     def start_layer(self) -> int:
+        """min R: the generation loop splits each forward here."""
         return self.layers[0]
 
     def hooks(self) -> list[str]:
+        """The hook points the deltas are added at (``resid_pre`` of each layer in R)."""
         return [resid_hook(l) for l in self.layers]
 
     def deltas(self, z: Float[Tensor, "*n dim"]) -> dict[str, Float[Tensor, "*n d"]]:
@@ -111,9 +115,17 @@ def orthonormal(cols: Float[Tensor, "d k"], rank: int, generator: torch.Generato
     return kept[:, :rank]
 
 
-def prompt_scales(store: ActivationStore, prompt: str | list[int], layers: Sequence[int], *, chat: bool = False) -> dict[int, float]:
+def prompt_scales(store: ActivationStore, prompt: Prompt, layers: Sequence[int], *, chat: bool = False) -> dict[int, float]:
     """Median residual norm per position at each layer, attention-sink position 0 excluded."""
-    acts = store.get([prompt], [resid_hook(l) for l in layers], chat=chat)[0]
+    return _scales(_resid(store, prompt, layers, chat), layers)
+
+
+def _resid(store: ActivationStore, prompt: Prompt, layers: Sequence[int], chat: bool) -> dict[str, Tensor]:
+    """The prompt's residuals entering each layer, ``{hook: [pos, d]}``, through the store."""
+    return store.get([prompt if isinstance(prompt, str) else list(prompt)], [resid_hook(l) for l in layers], chat=chat)[0]
+
+
+def _scales(acts: dict[str, Tensor], layers: Sequence[int]) -> dict[int, float]:
     out = {}
     for l in layers:
         x = acts[resid_hook(l)].float()
@@ -124,7 +136,7 @@ def prompt_scales(store: ActivationStore, prompt: str | list[int], layers: Seque
 
 def activation_basis(
     store: ActivationStore,
-    prompt: str | list[int],
+    prompt: Prompt,
     layers: Sequence[int],
     rank: int = 16,
     *,
@@ -137,7 +149,7 @@ def activation_basis(
     topped up with seeded random orthonormal directions.
     """
     layers = _check_layers(store.model, layers, rank)
-    acts = store.get([prompt], [resid_hook(l) for l in layers], chat=chat)[0]
+    acts = _resid(store, prompt, layers, chat)
     gen = torch.Generator().manual_seed(seed)
     bases = {}
     for l in layers:
@@ -147,11 +159,11 @@ def activation_basis(
         _, s, vh = torch.linalg.svd(x, full_matrices=False)
         cols = vh[s > 1e-6 * s.max().clamp_min(1e-12)].T
         bases[l] = orthonormal(cols, rank, gen)
-    return Subspace(bases, prompt_scales(store, prompt, layers, chat=chat), kind="activation")
+    return Subspace(bases, _scales(acts, layers), kind="activation")
 
 
 def random_basis(
-    store: ActivationStore, prompt: str | list[int], layers: Sequence[int], rank: int = 16, *, chat: bool = False, seed: int = 0
+    store: ActivationStore, prompt: Prompt, layers: Sequence[int], rank: int = 16, *, chat: bool = False, seed: int = 0
 ) -> Subspace:
     """Seeded random orthonormal bases: the control condition."""
     layers = _check_layers(store.model, layers, rank)
@@ -163,7 +175,7 @@ def random_basis(
 
 def direction_basis(
     store: ActivationStore,
-    prompt: str | list[int],
+    prompt: Prompt,
     directions: Mapping[int, Float[Tensor, "k d"]],
     rank: int | None = None,
     *,

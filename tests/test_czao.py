@@ -151,7 +151,7 @@ def test_z_predictor_recovers_a_linear_map(tmp_path):
     p = ZPredictor.fit(X, Z, alpha=1e-4)
     Xt = torch.randn(20, 12, generator=g)
     assert torch.allclose(p.predict(Xt), Xt @ W + 0.5, atol=1e-2)
-    q = ZPredictor.load(p.save(tmp_path / "pred.safetensors"))
+    q = ZPredictor.load(p.save(tmp_path / "pred"))
     assert torch.equal(q.weight, p.weight)
 
 
@@ -162,9 +162,8 @@ def test_surrogate_probe_is_trained_on_rollouts_and_verified(smol):
 
     cfg = CZAOConfig(layers=(12,), rank=8, n_dirs=8, max_steps=3, lookahead=2, surrogate=True, surrogate_min_samples=17)
     res = generate_czao(smol, "The worst thing about my job is", Sentiment(min_compound=0.05), cfg, max_new_tokens=6)[0]
-    ctl = res._controller
     assert any(r.optimized for r in res.records), "the negative prompt must need steering"
-    assert ctl.probe is not None and ctl.probe.weight.shape == (smol.cfg.d_model, 1)
+    assert res.probe is not None and res.probe.weight.shape == (smol.cfg.d_model, 1)
     for r in res.records:
         if r.optimized and r.satisfied:
             assert r.v_after == 0.0

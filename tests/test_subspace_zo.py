@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from czao_lens.perturb import resid_hook
+from czao_lens.sites import resid_hook
 from czao_lens.store import ActivationStore
 from czao_lens.subspace import activation_basis, combine, direction_basis, random_basis
 from czao_lens.zo import diagonal_curvature, line_search_candidates, spsa_candidates, spsa_gradient

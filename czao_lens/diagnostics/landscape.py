@@ -22,7 +22,7 @@ from transformer_lens import HookedTransformer
 from czao_lens.constraints import Constraint
 from czao_lens.czao import CZAOConfig, CZAOController, build_subspace
 from czao_lens.diagnostics import DiagnosticError, check_layers
-from czao_lens.generate import DecodeStep, generate
+from czao_lens.generate import DecodeStep, generate_tokens
 from czao_lens.prompts import encode_prompts
 from czao_lens.store import ActivationStore
 
@@ -84,10 +84,11 @@ class _GridProbe:
         self.slice: dict[str, list[float]] = {}
         self.z_star_norm: float | None = None
 
-    def _score(self, step: DecodeStep, Z: Tensor, base_lp: Tensor) -> dict[str, Tensor]:
+    def _score(self, step: DecodeStep, Z: Tensor) -> dict[str, Tensor]:
+        """Loss, violation and KL of every row of Z, in candidate batches of ``self.batch``."""
         out = {c: [] for c in COMPONENTS}
         for s in range(0, Z.shape[0], self.batch):
-            ev = self.ctl._evaluate(step, Z[s : s + self.batch], base_lp)
+            ev = self.ctl.score(step, Z[s : s + self.batch])
             out["loss"].append(ev.loss)
             out["violation"].append(ev.v)
             out["kl"].append(ev.kl)
@@ -95,16 +96,15 @@ class _GridProbe:
 
     def __call__(self, step: DecodeStep):
         dim, n = self.ctl.subspace.dim, len(self.axis)
-        base_lp = step.logits[0].float().log_softmax(-1)
         a, b = torch.meshgrid(self.axis, self.axis, indexing="ij")
         Z = torch.zeros(n * n, dim)
         Z[:, 0], Z[:, 1] = a.reshape(-1), b.reshape(-1)
-        scores = self._score(step, Z, base_lp)
+        scores = self._score(step, Z)
         self.grid = {c: v.reshape(n, n).numpy() for c, v in scores.items()}
-        best, _ = self.ctl._optimize(step, base_lp)
+        best = self.ctl.search(step)
         if best.feasible:
             self.z_star_norm = float(best.z.norm())
-            along = self._score(step, self.t[:, None] * best.z[None], base_lp)
+            along = self._score(step, self.t[:, None] * best.z[None])
             self.slice = {c: v.tolist() for c, v in along.items()}
         return None
 
@@ -133,16 +133,16 @@ def loss_landscape(
     store = store or ActivationStore(model)
     axis = torch.linspace(-extent, extent, n)
     t = torch.linspace(0, 1.5, 16)
-    enc = encode_prompts(model, prompt, chat=chat)
+    enc = encode_prompts(model, prompt, chat=chat)  # once: the store and the loop share the tokens
+    ids = enc.tokens[0].tolist()
     grids, slices, norms, rough = {}, {}, {}, {}
     from tqdm.auto import tqdm
 
     for l in tqdm(layers, desc="landscape", disable=not progress):
         cfg = replace(config, layers=(l,), rank=max(config.rank, 2))
-        sub = build_subspace(model, prompt, cfg, chat=chat, store=store)
-        ctl = CZAOController(model, constraint, sub, cfg, prompt_len=int(enc.prompt_lens[0]), prompt_text=prompt)
-        probe = _GridProbe(ctl, axis, t, batch)
-        generate(model, prompt, max_new_tokens=1, chat=chat, controller=probe)
+        sub = build_subspace(model, ids, cfg, store=store)
+        probe = _GridProbe(CZAOController(model, constraint, sub, cfg, prompt_text=prompt), axis, t, batch)
+        generate_tokens(model, enc, [prompt], max_new_tokens=1, controller=probe, config={"chat": chat})
         grids[l], slices[l], norms[l] = probe.grid, probe.slice, probe.z_star_norm
         rough[l] = roughness(probe.grid["loss"], float(axis[1] - axis[0]))
     return Landscape(prompt, constraint.describe(), axis.tolist(), grids, t.tolist(), slices, norms, rough)
