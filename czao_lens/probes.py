@@ -119,33 +119,56 @@ class ValueProbe(Artifact):
 
 @dataclass
 class Rollouts:
-    """Activations at every generated position of labelled rollouts."""
+    """Activations at every generated position of rollouts, with each position's rollout and prompt.
+
+    Rollouts do not depend on the constraint: collect once, then :meth:`labelled` per constraint.
+    """
 
     acts: Float[Tensor, "n d"]
-    labels: Float[Tensor, "n"]  # 1 = the finished text violates
-    group: list[int]  # prompt index of each example (held-out splits go by prompt)
-    texts: list[dict[str, Any]] = field(default_factory=list)  # one row per rollout, for inspection
+    labels: Float[Tensor, "n"] | None  # 1 = the finished text violates; None until labelled
+    group: list[int]  # prompt index of each position (held-out splits go by prompt)
+    texts: list[dict[str, Any]] = field(default_factory=list)  # one row per rollout: prompt, kind, text
+    row: list[int] = field(default_factory=list)  # rollout index of each position
+
+    def labelled(self, constraint: Constraint, tokenizer: Any = None) -> "Rollouts":
+        """Label every rollout by the constraint's real evaluator on its finished text."""
+        if constraint.level != "sequence":
+            raise ProbeError(f"{constraint.describe()} is token-level: CZAO scores it exactly from logits, no probe needed")
+        verdict = []
+        texts = []
+        for r in self.texts:
+            ok = bool(constraint.check_text(r["text"], Context(prompt=r["prompt"], generated=r["text"], tokenizer=tokenizer)))
+            verdict.append(0.0 if ok else 1.0)
+            texts.append({**r, "violates": not ok})
+        labels = torch.tensor([verdict[i] for i in self.row]) if self.row else torch.zeros(0)
+        return Rollouts(self.acts, labels, self.group, texts, self.row)
 
 
 class _Recorder:
-    """A controller that changes nothing and keeps the probe hook's current-position activation."""
+    """A controller that keeps the probe hook's current-position activation and makes the rows in
+    ``greedy_rows`` pick their argmax while the others sample (one batch mixes both)."""
 
-    def __init__(self, model: HookedTransformer, hook: str) -> None:
+    def __init__(self, model: HookedTransformer, hook: str, greedy_rows: Tensor) -> None:
         self.start_layer = model.cfg.n_layers
         self.read_hooks = [hook]
         self.hook = hook
+        self.greedy_rows = greedy_rows
         self.acts: list[Tensor] = []
         self.live: list[Tensor] = []
 
     def __call__(self, step: DecodeStep):
         self.acts.append(step.activations[self.hook].float().clone())
         self.live.append(~step.finished.clone())
+        bias = torch.zeros_like(step.logits)
+        top = step.logits.argmax(-1)
+        rows = self.greedy_rows.nonzero().squeeze(-1)
+        bias[rows, top[rows]] = 1e4  # nucleus sampling then keeps only the argmax
+        step.logit_bias = bias
         return None
 
 
 def collect_rollouts(
     model: HookedTransformer,
-    constraint: Constraint,
     prompts: Sequence[str],
     *,
     hook: str | None = None,
@@ -158,49 +181,45 @@ def collect_rollouts(
     store: ActivationStore | None = None,
     progress: bool = True,
 ) -> Rollouts:
-    """Per prompt: one greedy unsteered rollout, ``samples`` nucleus samples, and as many greedy runs
-    with a random residual perturbation (norm ``perturb_scale`` x the prompt's typical residual norm)
-    at a random layer of ``perturb_layers`` (the probe must read perturbed activations too)."""
-    if constraint.level != "sequence":
-        raise ProbeError(f"{constraint.describe()} is token-level: CZAO scores it exactly from logits, no probe needed")
+    """Per prompt, in one batch: a greedy unsteered rollout, ``samples`` nucleus samples, and
+    ``samples`` greedy runs with a random residual perturbation (norm ``perturb_scale`` x U(0.25, 1.25)
+    x the prompt's typical residual norm) at a random layer of ``perturb_layers``, so the probe sees
+    perturbed activations too. Unlabelled: call :meth:`Rollouts.labelled` per constraint."""
     if not prompts:
         raise ProbeError("no prompts to train a probe on")
+    if samples < 1 or max_new_tokens < 1:
+        raise ProbeError(f"samples and max_new_tokens must be >= 1, got {samples} and {max_new_tokens}")
     hook = hook or default_probe_hook(model)
     check_layers(model.cfg.n_layers, perturb_layers, "perturbation layer", ProbeError)
     store = store or ActivationStore(model)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     d = model.cfg.d_model
-    acts, labels, group, rows = [], [], [], []
-    bar = tqdm(prompts, desc=f"probe rollouts ({constraint.describe()[:30]})", disable=not progress)
-    for i, prompt in enumerate(bar):
-        runs: list[tuple[str, dict[str, Any], list[Perturbation]]] = [
-            ("greedy", {"greedy": True}, []),
-            ("sampled", {"greedy": False, "temperature": 1.0, "top_p": 0.9}, []),
-        ]
+    acts, group, rows, row_of = [], [], [], []
+    for i, prompt in enumerate(tqdm(prompts, desc="probe rollouts", disable=not progress)):
         layer = rng.choice(list(perturb_layers))
         h = resid_hook(layer)
         x = store.get([prompt], [h], chat=chat)[0][h][1:].float()  # position 0 is an attention sink
         scale = float(x.norm(dim=-1).median()) if len(x) else 1.0
         u = torch.randn(samples, d, generator=gen)
         u = u / u.norm(dim=-1, keepdim=True) * perturb_scale * scale * torch.rand(samples, 1, generator=gen).add(0.25)
-        runs.append(("perturbed", {"greedy": True}, [Perturbation(h, u, positions="generated")]))
-        for kind, kw, pert in runs:
-            n = 1 if kind == "greedy" else samples
-            rec = _Recorder(model, hook)
-            g = generate(model, [prompt] * n, max_new_tokens=max_new_tokens, seed=seed + i, chat=chat,
-                         perturbations=pert, controller=rec, **kw)
-            for r, text in enumerate(g.texts):
-                ok = bool(constraint.check_text(text, Context(prompt=prompt, generated=text, tokenizer=model.tokenizer)))
-                steps = [a[r] for a, live in zip(rec.acts, rec.live) if bool(live[r])]
-                steps = steps[: max(len(g.new_tokens[r]), 1)]
-                acts.extend(steps)
-                labels.extend([0.0 if ok else 1.0] * len(steps))
-                group.extend([i] * len(steps))
-                rows.append({"prompt": prompt, "kind": kind, "text": text, "violates": not ok})
+        # One batch per prompt: row 0 greedy and unperturbed, then unperturbed nucleus samples, then
+        # greedy rows under their perturbation.
+        delta = torch.cat([torch.zeros(samples + 1, d), u])
+        kinds = ["greedy"] + ["sampled"] * samples + ["perturbed"] * samples
+        rec = _Recorder(model, hook, torch.tensor([k != "sampled" for k in kinds]))
+        g = generate(model, [prompt] * len(kinds), max_new_tokens=max_new_tokens, seed=seed + i, chat=chat,
+                     greedy=False, temperature=1.0, top_p=0.9, controller=rec,
+                     perturbations=[Perturbation(h, delta, positions="generated")])
+        for r, text in enumerate(g.texts):
+            steps = [a[r] for a, live in zip(rec.acts, rec.live) if bool(live[r])][: max(len(g.new_tokens[r]), 1)]
+            acts.extend(steps)
+            group.extend([i] * len(steps))
+            row_of.extend([len(rows)] * len(steps))
+            rows.append({"prompt": prompt, "kind": kinds[r], "text": text})
     if not acts:
         raise ProbeError("the rollouts produced no positions to learn from")
-    return Rollouts(torch.stack(acts), torch.tensor(labels), group, rows)
+    return Rollouts(torch.stack(acts), None, group, rows, row_of)
 
 
 def corpus_prompts(data_dir: str | Path, exclude: Sequence[str] = (), limit: int | None = None, seed: int = 0) -> list[str]:
@@ -299,6 +318,8 @@ def fit_probe(
     """Fit on most prompts, measure on held-out prompts: AUROC, calibration, and the screening
     threshold that keeps ``recall`` of the violating positions (its miss rate is 1 - recall)."""
     hook = hook or default_probe_hook(model)
+    if data.labels is None:
+        raise ProbeError("the rollouts are not labelled: call rollouts.labelled(constraint) first")
     y = data.labels.float()
     if y.min() == y.max():
         raise ProbeError(f"every rollout {'violates' if y[0] > 0.5 else 'satisfies'} {constraint.describe()}: "
@@ -364,14 +385,18 @@ def find_probe(model: HookedTransformer, constraint: Constraint, hook: str | Non
 def train_probe(
     model: HookedTransformer,
     constraint: Constraint,
-    prompts: Sequence[str],
+    prompts: "Sequence[str] | Rollouts",
     *,
     save: bool = True,
     **kwargs: Any,
 ) -> tuple[ValueProbe, Rollouts]:
-    """Collect rollouts, fit, and (by default) store the probe where :func:`find_probe` looks."""
+    """Collect rollouts (or reuse ``Rollouts`` collected for another constraint), label them, fit,
+    and (by default) store the probe where :func:`find_probe` looks."""
     fit_kw = {k: kwargs.pop(k) for k in ("l2", "recall", "holdout") if k in kwargs}
-    data = collect_rollouts(model, constraint, prompts, **kwargs)
+    if constraint.level != "sequence":
+        raise ProbeError(f"{constraint.describe()} is token-level: CZAO scores it exactly from logits, no probe needed")
+    rollouts = prompts if isinstance(prompts, Rollouts) else collect_rollouts(model, prompts, **kwargs)
+    data = rollouts.labelled(constraint, model.tokenizer)
     probe = fit_probe(model, constraint, data, hook=kwargs.get("hook"), seed=kwargs.get("seed", 0), **fit_kw)
     if save:
         probe.save(probe_path(model, constraint, kwargs.get("hook")))

@@ -54,14 +54,27 @@ def test_fit_recovers_a_separable_rule(tiny):
 
 
 def test_rollouts_label_every_generated_position(tiny):
-    data = collect_rollouts(tiny, VOWELS, PROMPTS[:2], samples=2, max_new_tokens=5, perturb_layers=(1,), progress=False)
+    raw = collect_rollouts(tiny, PROMPTS[:2], samples=2, max_new_tokens=5, perturb_layers=(1,), progress=False)
+    assert raw.labels is None
+    data = raw.labelled(VOWELS, tiny.tokenizer)
     # per prompt: 1 greedy + 2 sampled + 2 perturbed rollouts of at most 5 positions each
     assert len(data.texts) == 2 * 5
+    assert [r["kind"] for r in data.texts[:5]] == ["greedy", "sampled", "sampled", "perturbed", "perturbed"]
     assert data.acts.shape[1] == tiny.cfg.d_model and len(data.labels) == len(data.acts) == len(data.group)
     assert len(data.acts) <= 2 * 5 * 5
     for row in data.texts:
         assert row["violates"] == (VOWELS.violation_texts([row["text"]])[0] > 0).item()
     assert set(data.labels.tolist()) <= {0.0, 1.0}
+    for pos, r in enumerate(data.row):
+        assert data.labels[pos] == float(data.texts[r]["violates"])
+
+
+def test_greedy_row_of_a_rollout_batch_is_the_greedy_continuation(tiny):
+    from czao_lens.generate import generate
+
+    raw = collect_rollouts(tiny, PROMPTS[:1], samples=2, max_new_tokens=6, perturb_layers=(1,), progress=False)
+    plain = generate(tiny, PROMPTS[0], max_new_tokens=6)
+    assert raw.texts[0]["text"] == plain.texts[0]
 
 
 def test_probe_round_trip_and_cache(tiny, tmp_path, monkeypatch):
@@ -94,9 +107,11 @@ def test_probe_refuses_another_model_and_another_constraint(tiny, tmp_path):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda m: collect_rollouts(m, AvoidTokens(["blue"]), PROMPTS, progress=False), "token-level"),
-        (lambda m: collect_rollouts(m, VOWELS, [], progress=False), "no prompts"),
-        (lambda m: collect_rollouts(m, VOWELS, PROMPTS, perturb_layers=(9,), progress=False), "out of range"),
+        (lambda m: train_probe(m, AvoidTokens(["blue"]), PROMPTS, progress=False, save=False), "token-level"),
+        (lambda m: collect_rollouts(m, [], progress=False), "no prompts"),
+        (lambda m: collect_rollouts(m, PROMPTS, perturb_layers=(9,), progress=False), "out of range"),
+        (lambda m: collect_rollouts(m, PROMPTS, samples=0, progress=False), "samples"),
+        (lambda m: fit_probe(m, VOWELS, Rollouts(torch.zeros(4, m.cfg.d_model), None, [0, 0, 1, 1])), "not labelled"),
         (lambda m: fit_probe(m, VOWELS, Rollouts(torch.zeros(4, m.cfg.d_model), torch.ones(4), [0, 0, 1, 1])), "nothing to separate"),
     ],
 )
