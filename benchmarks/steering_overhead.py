@@ -46,8 +46,8 @@ def main() -> None:
 
     runs = {
         "unsteered": lambda: generate(model, args.prompt, chat=True, **kw),
-        "caa": lambda: generate(model, args.prompt, chat=True, perturbations=vec.to_perturbations(1.0), **kw),
-        "alqr": lambda: generate_steered(model, args.prompt, lambda lay: ctrl.apply(model, lay), **kw),
+        "caa": lambda: generate(model, args.prompt, chat=True, perturbations=vec.to_perturbations(), **kw),
+        "alqr": lambda: generate_steered(model, args.prompt, ctrl, **kw),
     }
     for f in runs.values():  # warm-up
         f()

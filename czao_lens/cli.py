@@ -396,39 +396,53 @@ def steer(
     out: Path = typer.Option(DEFAULT_OUT / "steer", help="Folder for the vector / controller files."),
 ) -> None:
     """Fit a steering method from the CAA data, save it, and optionally generate with it."""
-    from czao_lens.steering import METHODS, SteeringDataError, SteeringError, fit_steering
+    from czao_lens.steering import SteeringDataError, SteeringError, get_method, method_names
     from czao_lens.steering.evaluate import generate_steered
+    from czao_lens.steering.registry import caa_fit_input
 
-    if method not in METHODS:
-        _fail(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in method_names():
+        _fail(f"unknown method {method!r}; choose one of {', '.join(method_names())}")
+    entry = get_method(method)
     layers = _steer_layers(layers_json, layer, top_k)
     m = _load(model)
     sae = None
-    if method == "sae":
+    if "sae" in entry.needs:
         if sae_path is None or not features:
-            _fail("--method sae needs --sae-path and --features")
+            _fail(f"--method {method} needs --sae-path and --features")
         from sae_lens import SAE
 
         sae = SAE.load_from_disk(str(sae_path))
+    folder = out / method
     try:
         feats = [int(f) for f in features.split(",")] if features else None
-        obj, intervention, info = fit_steering(
-            method, m, behavior=behavior, layers=layers, n_fit=n_fit, multiplier=multiplier, lam=lam,
-            positive=positive, negative=negative, sae=sae, features=feats, jac_prompts=jac_prompts,
-            readout=readout, data_dir=data or default_data_dir(), out=out / method)
+        inp = caa_fit_input(m, entry.needs, layers=layers, behavior=behavior, n_fit=n_fit, data_dir=data or default_data_dir(),
+                            positive=positive, negative=negative, jac_prompts=jac_prompts, progress=True, multiplier=multiplier,
+                            lam=lam, readout=readout, concept=behavior, sae=sae, features=feats)
+        entry.check_input(inp)
+        obj = entry.fit(m, inp)
+        intervention = entry.strength(obj, inp)
+        files = [obj.save(folder)]
+        info = entry.report(obj)
+        if inp.jacobians is not None:
+            info["jacobian_seconds"] = inp.jacobians.meta.get("seconds")
+        if hasattr(obj, "to_gguf"):  # llama.cpp control vector: an export beside the saved vector
+            try:
+                files.append(obj.to_gguf(folder / "vector.gguf"))
+            except SteeringError as exc:
+                info["gguf"] = str(exc)
     except (SteeringError, SteeringDataError, ValueError) as exc:
         _fail(str(exc))
-    typer.echo(f"{method} on layers {layers}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("files", "method", "layers")))
-    for f in info["files"]:
+    typer.echo(f"{method} on layers {layers}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    for f in files:
         typer.echo(f"saved {f}")
     if prompt:
         plain = generate_steered(m, prompt, None, max_new_tokens=max_new_tokens)
         steered = generate_steered(m, prompt, intervention, max_new_tokens=max_new_tokens)
         for p, a, b in zip(prompt, plain.texts, steered.texts):
             typer.echo(f"\n>>> {p}\n[unsteered] {a}\n[steered]   {b}")
-        (out / method).mkdir(parents=True, exist_ok=True)
-        (out / method / "generations.json").write_text(json.dumps(
-            {"prompts": prompt, "unsteered": plain.texts, "steered": steered.texts, "info": {k: v for k, v in info.items() if k != "files"}}, indent=1, default=str))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "generations.json").write_text(json.dumps(
+            {"prompts": prompt, "unsteered": plain.texts, "steered": steered.texts, "info": info}, indent=1, default=str))
 
 
 @app.command()

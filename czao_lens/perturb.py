@@ -197,8 +197,10 @@ def attach_hooks(model: HookedTransformer, hooks: Iterable[tuple[str, Callable]]
 
 
 class Intervention:
-    """Mixin for interventions that implement ``attach(model, layout) -> PerturbationHandle``:
-    gives them the ``apply`` context manager, which removes the hooks whatever happens inside."""
+    """The protocol of everything that changes activations (steering vectors, CAST, A-LQR, activation
+    scaling, SAE splicing): implement ``attach(model, layout) -> PerturbationHandle``, ideally through
+    :func:`attach_hooks`, and get the ``apply`` context manager, which removes the hooks whatever
+    happens inside. Evaluators take an ``Intervention | None`` and call ``apply`` themselves."""
 
     def attach(self, model: HookedTransformer, layout: TokenLayout | None = None) -> PerturbationHandle:
         raise NotImplementedError

@@ -60,7 +60,7 @@ def test_jacobian_matches_finite_differences(tiny):
 def test_block_jacobians_are_cached_on_disk(tiny, tmp_path):
     a = block_jacobians(tiny, n_prompts=2, cache_dir=tmp_path)
     assert a.A.shape == (3, 32, 32) and a.meta["n_prompts"] == 2 and a.meta["seconds"] >= 0
-    files = list(tmp_path.glob("*.safetensors"))
+    files = list(tmp_path.glob("*/tensors.safetensors"))  # one cache entry (an artifact folder)
     assert len(files) == 1
     b = block_jacobians(tiny, n_prompts=2, cache_dir=tmp_path)
     torch.testing.assert_close(a.A, b.A)
@@ -129,7 +129,7 @@ def test_alqr_concepts_sum_and_save_load(tiny, tiny_jac, tmp_path):
         finally:
             h.remove()
     torch.testing.assert_close(rec_ab[0][1], rec_a[0][1] + rec_b[0][1], atol=1e-5, rtol=1e-4)
-    path = both.save(tmp_path / "c.safetensors")
+    path = both.save(tmp_path / "c")
     back = ALQR.load(path, tiny)
     torch.testing.assert_close(back.Kv, both.Kv)
     with pytest.raises(SteeringError, match="A/B pair"):
@@ -150,8 +150,8 @@ def test_alqr_moves_refusal_probability_with_lambda(smol, smol_jac):
     test = load_ab("refusal", "test", n=4, balanced=True, seed=1)
     ctrl = fit_alqr(smol, smol_jac, items=fit, readout="answer")
     base = answer_text_probability(smol, test)
-    up = answer_text_probability(smol, test, lambda lay: ctrl.with_lambda(LQR_LAMBDA).apply(smol, lay))
-    down = answer_text_probability(smol, test, lambda lay: ctrl.with_lambda(-LQR_LAMBDA).apply(smol, lay))
+    up = answer_text_probability(smol, test, ctrl.with_lambda(LQR_LAMBDA))
+    down = answer_text_probability(smol, test, ctrl.with_lambda(-LQR_LAMBDA))
     print(json.dumps({"down": down.mean().item(), "base": base.mean().item(), "up": up.mean().item()}))
     assert up.mean() > base.mean() + 0.05
     assert down.mean() < base.mean() - 0.05

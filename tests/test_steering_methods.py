@@ -176,40 +176,31 @@ def test_ab_probability_batched_matches_single_and_sees_steering(tiny):
     torch.testing.assert_close(batched, single, atol=2e-4, rtol=1e-3)
     assert ((batched > 0) & (batched < 1)).all()
     vec = SteeringVector({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, "resid_pre", {})
-    steered = ab_probability(tiny, items, lambda lay: vec.apply(tiny, 5.0, layout=lay))
+    steered = ab_probability(tiny, items, vec * 5.0)
     assert not torch.allclose(steered, batched)
     # answer-text variant: the question is the prompt, the answer tokens are "generated" positions
     t0 = answer_text_probability(tiny, items)
-    t1 = answer_text_probability(tiny, items, lambda lay: vec.apply(tiny, 5.0, positions="generated", layout=lay))
+    t1 = answer_text_probability(tiny, items, (vec * 5.0).with_positions("generated"))
     assert t0.shape == (3,) and not torch.allclose(t0, t1)
-    t_prompt_only = answer_text_probability(tiny, items, lambda lay: vec.apply(tiny, 5.0, positions=[0], layout=lay))
+    t_prompt_only = answer_text_probability(tiny, items, (vec * 5.0).with_positions([0]))
     assert not torch.allclose(t0, t_prompt_only)
     assert fluency_kl(tiny, None, ["Hi"]) == 0.0
-    assert fluency_kl(tiny, lambda lay: vec.apply(tiny, 5.0, layout=lay), ["Hi", "Tell me a joke"]) > 0
+    assert fluency_kl(tiny, vec * 5.0, ["Hi", "Tell me a joke"]) > 0
 
 
 def test_generate_steered_shares_the_generation_layout(tiny):
     from czao_lens.steering.evaluate import generate_steered
 
+    from czao_lens.perturb import Intervention, attach_hooks
+
     seen = []
 
-    def spy(layout):
-        from contextlib import contextmanager
+    class Spy(Intervention):
+        def attach(self, model, layout=None):
+            return attach_hooks(model, [("blocks.0.hook_resid_pre", lambda a, hook: seen.append(
+                (layout.offset, a.shape[1], layout.mask("generated", a.shape[1]).tolist())))])
 
-        @contextmanager
-        def ctx():
-            from czao_lens.perturb import add_hook
-
-            rm = add_hook(tiny.hook_dict["blocks.0.hook_resid_pre"],
-                          lambda a, hook: seen.append((layout.offset, a.shape[1], layout.mask("generated", a.shape[1]).tolist())))
-            try:
-                yield
-            finally:
-                rm()
-
-        return ctx()
-
-    res = generate_steered(tiny, ["Hello there"], spy, max_new_tokens=3, stop_at_eos=False, chat=False)
+    res = generate_steered(tiny, ["Hello there"], Spy(), max_new_tokens=3, stop_at_eos=False, chat=False)
     assert len(res.new_tokens[0]) == 3
     # prefill (offset 0, no generated positions), then one position per step, generated from step 1 on
     assert seen[0][0] == 0 and not any(seen[0][2][0])

@@ -56,13 +56,13 @@ def test_apply_adds_multiplier_times_direction_and_cleans_up(tiny):
     name = "blocks.1.hook_resid_pre"
     text = "Hello there, how are you?"
     clean = resid(tiny, text, name)
-    with vec.apply(tiny, multiplier=-2.5):
+    with (vec * -2.5).apply(tiny):
         steered = resid(tiny, text, name)
     torch.testing.assert_close(steered - clean, (-2.5 * vec.directions[1]).expand_as(clean), atol=1e-5, rtol=1e-4)
     assert not tiny.hook_dict[name].fwd_hooks
     torch.testing.assert_close(resid(tiny, text, name), clean)
     # "last_prompt" touches one position only
-    with vec.apply(tiny, 1.0, positions="last_prompt"):
+    with vec.with_positions("last_prompt").apply(tiny):
         last = resid(tiny, text, name)
     changed = (last - clean).norm(dim=-1) > 1e-6
     assert changed.tolist() == [False] * (len(clean) - 1) + [True]
@@ -76,7 +76,7 @@ def test_vectors_compose_by_sum_or_by_applying_both(tiny):
     torch.testing.assert_close(s.directions[1], a.directions[1])
     text = "Tell me a story"
     name = "blocks.2.hook_resid_post"
-    with s.apply(tiny, 0.7):
+    with (s * 0.7).apply(tiny):
         summed = resid(tiny, text, name)
     from czao_lens.perturb import perturb
 
@@ -110,7 +110,7 @@ def test_bad_inputs_raise_clear_errors(tiny):
 
 def test_save_load_roundtrip_and_mismatch_errors(tiny, tmp_path):
     vec = caa_vector(tiny, ITEMS, [0, 2])
-    path = vec.save(tmp_path / "v.safetensors")
+    path = vec.save(tmp_path / "v")
     back = SteeringVector.load(path, tiny)
     assert back.layers == [0, 2] and back.hook == "resid_pre"
     for l in back.layers:
@@ -177,10 +177,10 @@ def test_caa_moves_refusal_probability_with_multiplier(smol):
     test = load_ab("refusal", "test", n=N_TEST, balanced=True, seed=1)
     vec = caa_vector(smol, fit, [CAA_LAYER], readout="answer")
     base = answer_text_probability(smol, test)
-    up = answer_text_probability(smol, test, lambda lay: vec.apply(smol, CAA_MULT, layout=lay))
-    down = answer_text_probability(smol, test, lambda lay: vec.apply(smol, -CAA_MULT, layout=lay))
+    up = answer_text_probability(smol, test, vec * CAA_MULT)
+    down = answer_text_probability(smol, test, vec * -CAA_MULT)
     print(json.dumps({"down": down.mean().item(), "base": base.mean().item(), "up": up.mean().item()}))
     assert up.mean() > base.mean() + 0.03
     assert down.mean() < base.mean() - 0.03
-    kl = fluency_kl(smol, lambda lay: vec.apply(smol, CAA_MULT, layout=lay), prompts=["Describe how bread is baked."])
+    kl = fluency_kl(smol, vec * CAA_MULT, prompts=["Describe how bread is baked."])
     assert kl > 0

@@ -22,24 +22,22 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from czao_lens.sites import resid_hook
 from czao_lens.bench.methods import (
     GENERATE_ONLY,
     METHODS,
+    STEERING,
     BenchSettings,
     Fitted,
+    TaskFit,
     bestofn_run,
-    matched_n,
     check,
+    choice_scores,
     czao_run,
+    matched_n,
+    neutral_kl,
     prompting_run,
     static_run,
-    answer_texts,
-    choice_scores,
-    contrast_vector,
-    neutral_kl,
-    sae_vector,
-    sample_contrast,
+    strength_grid,
     tune_choice,
     tune_generate,
 )
@@ -47,6 +45,7 @@ from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, mean, pai
 from czao_lens.bench.tasks import TASK_NAMES, BenchError, Task, load_tasks
 from czao_lens.czao import CZAOConfig
 from czao_lens.prompts import format_prompt
+from czao_lens.sites import check_layers, resid_hook
 from czao_lens.steering.evaluate import NEUTRAL_PROMPTS, last_logits
 from czao_lens.store import ActivationStore
 
@@ -106,20 +105,9 @@ class _Resources:
         return self._sae
 
 
-def _steer(model, vec, g):
-    return lambda lay: vec.apply(model, g, layout=lay)
-
-
-def _apply(model, obj):
-    return lambda lay: obj.apply(model, lay)
-
-
 def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
                  res: _Resources, bar) -> tuple[dict[str, Fitted], dict[str, str], dict]:
     """Fit every method on a generation task's fit split."""
-    from czao_lens.steering.cast import CAST, fit_condition
-    from czao_lens.steering.lqr import fit_alqr
-
     fitted: dict[str, Fitted] = {}
     errors: dict[str, str] = {}
     info: dict[str, Any] = {}
@@ -127,49 +115,39 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
     _, base_rows = tune_generate(model, task, {"unsteered": base}, s, None)
     base_ppl = base_rows[0]["ppl"]
     info["tune_unsteered"] = base_rows[0]
-    contrast, caa = None, None
+    shared = TaskFit(model, task, s, store, res, info)
+
+    def unsteered() -> Fitted:
+        return Fitted("unsteered", {}, run=base)
+
+    def prompting() -> Fitted:
+        return Fitted("prompting", {"instruction": task.instruction}, run=prompting_run(model, task, s))
+
+    def czao() -> Fitted:
+        cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
+        runs = {k: czao_run(model, task, c, s, store) for k, c in cfgs.items()}
+        key, rows = tune_generate(model, task, runs, s, base_ppl)
+        info["czao_tune_passes"] = next(r["passes_per_token"] for r in rows if r["setting"] == key)
+        return Fitted("czao", {"config": asdict(cfgs[key]), "setting": key}, run=runs[key], sweep=rows)
+
+    def bestofn() -> Fitted:
+        # Per item, n is matched to CZAO's passes/token on the same item (see the test loop);
+        # this n (from the tune prompts) is the fallback when CZAO did not run on it.
+        n = matched_n(info.get("czao_tune_passes", 4.0))
+        return Fitted("bestofn", {"n": "matched to CZAO per item" if "czao" in methods else n, "top_p": s.bestofn_top_p},
+                      run=bestofn_run(model, task, n, s))
+
+    def steering(m: str) -> Fitted:
+        runs = {k: static_run(model, iv, s) for k, iv in strength_grid(m, shared.fit(m), s, task.kind).items()}
+        key, rows = tune_generate(model, task, runs, s, base_ppl)
+        return Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
+
+    references = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "bestofn": bestofn}
     for m in methods:
         bar.set_postfix_str(f"fit {m}")
         t0 = time.perf_counter()
         try:
-            if m == "unsteered":
-                f = Fitted(m, {}, run=base)
-            elif m == "prompting":
-                f = Fitted(m, {"instruction": task.instruction}, run=prompting_run(model, task, s))
-            elif m == "czao":
-                cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
-                runs = {k: czao_run(model, task, c, s, store) for k, c in cfgs.items()}
-                key, rows = tune_generate(model, task, runs, s, base_ppl)
-                f = Fitted(m, {"config": asdict(cfgs[key]), "setting": key}, run=runs[key], sweep=rows)
-                info["czao_tune_passes"] = next(r["passes_per_token"] for r in rows if r["setting"] == key)
-            elif m == "bestofn":
-                # Per item, n is matched to CZAO's passes/token on the same item (see the test loop);
-                # this n (from the tune prompts) is the fallback when CZAO did not run on it.
-                n = matched_n(info.get("czao_tune_passes", 4.0))
-                f = Fitted(m, {"n": "matched to CZAO per item" if "czao" in methods else n, "top_p": s.bestofn_top_p},
-                           run=bestofn_run(model, task, n, s))
-            else:
-                if contrast is None:
-                    contrast = sample_contrast(model, task, s)
-                    info["contrast"] = contrast.describe()
-                    caa = contrast_vector(model, contrast, s.layer, store)
-                    info["caa_norm"] = float(caa.directions[s.layer].norm())
-                if m == "caa":
-                    vec, grid = caa, s.caa_grid
-                    runs = {f"x{g:g}": static_run(model, _steer(model, vec, g), s) for g in grid}
-                elif m == "sae":
-                    vec = sae_vector(model, res.sae(), contrast.pos_texts, contrast.neg_texts, s.sae_features, store,
-                                     info["caa_norm"])
-                    runs = {f"x{g:g}": static_run(model, _steer(model, vec, g), s) for g in s.sae_grid}
-                elif m == "cast":
-                    cond = fit_condition(model, contrast.trigger_prompts, contrast.other_prompts, s.condition_layer, chat=False, store=store)
-                    runs = {f"x{g:g}": static_run(model, _apply(model, CAST(cond, caa, g)), s) for g in s.caa_grid}
-                else:  # lqr
-                    ctrl = fit_alqr(model, res.jacobians(), pos_texts=contrast.pos_texts, neg_texts=contrast.neg_texts,
-                                    concept=task.name, store=store)
-                    runs = {f"lambda={g:g}": static_run(model, _apply(model, ctrl.with_lambda(g)), s) for g in s.lqr_grid}
-                key, rows = tune_generate(model, task, runs, s, base_ppl)
-                f = Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
+            f = steering(m) if m in STEERING else references[m]()
             f.fit_seconds = time.perf_counter() - t0
             fitted[m] = f
         except Exception as exc:  # a method that cannot be fitted on this task is reported, not fatal
@@ -180,43 +158,25 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
 def fit_choice(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
                res: _Resources, reference: torch.Tensor, bar) -> tuple[dict[str, Fitted], dict[str, str], dict]:
     """Fit every method that applies on a choice task's fit split."""
-    from czao_lens.steering.cast import CAST, fit_condition
-    from czao_lens.steering.lqr import fit_alqr
-    from czao_lens.steering.vectors import caa_vector
-
     fitted: dict[str, Fitted] = {}
     errors: dict[str, str] = {}
     info: dict[str, Any] = {}
-    caa = None
+    shared = TaskFit(model, task, s, store, res, info)
+
+    def steering(m: str) -> Fitted:
+        ivs = strength_grid(m, shared.fit(m), s, task.kind)
+        key, rows = tune_choice(model, task, ivs, s, reference)
+        return Fitted(m, {"setting": key}, intervention=ivs[key], sweep=rows)
+
+    references = {"unsteered": lambda: Fitted("unsteered", {}),
+                  "prompting": lambda: Fitted("prompting", {"instruction": task.instruction}, system_prompt=task.instruction)}
     for m in methods:
         if m in GENERATE_ONLY:
             continue
         bar.set_postfix_str(f"fit {m}")
         t0 = time.perf_counter()
         try:
-            if m == "unsteered":
-                f = Fitted(m, {})
-            elif m == "prompting":
-                f = Fitted(m, {"instruction": task.instruction}, system_prompt=task.instruction)
-            else:
-                if caa is None:
-                    caa = caa_vector(model, task.fit, [s.layer], readout="answer", store=store)
-                    info["caa_norm"] = float(caa.directions[s.layer].norm())
-                if m == "caa":
-                    facs = {f"x{g:g}": _steer(model, caa, g) for g in s.choice_caa_grid}
-                elif m == "sae":
-                    pos, neg = answer_texts(model, task.fit)
-                    vec = sae_vector(model, res.sae(), pos, neg, s.sae_features, store, info["caa_norm"])
-                    facs = {f"x{g:g}": _steer(model, vec, g) for g in s.sae_grid}
-                elif m == "cast":
-                    cond = fit_condition(model, [it.stem() for it in task.fit], [it.stem() for it in task.contrast_items],
-                                         s.condition_layer, store=store)
-                    facs = {f"x{g:g}": _apply(model, CAST(cond, caa, g)) for g in s.choice_caa_grid}
-                else:  # lqr
-                    ctrl = fit_alqr(model, res.jacobians(), items=task.fit, readout="answer", concept=task.name, store=store)
-                    facs = {f"lambda={g:g}": _apply(model, ctrl.with_lambda(g)) for g in s.lqr_grid}
-                key, rows = tune_choice(model, task, facs, s, reference)
-                f = Fitted(m, {"setting": key}, factory=facs[key], sweep=rows)
+            f = steering(m) if m in STEERING else references[m]()
             f.fit_seconds = time.perf_counter() - t0
             fitted[m] = f
         except Exception as exc:
@@ -239,16 +199,16 @@ def _row_generate(model, task: Task, i: int, prompt: str, f: Fitted, **kw) -> di
 
 def _rows_choice(model, task: Task, f: Fitted, reference: torch.Tensor) -> list[dict]:
     rows = []
-    kl = neutral_kl(model, f.factory, f.system_prompt, reference)
+    kl = neutral_kl(model, f.intervention, f.system_prompt, reference)
     t0 = time.perf_counter()
     try:
-        sc = choice_scores(model, task.test, f.factory, f.system_prompt)
+        sc = choice_scores(model, task.test, f.intervention, f.system_prompt)
         per = [(float(sc["p_text"][i]), float(sc["p_letter"][i]), None) for i in range(len(task.test))]
     except Exception:  # isolate the failing item(s): score one at a time
         per = []
         for it in task.test:
             try:
-                sc = choice_scores(model, [it], f.factory, f.system_prompt)
+                sc = choice_scores(model, [it], f.intervention, f.system_prompt)
                 per.append((float(sc["p_text"][0]), float(sc["p_letter"][0]), None))
             except Exception as exc:
                 per.append((None, None, f"{type(exc).__name__}: {exc}"))
@@ -312,6 +272,22 @@ def summarise(task: Task, rows: list[dict], fitted: dict[str, Fitted], errors: d
     return out
 
 
+def check_bench_layers(model: HookedTransformer, s: BenchSettings) -> None:
+    """The steering and condition layers must exist; the SAE reads block ``layer - 1`` (so ``layer >= 1``)
+    and CAST decides at or before the steering layer."""
+    try:
+        check_layers(model.cfg.n_layers, [s.layer, s.condition_layer], error=BenchError)
+        why = None
+    except BenchError as exc:
+        why = str(exc)
+    if why is None and s.layer < 1:
+        why = "the steering layer must be at least 1 (the SAE reads the block before it)"
+    if why is None and s.condition_layer > s.layer:
+        why = "CAST's condition layer must be at or before the steering layer"
+    if why is not None:
+        raise BenchError(f"layer {s.layer} / condition layer {s.condition_layer} do not fit a {model.cfg.n_layers}-layer model: {why}")
+
+
 def run_bench(
     model: HookedTransformer,
     *,
@@ -336,8 +312,7 @@ def run_bench(
 
     s = settings or BenchSettings()
     methods = check_methods(methods)
-    if not 1 <= s.layer < model.cfg.n_layers or not 0 <= s.condition_layer <= s.layer:
-        raise BenchError(f"layer {s.layer} / condition layer {s.condition_layer} do not fit a {model.cfg.n_layers}-layer model")
+    check_bench_layers(model, s)
     data, out = Path(data), Path(out)
     task_list = load_tasks(list(tasks), data, n_fit=n_fit, n_test=n_test, seed=s.seed, concept_threshold=concept_threshold)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,13 @@
 """The benchmark's methods: how each one is fitted on a task's fit split and run on one test item.
 
+The methods are the steering registry's (:mod:`czao_lens.steering.registry`) that have a strength
+sweep here (:data:`SWEEPS`), between the references: ``unsteered`` and ``prompting`` first, ``czao``
+and ``bestofn`` last. A steering method is fitted through the registry from one
+:class:`~czao_lens.steering.registry.FitInput` per task (:class:`TaskFit`): labelled samples for
+generation tasks, pooled over their continuation tokens, and the A/B items for choice tasks.
+
 Every method ends up as a :class:`Fitted`: a chosen setting plus ``run(prompt)`` for generation tasks
-or ``score(items)`` for choice tasks. Hyperparameters come from a small sweep scored on the fit
+or an ``intervention`` for choice tasks. Hyperparameters come from a small sweep scored on the fit
 split only (``tune``): maximise satisfaction subject to a fluency guard (mean perplexity under the
 unsteered model at most ``ppl_guard`` times unsteered's for generation; KL on neutral prompts at
 most ``kl_guard`` nats for choice tasks); ties go to the gentler setting.
@@ -11,28 +17,28 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol, Sequence
 
-import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.sites import resid_hook
 from czao_lens.bench.metrics import fluency, mean, unsteered_logprobs
 from czao_lens.bench.tasks import BenchError, Task
 from czao_lens.constraints import Context
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.generate import generate
+from czao_lens.perturb import Intervention
 from czao_lens.prompts import format_prompt
+from czao_lens.steering.common import answer_pair_texts
 from czao_lens.steering.evaluate import NEUTRAL_PROMPTS, ab_probability, answer_text_probability, generate_steered, last_logits
-from czao_lens.steering.vectors import SteeringVector, answer_pair_texts
+from czao_lens.steering.registry import FitInput, get_method, pool_continuation, steering_methods
+from czao_lens.steering.vectors import SteeringVector
 from czao_lens.store import ActivationStore
 
-METHODS = ("unsteered", "prompting", "caa", "sae", "cast", "lqr", "czao", "bestofn")
-GENERATE_ONLY = ("czao", "bestofn")  # they select or constrain generated text; choice tasks read fixed answers
 
-Factory = Callable[[Any], Any]  # TokenLayout -> context manager
+REFERENCES = ("unsteered", "prompting")  # the model as is, and asked by instruction
+GENERATE_ONLY = ("czao", "bestofn")  # they select or constrain generated text; choice tasks read fixed answers
 
 
 @dataclass
@@ -54,7 +60,7 @@ class Fitted:
     name: str
     setting: dict[str, Any]
     run: Callable[[str], Output] | None = None  # generation tasks
-    factory: Factory | None = None  # choice tasks: steering as a layout -> context manager factory
+    intervention: Intervention | None = None  # choice tasks: the steering applied while scoring
     system_prompt: str | None = None  # choice tasks: the prompting method
     sweep: list[dict[str, Any]] = field(default_factory=list)
     fit_seconds: float = 0.0
@@ -86,15 +92,17 @@ class BenchSettings:
 # ----------------------------------------------------------------------------- generation
 
 
-def static_run(model: HookedTransformer, factory: Factory | None, s: BenchSettings) -> Callable[[str], Output]:
+def static_run(model: HookedTransformer, intervention: Intervention | None, s: BenchSettings) -> Callable[[str], Output]:
+    """Greedy generation of one prompt, steered by ``intervention`` (``None``: unsteered)."""
+
     def run(prompt: str) -> Output:
         t0 = time.perf_counter()
-        if factory is None:
+        if intervention is None:
             g = generate(model, prompt, max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)
         else:
-            g = generate_steered(model, prompt, factory, chat=False, max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)
+            g = generate_steered(model, prompt, intervention, chat=False, max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)
         sec = time.perf_counter() - t0
-        steered = g.step_logprobs[0] if factory is not None else None
+        steered = g.step_logprobs[0] if intervention is not None else None
         return Output(g.texts[0], g.new_tokens[0], steered, _passes(g), sec)
 
     return run
@@ -203,18 +211,6 @@ def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings) -> C
     return c
 
 
-def contrast_vector(model: HookedTransformer, c: Contrast, layer: int, store: ActivationStore) -> SteeringVector:
-    """Mean resid_pre over continuation tokens of satisfying samples minus that of violating ones."""
-    hook = resid_hook(layer)
-
-    def pooled(ids: list[list[int]], lens: list[int]) -> Tensor:
-        acts = store.get(ids, [hook])
-        return torch.stack([a[hook][n:].float().mean(0) for a, n in zip(acts, lens)]).mean(0)
-
-    d = pooled(c.pos_ids, c.prompt_lens_pos) - pooled(c.neg_ids, c.prompt_lens_neg)
-    return SteeringVector({layer: d}, "resid_pre", {"method": "caa-contrast", "n_pos": len(c.pos_ids), "n_neg": len(c.neg_ids)})
-
-
 def tune_generate(model: HookedTransformer, task: Task, runs: dict[str, Callable[[str], Output]], s: BenchSettings,
                   base_ppl: float | None) -> tuple[str, list[dict]]:
     """Score each setting on the tune prompts; return the chosen key and the sweep table."""
@@ -244,28 +240,31 @@ def choose(rows: list[dict], score_key: str, cost_key: str, limit: float) -> str
 # ----------------------------------------------------------------------------- choice tasks
 
 
-def choice_scores(model: HookedTransformer, items: Sequence, factory: Factory | None = None, system_prompt: str | None = None) -> dict[str, Tensor]:
+def choice_scores(model: HookedTransformer, items: Sequence, intervention: Intervention | None = None,
+                  system_prompt: str | None = None) -> dict[str, Tensor]:
     """p(matching answer text) and p(matching letter) per item."""
-    return {"p_text": answer_text_probability(model, items, factory, system_prompt=system_prompt),
-            "p_letter": ab_probability(model, items, factory, system_prompt=system_prompt)}
+    return {"p_text": answer_text_probability(model, items, intervention, system_prompt=system_prompt),
+            "p_letter": ab_probability(model, items, intervention, system_prompt=system_prompt)}
 
 
-def neutral_kl(model: HookedTransformer, factory: Factory | None = None, system_prompt: str | None = None,
+def neutral_kl(model: HookedTransformer, intervention: Intervention | None = None, system_prompt: str | None = None,
                reference: Tensor | None = None) -> float:
     """Mean KL(steered || unsteered) of the first response token on neutral prompts (nats)."""
     base = reference if reference is not None else last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
-    if factory is None and system_prompt is None:
+    if intervention is None and system_prompt is None:
         return 0.0
     texts = [format_prompt(model, p, chat=True, system_prompt=system_prompt) for p in NEUTRAL_PROMPTS]
-    got = last_logits(model, texts, factory)
+    got = last_logits(model, texts, intervention)
     lq, lp = base.log_softmax(-1), got.log_softmax(-1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-def tune_choice(model: HookedTransformer, task: Task, factories: dict[str, Factory], s: BenchSettings, reference: Tensor) -> tuple[str, list[dict]]:
+def tune_choice(model: HookedTransformer, task: Task, interventions: dict[str, Intervention], s: BenchSettings,
+                reference: Tensor) -> tuple[str, list[dict]]:
+    """Score each setting on the first fit items; return the chosen key and the sweep table."""
     items = task.fit[: max(s.n_tune, 2)]
     rows = []
-    for key, f in factories.items():
+    for key, f in interventions.items():
         p = answer_text_probability(model, items, f)
         rows.append({"setting": key, "satisfaction": float((p > 0.5).float().mean()), "p_text": float(p.mean()),
                      "kl_neutral": neutral_kl(model, f, reference=reference)})
@@ -273,23 +272,120 @@ def tune_choice(model: HookedTransformer, task: Task, factories: dict[str, Facto
     return choose(rows, "p_text", "kl_neutral", s.kl_guard), rows
 
 
-def sae_vector(model: HookedTransformer, sae: Any, pos: Sequence[str], neg: Sequence[str], k: int, store: ActivationStore,
-               norm: float) -> SteeringVector:
-    """FGAA-style: top-k SAE features by (positive - negative) mean activation, decoded with those
-    weights, and scaled to ``norm`` (the CAA vector's) so both methods share one multiplier grid."""
-    from czao_lens.diagnostics.features import select_features
-    from czao_lens.steering.sae import basis_vector
-
-    basis = select_features(model, sae, pos, neg, k=k, store=store)
-    vec = basis_vector(basis, basis.scores.tolist())
-    (layer,) = vec.directions
-    raw = float(vec.directions[layer].norm())
-    vec.directions[layer] = vec.directions[layer] * (norm / max(raw, 1e-12))
-    vec.meta.update({"features": basis.indices, "scores": basis.scores.tolist(), "raw_norm": raw})
-    return vec
-
-
 def answer_texts(model: HookedTransformer, items: Sequence) -> tuple[list[str], list[str]]:
     pos, neg, _, _ = answer_pair_texts(model, items)
     return pos, neg
 
+
+# ----------------------------------------------------------------------------- steering methods via the registry
+
+
+class Resources(Protocol):
+    """What several tasks share (built lazily by the harness)."""
+
+    def jacobians(self) -> Any: ...
+
+    def sae(self) -> Any: ...
+
+
+class TaskFit:
+    """One task's :class:`FitInput` and CAA vector, built once, on the first steering method's turn.
+
+    Generation tasks fit from unsteered samples labelled by the primary evaluator (CAA pools their
+    continuation tokens; A-LQR reads their last token; CAST's condition contrasts the prompts whose
+    samples mostly violate); choice tasks from their A/B items (answer-text readout).
+    """
+
+    def __init__(self, model: HookedTransformer, task: Task, s: BenchSettings, store: ActivationStore, res: Resources,
+                 info: dict[str, Any]):
+        self.model, self.task, self.s, self.store, self.res, self.info = model, task, s, store, res, info
+        self.contrast: Contrast | None = None
+        self.inp: FitInput | None = None
+        self.caa: SteeringVector | None = None
+
+    def prepare(self) -> None:
+        """Sample the contrast (generation tasks) and fit the CAA vector, once per task."""
+        if self.inp is None:
+            self.inp = self._input()
+        if self.caa is None:
+            self.caa = get_method("caa").fit(self.model, self.inp)
+            self.info["caa_norm"] = float(self.caa.directions[self.s.layer].norm())
+
+    def _input(self) -> FitInput:
+        s, task = self.s, self.task
+        common = dict(layers=[s.layer], condition_layer=s.condition_layer, concept=task.name, store=self.store)
+        if task.kind == "generate":
+            c = self.contrast = sample_contrast(self.model, task, s)
+            self.info["contrast"] = c.describe()
+            return FitInput(pos_texts=c.pos_texts, neg_texts=c.neg_texts, pos_ids=c.pos_ids, neg_ids=c.neg_ids,
+                            prompt_lens_pos=c.prompt_lens_pos, prompt_lens_neg=c.prompt_lens_neg,
+                            trigger=c.trigger_prompts, other=c.other_prompts, pool=pool_continuation, chat=False, **common)
+        return FitInput(items=task.fit, readout="answer", trigger=[it.stem() for it in task.fit],
+                        other=[it.stem() for it in task.contrast_items], **common)
+
+    def fit(self, name: str) -> Any:
+        """The fitted object of steering method ``name`` on this task."""
+        self.prepare()
+        return SWEEPS[name].fit(self)
+
+
+def _fit_caa(f: TaskFit) -> SteeringVector:
+    return f.caa
+
+
+def _fit_sae(f: TaskFit) -> SteeringVector:
+    """FGAA-style: top-k SAE features by (positive - negative) mean activation, decoded with those
+    weights, and scaled to the CAA vector's norm so both methods share one multiplier grid."""
+    from czao_lens.diagnostics.features import select_features
+
+    if f.contrast is not None:
+        pos, neg = f.contrast.pos_texts, f.contrast.neg_texts
+    else:
+        pos, neg = answer_texts(f.model, f.task.fit)
+    sae = f.res.sae()
+    basis = select_features(f.model, sae, pos, neg, k=f.s.sae_features, store=f.store)
+    vec = get_method("sae").fit(f.model, replace(f.inp, sae=sae, features=basis.indices, coeffs=basis.scores.tolist()))
+    (layer,) = vec.directions
+    raw = float(vec.directions[layer].norm())
+    vec.directions[layer] = vec.directions[layer] * (f.info["caa_norm"] / max(raw, 1e-12))
+    vec.meta.update({"features": basis.indices, "scores": basis.scores.tolist(), "raw_norm": raw})
+    return vec
+
+
+def _fit_cast(f: TaskFit) -> Any:
+    return get_method("cast").fit(f.model, replace(f.inp, vector=f.caa))
+
+
+def _fit_lqr(f: TaskFit) -> Any:
+    jac = f.res.jacobians()
+    return get_method("lqr").fit(f.model, replace(f.inp, jacobians=jac, horizon=list(jac.layers)))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """How the bench fits a steering method on a task and sweeps its strength: the BenchSettings grid
+    for generation and for choice tasks, and how a setting is named in the sweep table."""
+
+    fit: Callable[[TaskFit], Any]
+    grid: str
+    choice_grid: str
+    label: str
+
+    def values(self, s: BenchSettings, kind: str) -> tuple[float, ...]:
+        return getattr(s, self.grid if kind == "generate" else self.choice_grid)
+
+
+SWEEPS = {
+    "caa": Sweep(_fit_caa, "caa_grid", "choice_caa_grid", "x{:g}"),
+    "sae": Sweep(_fit_sae, "sae_grid", "sae_grid", "x{:g}"),
+    "cast": Sweep(_fit_cast, "caa_grid", "choice_caa_grid", "x{:g}"),
+    "lqr": Sweep(_fit_lqr, "lqr_grid", "lqr_grid", "lambda={:g}"),
+}
+STEERING = tuple(m.name for m in steering_methods() if m.name in SWEEPS)  # registry order
+METHODS = REFERENCES + STEERING + GENERATE_ONLY
+
+
+def strength_grid(name: str, obj: Any, s: BenchSettings, kind: str) -> dict[str, Intervention]:
+    """The fitted object at every strength of its sweep, by setting name."""
+    sweep, method = SWEEPS[name], get_method(name)
+    return {sweep.label.format(g): method.at(obj, g) for g in sweep.values(s, kind)}

@@ -14,16 +14,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.perturb import Intervention, PerturbationHandle, add_hook
+from czao_lens.artifacts import register_artifact
+from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks
 from czao_lens.prompts import TokenLayout, format_prompt
+from czao_lens.steering.common import (
+    SteeringArtifact,
+    SteeringError,
+    check_layers,
+    contrastive_activations,
+    hook_name,
+    store_for,
+)
 from czao_lens.steering.data import texts_hash
-from czao_lens.steering.vectors import SteeringError, SteeringVector, check_layers, contrastive_activations, hook_name
+from czao_lens.steering.vectors import SteeringVector
 from czao_lens.store import ActivationStore
 
 
@@ -45,9 +54,7 @@ class Condition:
     def scores(self, model: HookedTransformer, prompts: Sequence[str], *, chat: bool = True,
                store: ActivationStore | None = None) -> Tensor:
         texts = [format_prompt(model, p, chat=chat) for p in prompts]
-        from czao_lens.steering.vectors import default_store
-
-        store = store or default_store(model)
+        store = store_for(model, store)
         h = hook_name(self.layer, self.hook)
         return self.score_acts(store.last_token(texts, h)[h])
 
@@ -113,22 +120,31 @@ def evaluate_condition(model: HookedTransformer, cond: Condition, trigger: Seque
     return precision_recall(fired, truth)
 
 
+@register_artifact("cast")
 @dataclass
-class CAST(Intervention):
+class CAST(Intervention, SteeringArtifact):
     """Steer with ``vector * multiplier`` only on prompts where ``condition`` fires."""
 
     condition: Condition
     vector: SteeringVector
     multiplier: float = 1.0
 
-    def attach(self, model: HookedTransformer, layout: TokenLayout | None = None, *, decisions: list | None = None) -> PerturbationHandle:
-        """Add the hooks; with ``decisions`` (a list), each forward's per-row decisions are appended to it."""
+    WHAT = "CAST condition and vector"
+
+    def check_model(self, model: HookedTransformer) -> None:
+        """Raise if the vector does not fit ``model`` or the condition is read after the steering layers."""
         self.vector.check_model(model)
+        check_layers(model, [self.condition.layer])
         c = self.condition
         if min(self.vector.layers) < c.layer or (min(self.vector.layers) == c.layer and self.vector.hook != c.hook and self.vector.hook == "resid_pre"):
             raise SteeringError(
                 f"CAST steers at layers {self.vector.layers} but decides at layer {c.layer}: the condition must be read at or before the steering layers"
             )
+
+    def attach(self, model: HookedTransformer, layout: TokenLayout | None = None, *, decisions: list | None = None) -> PerturbationHandle:
+        """Add the hooks; with ``decisions`` (a list), each forward's per-row decisions are appended to it."""
+        self.check_model(model)
+        c = self.condition
         flags: dict[str, Tensor] = {}
 
         def mask(act: Tensor, kind: str) -> Tensor:
@@ -149,7 +165,7 @@ class CAST(Intervention):
                 if decisions is not None:
                     decisions.append(f.clone())
 
-        def steer_fn(delta: Tensor):
+        def steer_fn(delta: Tensor) -> Callable:
             def steer(act: Tensor, hook) -> Tensor:
                 f = flags.get("fired")
                 if f is None or not f.any():
@@ -159,13 +175,34 @@ class CAST(Intervention):
 
             return steer
 
-        handle = PerturbationHandle()
-        try:
-            handle.removers.append(add_hook(model.hook_dict[hook_name(c.layer, c.hook)], decide))
-            for l, d in sorted(self.vector.directions.items()):
-                handle.removers.append(add_hook(model.hook_dict[hook_name(l, self.vector.hook)], steer_fn(d)))
-        except BaseException:
-            handle.remove()
-            raise
-        return handle
+        hooks = [(hook_name(c.layer, c.hook), decide)]
+        hooks += [(hook_name(l, self.vector.hook), steer_fn(d)) for l, d in sorted(self.vector.directions.items())]
+        return attach_hooks(model, hooks)
 
+    # ------------------------------------------------------------------ the artifact layout
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.condition
+        return {"multiplier": float(self.multiplier), "vector": self.vector.to_dict(),
+                "condition": {"layer": c.layer, "hook": c.hook, "threshold": float(c.threshold), "meta": c.meta}}
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"vector.{k}": t for k, t in self.vector.tensors().items()}
+        out["condition.direction"] = self.condition.direction
+        out["condition.center"] = self.condition.center
+        return out
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "CAST":
+        vec = SteeringVector.from_dict(params["vector"], {k.removeprefix("vector."): t for k, t in tensors.items()
+                                                          if k.startswith("vector.")})
+        c = params["condition"]
+        cond = Condition(int(c["layer"]), tensors["condition.direction"], tensors["condition.center"], float(c["threshold"]),
+                         c.get("hook", "resid_pre"), dict(c.get("meta", {})))
+        return cls(cond, vec, float(params.get("multiplier", 1.0)))
+
+    def saved_model_info(self) -> dict[str, Any]:
+        return self.vector.saved_model_info()
+
+    def sites(self) -> list[str]:
+        return [hook_name(self.condition.layer, self.condition.hook), *self.vector.sites()]

@@ -1,10 +1,11 @@
 """Measuring steering: A/B answer probabilities and a fluency cost, reusable by benchmarks.
 
-An *intervention* is a factory ``f(layout) -> context manager``: inside the context the model is
-steered. ``layout`` is the :class:`~czao_lens.prompts.TokenLayout` of the (left-padded) batch, so
+An *intervention* is any :class:`czao_lens.perturb.Intervention` (a steering vector, CAST, A-LQR,
+activation scaling, an SAE splice): the evaluators call ``intervention.apply(model, layout)`` around
+each forward pass, with the :class:`~czao_lens.prompts.TokenLayout` of the (left-padded) batch, so
 position-aware steering (``"prompt"``, ``"last_prompt"``, CAST, A-LQR) sees the right tokens::
 
-    ab_probability(model, items, lambda layout: vec.apply(model, 2.0, layout=layout))
+    ab_probability(model, items, vec * 2.0)
 
 ``None`` means the unsteered model.
 """
@@ -20,11 +21,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from czao_lens.generate import generate_tokens
+from czao_lens.perturb import Intervention
 from czao_lens.prompts import EncodedPrompts, TokenLayout, encode_prompts, format_prompt
+from czao_lens.steering.common import SteeringError, ab_prefix, answer_pair_texts, option_texts  # noqa: F401
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem
-from czao_lens.steering.vectors import SteeringError, ab_prefix, answer_pair_texts
 
-Intervention = Callable[[TokenLayout], ContextManager]
+
+def steered(model: HookedTransformer, intervention: Intervention | None, layout: TokenLayout) -> ContextManager:
+    """``intervention.apply(model, layout)``, or a no-op for the unsteered model."""
+    return intervention.apply(model, layout) if intervention is not None else nullcontext()
 
 
 def letter_token_ids(model: HookedTransformer, letters: Sequence[str] = ("A", "B")) -> dict[str, int]:
@@ -59,8 +64,7 @@ def last_logits(
     out: list[Tensor | None] = [None] * len(texts)
     for idx in _batches(len(texts), lengths, batch_size):
         enc = encode_prompts(model, [texts[i] for i in idx], chat=False)
-        ctx = intervention(enc.layout()) if intervention is not None else nullcontext()
-        with ctx:
+        with steered(model, intervention, enc.layout()):
             # Unembed only the last position: the full-vocabulary unembedding of every token is waste.
             resid = model(enc.tokens, attention_mask=enc.attention_mask, stop_at_layer=model.cfg.n_layers)
             logits = model.unembed(model.ln_final(resid[:, -1:]))[:, -1].float()
@@ -122,7 +126,7 @@ class SweepRow:
     p_match_sem: float
     kl: float
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"value": self.value, "p_match": self.p_match, "p_match_sem": self.p_match_sem, "kl": self.kl}
 
 
@@ -182,21 +186,8 @@ def generate_steered(
             return layout
 
     shared = _Shared(enc.tokens, enc.attention_mask, enc.prompt_lens)
-    ctx = intervention(layout) if intervention is not None else nullcontext()
-    with ctx:
+    with steered(model, intervention, layout):
         return generate_tokens(model, shared, prompt_list, config={"chat": chat}, **kw)
-
-
-def option_texts(item: ABItem) -> dict[str, str]:
-    """The answer texts of an A/B question, by letter (``(A) ...`` lines of its ``Choices:`` block)."""
-    import re
-
-    out = {}
-    for m in re.finditer(r"^\s*\(([A-Z])\)\s*(.+?)\s*$", item.question.split("Choices:")[-1], flags=re.M):
-        out[m.group(1)] = m.group(2)
-    if item.matching not in out or item.not_matching not in out:
-        raise SteeringError(f"cannot find the options {item.matching}/{item.not_matching} in: {item.question[-200:]!r}")
-    return out
 
 
 @torch.no_grad()
@@ -229,8 +220,7 @@ def answer_text_probability(
         enc = encode_prompts(model, [texts[i] for i in idx], chat=False)
         # The question is the "prompt", the answer tokens count as "generated" (what the model would say).
         layout = TokenLayout(prompt_lens=torch.tensor([spans[i][0] for i in idx]), pad=enc.pad)
-        ctx = intervention(layout) if intervention is not None else nullcontext()
-        with ctx:
+        with steered(model, intervention, layout):
             logits = model(enc.tokens, attention_mask=enc.attention_mask)
         lp = torch.log_softmax(logits.float(), -1)
         for j, i in enumerate(idx):

@@ -8,7 +8,8 @@ Model of the residual stream at the last position, over the blocks ``l = l0 .. L
   respect to its last-position input, other positions held fixed (cross-token terms dropped),
   averaged over a prompt set. It is computed by reverse-mode autograd with the d output rows as a
   batch: one single-token forward/backward of block ``l`` against the prompt's frozen KV cache per
-  (prompt, layer). Results are cached as safetensors keyed on the model fingerprint.
+  (prompt, layer). Results are cached in the artifact layout (cfg.json + tensors.safetensors) keyed
+  on the model fingerprint.
 * :func:`riccati` runs the backward recursion with ``Q = qI, R = rI, Qf = qf I``::
 
       S_L = Qf;  P = S_{l+1} + R;  K_l = P^-1 S_{l+1} A_l;
@@ -30,11 +31,12 @@ Model of the residual stream at the last position, over the blocks ``l = l0 .. L
 from __future__ import annotations
 
 import hashlib
-import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -42,13 +44,23 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from czao_lens.sites import resid_hook
+from czao_lens.artifacts import register_artifact
 from czao_lens.errors import CzaoLensError
-from czao_lens.models import cache_root, model_fingerprint
-from czao_lens.perturb import Intervention, PerturbationHandle, add_hook
+from czao_lens.models import model_fingerprint
+from czao_lens.paths import cache_root
+from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks
 from czao_lens.prompts import TokenLayout, encode_prompts, format_prompt
+from czao_lens.sites import resid_hook
+from czao_lens.steering.common import (
+    SteeringArtifact,
+    SteeringError,
+    check_layers,
+    contrastive_activations,
+    fit_meta,
+    item_activations,
+    meta_model_info,
+)
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem, items_hash, texts_hash
-from czao_lens.steering.vectors import SteeringError, check_layers, contrastive_activations, item_activations
 from czao_lens.store import ActivationStore
 
 Positions = Literal["last", "all"]
@@ -81,13 +93,16 @@ def jacobian_prompts(model: HookedTransformer, n: int = 24, *, chat: bool = True
 # ----------------------------------------------------------------------------- Jacobians
 
 
+@register_artifact("block_jacobians")
 @dataclass
-class BlockJacobians:
+class BlockJacobians(SteeringArtifact):
     """Averaged last-position block Jacobians ``A[i]`` for ``layers[i]`` (``A[i] = d out / d in``)."""
 
     A: Tensor  # [n_layers, d, d]
     layers: list[int]
     meta: dict = field(default_factory=dict)
+
+    WHAT = "block Jacobians"
 
     def __getitem__(self, layer: int) -> Tensor:
         return self.A[self.layers.index(layer)]
@@ -98,24 +113,29 @@ class BlockJacobians:
             raise SteeringError(f"no Jacobians for layers {missing}; have {self.layers[0]}..{self.layers[-1]}")
         return BlockJacobians(torch.stack([self[l] for l in layers]), list(layers), dict(self.meta))
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+    def check_model(self, model: HookedTransformer) -> None:
+        if self.A.shape[-1] != model.cfg.d_model:
+            raise SteeringError(f"Jacobians have width {self.A.shape[-1]}, the model has d_model {model.cfg.d_model}")
+        check_layers(model, self.layers)
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"A": self.A.contiguous()}, str(tmp), metadata={"layers": json.dumps(self.layers), "meta": json.dumps(self.meta)})
-        tmp.replace(path)
-        return path
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "meta": self.meta}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"A": self.A}
 
     @classmethod
-    def load(cls, path: str | Path) -> "BlockJacobians":
-        from safetensors import safe_open
+    def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "BlockJacobians":
+        A, layers = tensors["A"], [int(l) for l in params["layers"]]
+        if A.ndim != 3 or A.shape[0] != len(layers):
+            raise SteeringError(f"saved Jacobians have shape {tuple(A.shape)} for {len(layers)} layers")
+        return cls(A, layers, dict(params.get("meta", {})))
 
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata()
-            A = f.get_tensor("A")
-        return cls(A, json.loads(md["layers"]), json.loads(md.get("meta", "{}")))
+    def saved_model_info(self) -> dict[str, Any]:
+        return meta_model_info(self.meta, int(self.A.shape[-1]))
+
+    def sites(self) -> list[str]:
+        return [resid_hook(l) for l in self.layers]
 
 
 def _prefix_run(model: HookedTransformer, toks: Tensor, layers: Sequence[int]) -> tuple[TransformerLensKeyValueCache, dict[int, Tensor]]:
@@ -163,8 +183,8 @@ def block_jacobians(
     """Average last-position Jacobians of the blocks over ``prompts`` (default: built-in set of ``n_prompts``).
 
     Cached on disk under ``cache_dir`` (default ``$CZAO_LENS_CACHE/jacobians``; ``None`` disables it),
-    keyed on the model fingerprint, the prompts and the layers. ``meta["seconds"]`` records how long
-    the computation took.
+    one artifact folder per model fingerprint, prompt set and layers. ``meta["seconds"]`` records how
+    long the computation took.
     """
     layers = check_layers(model, layers if layers is not None else range(model.cfg.n_layers))
     prompts = list(prompts) if prompts is not None else jacobian_prompts(model, n_prompts)
@@ -175,12 +195,12 @@ def block_jacobians(
     path = None
     if cache_dir is not None:
         root = cache_root() / "jacobians" if cache_dir == "default" else Path(cache_dir)
-        path = root / f"{fp}-{key}.safetensors"
+        path = root / f"{fp}-{key}"
         if path.exists():
             try:
-                return BlockJacobians.load(path)
-            except Exception:
-                pass  # damaged: recompute
+                return BlockJacobians.load(path, model)
+            except CzaoLensError:
+                pass  # damaged or stale: recompute
     t0 = time.perf_counter()
     d = model.cfg.d_model
     A = torch.zeros(len(layers), d, d)
@@ -195,12 +215,23 @@ def block_jacobians(
             A[i] += last_position_jacobian(model, l, xs[l][0], cache.entries[l]).detach()
     A /= len(enc_rows)
     seconds = time.perf_counter() - t0
-    jac = BlockJacobians(A, layers, {"fingerprint": fp, "model_name": model.cfg.model_name, "n_prompts": len(prompts),
-                                     "mean_tokens": sum(t.shape[1] for t in enc_rows) / len(enc_rows),
+    jac = BlockJacobians(A, layers, {"fingerprint": fp, "model_name": model.cfg.model_name, "n_layers": model.cfg.n_layers,
+                                     "n_prompts": len(prompts), "mean_tokens": sum(t.shape[1] for t in enc_rows) / len(enc_rows),
                                      "seconds": seconds, "prompts_hash": texts_hash(prompts)})
     if path is not None:
-        jac.save(path)
+        _save_atomic(jac, path)
     return jac
+
+
+def _save_atomic(obj: SteeringArtifact, path: Path) -> None:
+    """Write to a temporary folder and rename it, so a reader never sees half a cache entry."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    obj.save(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process wrote the same entry first (a non-empty folder cannot be replaced)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- Riccati
@@ -260,8 +291,9 @@ def riccati(A: Tensor | BlockJacobians, *, q: float = 0.5, r: float = 2.0, qf: f
 # ----------------------------------------------------------------------------- the controller
 
 
+@register_artifact("alqr")
 @dataclass
-class ALQR(Intervention):
+class ALQR(Intervention, SteeringArtifact):
     """A-LQR feedback steering, one or more concepts; ``attach``/``apply`` add O(d) hooks per layer."""
 
     layers: list[int]
@@ -271,6 +303,8 @@ class ALQR(Intervention):
     lam: Tensor  # [n_concepts]
     positions: Positions = "last"
     meta: dict = field(default_factory=dict)
+
+    WHAT = "A-LQR controller"
 
     @property
     def beta(self) -> Tensor:
@@ -308,86 +342,62 @@ class ALQR(Intervention):
             m = m.repeat_interleave(b // m.shape[0], 0)
         return m.to(act.device)
 
-    def attach(self, model: HookedTransformer, layout: TokenLayout | None = None, *, record: list | None = None) -> PerturbationHandle:
-        """Add the feedback hooks. With ``record`` (a list), each layer's control vectors are appended to it."""
+    def check_model(self, model: HookedTransformer) -> None:
+        """Raise if the controller's width or layers do not fit ``model``."""
         if self.v.shape[-1] != model.cfg.d_model:
             raise SteeringError(f"A-LQR controller has width {self.v.shape[-1]}, the model has d_model {model.cfg.d_model}")
         check_layers(model, self.layers)
-        handle = PerturbationHandle()
+
+    def attach(self, model: HookedTransformer, layout: TokenLayout | None = None, *, record: list | None = None) -> PerturbationHandle:
+        """Add the feedback hooks. With ``record`` (a list), each layer's control vectors are appended to it."""
+        self.check_model(model)
         beta = self.beta
         state: dict[int, Tensor] = {}
-        try:
-            for i, l in enumerate(self.layers):
-                v_i, kv_i, b_i = self.v[:, i], self.Kv[:, i], beta[:, i]
+        hooks: list[tuple[str, Callable]] = []
+        for i, l in enumerate(self.layers):
+            v_i, kv_i, b_i = self.v[:, i], self.Kv[:, i], beta[:, i]
 
-                def read(act: Tensor, hook, l=l, v_i=v_i, kv_i=kv_i, b_i=b_i) -> None:
-                    # coefficient per concept: beta - v^T x, at the steered positions only
-                    coef = b_i.to(act.dtype) - act @ v_i.T.to(act.dtype)  # [b, n, c]
-                    u = coef @ kv_i.to(act.dtype)  # [b, n, d]
-                    state[l] = u * self._mask(act, layout)[..., None].to(act.dtype)
+            def read(act: Tensor, hook, l=l, v_i=v_i, kv_i=kv_i, b_i=b_i) -> None:
+                # coefficient per concept: beta - v^T x, at the steered positions only
+                coef = b_i.to(act.dtype) - act @ v_i.T.to(act.dtype)  # [b, n, c]
+                u = coef @ kv_i.to(act.dtype)  # [b, n, d]
+                state[l] = u * self._mask(act, layout)[..., None].to(act.dtype)
 
-                def write(act: Tensor, hook, l=l) -> Tensor:
-                    u = state.pop(l, None)
-                    if u is None or u.shape != act.shape:
-                        return act
-                    if record is not None:
-                        record.append((l, u.detach()))
-                    return act + u
+            def write(act: Tensor, hook, l=l) -> Tensor:
+                u = state.pop(l, None)
+                if u is None or u.shape != act.shape:
+                    return act
+                if record is not None:
+                    record.append((l, u.detach()))
+                return act + u
 
-                handle.removers.append(add_hook(model.hook_dict[resid_hook(l)], read))
-                handle.removers.append(add_hook(model.hook_dict[resid_hook(l, "post")], write))
-        except BaseException:
-            handle.remove()
-            raise
-        return handle
+            hooks += [(resid_hook(l), read), (resid_hook(l, "post"), write)]
+        return attach_hooks(model, hooks)
 
+    # ------------------------------------------------------------------ the artifact layout
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "positions": self.positions, "meta": self.meta}
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"v": self.v.contiguous(), "E_norm": self.E_norm.contiguous(), "Kv": self.Kv.contiguous(), "lam": self.lam.contiguous()},
-                  str(path), metadata={"layers": json.dumps(self.layers), "positions": self.positions, "meta": json.dumps(self.meta, default=str)})
-        return path
+    def tensors(self) -> dict[str, Tensor]:
+        return {"v": self.v, "E_norm": self.E_norm, "Kv": self.Kv, "lam": self.lam}
 
     @classmethod
-    def load(cls, path: str | Path, model: HookedTransformer | None = None) -> "ALQR":
-        from safetensors import safe_open
+    def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "ALQR":
+        _check_positions(params["positions"])
+        return cls([int(l) for l in params["layers"]], tensors["v"], tensors["E_norm"], tensors["Kv"], tensors["lam"],
+                   params["positions"], dict(params.get("meta", {})))
 
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        ctrl = cls(json.loads(md["layers"]), t["v"], t["E_norm"], t["Kv"], t["lam"], md["positions"], json.loads(md["meta"]))
-        if model is not None:
-            fp = ctrl.meta.get("fingerprint")
-            if ctrl.v.shape[-1] != model.cfg.d_model:
-                raise SteeringError(f"controller width {ctrl.v.shape[-1]} does not match d_model {model.cfg.d_model}")
-            if fp is not None and fp != model_fingerprint(model):
-                raise SteeringError(f"controller was fitted on a model with fingerprint {fp}, not {model_fingerprint(model)}")
-        return ctrl
+    def saved_model_info(self) -> dict[str, Any]:
+        return meta_model_info(self.meta, int(self.v.shape[-1]))
+
+    def sites(self) -> list[str]:
+        return [h for l in self.layers for h in (resid_hook(l), resid_hook(l, "post"))]
 
 
 def _check_positions(positions: str) -> None:
     if positions not in ("last", "all"):
         raise SteeringError(f"positions must be 'last' (A-LQR) or 'all' (A-LQR+), got {positions!r}")
-
-
-def setpoint_means(
-    model: HookedTransformer,
-    pos_texts: Sequence[str],
-    neg_texts: Sequence[str],
-    layers: Sequence[int],
-    *,
-    store: ActivationStore | None = None,
-) -> Tensor:
-    """E_l: mean last-token resid_pre of positive minus negative texts, ``[n_layers, d]``."""
-    P, N = contrastive_activations(model, pos_texts, neg_texts, layers, hook="resid_pre", store=store, paired=False)
-    E = torch.stack([P[l].mean(0) - N[l].mean(0) for l in layers])
-    zero = (E.norm(dim=-1) <= 1e-6 * torch.stack([P[l].norm(dim=-1).mean() for l in layers])).nonzero().flatten().tolist()
-    if zero:
-        raise SteeringError(f"the contrastive mean difference is zero at layers {[layers[i] for i in zero]}: no setpoint direction")
-    return E
 
 
 def fit_alqr(
@@ -436,9 +446,8 @@ def fit_alqr(
     En = torch.where(zero, torch.zeros_like(E[:, 0]), E.norm(dim=-1))
     v = torch.where(zero[:, None], torch.zeros_like(E), E / E.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     Kv = torch.einsum("lij,lj->li", gains.K, v)
-    meta = {"method": "alqr", "concept": concept, "model_name": model.cfg.model_name, "fingerprint": model_fingerprint(model),
-            "d_model": model.cfg.d_model, "q": q, "r": r, "qf": qf, "data_hash": data_hash,
-            "jacobian_prompts": jac.meta.get("n_prompts"), "max_condition": gains.max_condition, "readout": readout}
+    meta = fit_meta(model, "alqr", concept=concept, q=q, r=r, qf=qf, data_hash=data_hash,
+                    jacobian_prompts=jac.meta.get("n_prompts"), max_condition=gains.max_condition, readout=readout)
     return ALQR(layers, v[None], En[None], Kv[None], torch.tensor([float(lam)]), positions, meta)
 
 

@@ -20,7 +20,6 @@ comes from ``sae.cfg.metadata.hook_name`` unless given. A ``FeatureBasis`` (``in
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -28,11 +27,11 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.perturb import Intervention, PerturbationHandle, add_hook, check_hook_name
+from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks
 from czao_lens.prompts import PositionSpec, TokenLayout
-from czao_lens.steering.vectors import HOOK_KINDS, SteeringError, SteeringVector
-
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
+from czao_lens.sites import layer_of
+from czao_lens.steering.common import HOOK_KINDS, SteeringError, hook_name
+from czao_lens.steering.vectors import SteeringVector
 
 
 def sae_hook_name(sae: Any, hook: str | None = None) -> str:
@@ -46,10 +45,12 @@ def sae_hook_name(sae: Any, hook: str | None = None) -> str:
 
 
 def _split_hook(name: str) -> tuple[int, str]:
-    m = _HOOK_RE.match(name)
-    if not m or m.group(2) not in HOOK_KINDS:
+    """(layer, kind) of a hook a steering vector can act on, e.g. ``blocks.3.hook_resid_pre`` -> (3, "resid_pre")."""
+    layer = layer_of(name)
+    kind = name.rsplit(".hook_", 1)[-1] if layer is not None else ""
+    if kind not in HOOK_KINDS or hook_name(layer, kind) != name:
         raise SteeringError(f"SAE feature steering as a vector needs a residual/attn_out/mlp_out hook, got {name!r}; use SAESplice")
-    return int(m.group(1)), m.group(2)
+    return layer, kind
 
 
 def _check_features(features: Sequence[int], coeffs: Sequence[float] | float, d_sae: int) -> tuple[list[int], list[float]]:
@@ -114,8 +115,8 @@ class SAESplice(Intervention):
         return self.sae.decode(z2) + err
 
     def attach(self, model: HookedTransformer, layout: TokenLayout | None = None) -> PerturbationHandle:
+        """Add the splicing hook at the SAE's hook point; ``apply`` is the context-manager form."""
         name = sae_hook_name(self.sae, self.hook)
-        hp = check_hook_name(model, name)
         d_in = self.sae.W_dec.shape[1]
 
         def hook(act: Tensor, hook) -> Tensor:
@@ -132,10 +133,7 @@ class SAESplice(Intervention):
             out[m] = self.edit(act[m].float()).to(act.dtype)
             return out
 
-        handle = PerturbationHandle()
-        handle.removers.append(add_hook(hp, hook))
-        return handle
-
+        return attach_hooks(model, [(name, hook)])
 
 
 def make_sae(d_in: int, d_sae: int, hook_name: str, *, W_dec: Tensor | None = None, seed: int = 0, threshold_bias: float = 0.0):

@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.sites import hook_name, resid_hook
+from czao_lens.artifacts import register_artifact, save_artifact
 from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks, check_hook_name, hook_layer
 from czao_lens.prompts import PositionSpec, TokenLayout, format_prompt
+from czao_lens.sites import hook_name, resid_hook
+from czao_lens.steering.common import SteeringArtifact, SteeringError, ab_prefix, fit_meta, meta_model_info, store_for
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem
 from czao_lens.steering.evaluate import letter_token_ids
-from czao_lens.steering.vectors import SteeringError, ab_prefix, default_store
 from czao_lens.store import ActivationStore
 
 _HEAD_RE = re.compile(r"^(.*attn\.hook_(?:z|result))\[(\d+)\]$")
@@ -44,16 +46,24 @@ def _parse_site(model: HookedTransformer, site: str) -> tuple[str, int | None]:
     return name, head
 
 
+@register_artifact("activation_scaling")
 @dataclass
-class ActivationScaling(Intervention):
+class ActivationScaling(Intervention, SteeringArtifact):
     """Multiply the activation at each site by ``alpha[i]`` at the selected positions."""
 
-    sites: list[str]
-    alpha: Tensor
+    sites: list[str] = field()  # field(): without it the dataclass would take Artifact.sites() as a default
+    alpha: Tensor = field()
     positions: PositionSpec = "all"
     meta: dict = field(default_factory=dict)
 
-    def _hooks(self, model: HookedTransformer, layout: TokenLayout | None, alpha: Tensor) -> list[tuple[str, callable]]:
+    WHAT = "activation scaling"
+
+    def check_model(self, model: HookedTransformer) -> None:
+        """Raise if a site does not exist in ``model``."""
+        for site in self.sites:
+            _parse_site(model, site)
+
+    def _hooks(self, model: HookedTransformer, layout: TokenLayout | None, alpha: Tensor) -> list[tuple[str, Callable]]:
         if len(self.sites) != alpha.numel():
             raise SteeringError(f"{len(self.sites)} sites but {alpha.numel()} scalars")
         out = []
@@ -78,7 +88,33 @@ class ActivationScaling(Intervention):
         return out
 
     def attach(self, model: HookedTransformer, layout: TokenLayout | None = None) -> PerturbationHandle:
+        """Add the scaling hooks; ``apply`` is the context-manager form."""
         return attach_hooks(model, self._hooks(model, layout, self.alpha.detach()))
+
+    # ------------------------------------------------------------------ the artifact layout
+
+    def to_dict(self) -> dict[str, Any]:
+        pos = self.positions if isinstance(self.positions, str) else [int(p) for p in self.positions]
+        return {"sites": list(self.sites), "positions": pos, "meta": self.meta}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"alpha": self.alpha.detach()}
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "ActivationScaling":
+        alpha = tensors["alpha"]
+        if alpha.numel() != len(params["sites"]):
+            raise SteeringError(f"{len(params['sites'])} sites but {alpha.numel()} scalars")
+        return cls(list(params["sites"]), alpha, params.get("positions", "all"), dict(params.get("meta", {})))
+
+    def saved_model_info(self) -> dict[str, Any]:
+        return meta_model_info(self.meta, self.meta.get("d_model"))
+
+    def save(self, path: str | Path) -> Path:
+        """Save in the artifact layout (overridden because the ``sites`` field hides ``Artifact.sites()``)."""
+        hooks = list(dict.fromkeys(_HEAD_RE.sub(r"\1", s) for s in self.sites))
+        return save_artifact(path, self.ARTIFACT_TYPE, self.to_dict(), self.tensors(), model=self.saved_model_info(),
+                             sites=hooks)
 
 
 
@@ -123,7 +159,7 @@ def fit_scaling(
     l0 = min(hook_layer(model, n) for n, _ in parsed)
     if l0 >= model.cfg.n_layers:
         raise SteeringError("sites must be inside the blocks")
-    store = store or default_store(model)
+    store = store_for(model, store)
     start = resid_hook(l0)
     ab_texts = [ab_prefix(model, it.question, chat=chat) for it in items]
     nt_texts = [format_prompt(model, p, chat=chat) for p in neutral]
@@ -170,5 +206,5 @@ def fit_scaling(
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
-    meta = {"method": "scaling", "direction": direction, "steps": steps, "lr": lr, "w_kl": w_kl, "w_l1": w_l1, "n_items": len(items)}
+    meta = fit_meta(model, "scaling", direction=direction, steps=steps, lr=lr, w_kl=w_kl, w_l1=w_l1, n_items=len(items))
     return ActivationScaling(list(sites), alpha.detach().clone(), positions, meta), history

@@ -1,8 +1,10 @@
-"""Contrastive steering vectors: CAA, ActAdd and PCA, with save/load and llama.cpp GGUF export.
+"""Contrastive steering vectors: CAA, ActAdd and PCA, saved in the one artifact layout, with llama.cpp GGUF export.
 
 A :class:`SteeringVector` is a small dataclass: one direction per layer at one kind of hook
-(``resid_pre`` by default), plus metadata. ``apply()`` / ``attach()`` turn it into
-:class:`czao_lens.perturb.Perturbation`s, so positions stay correct during KV-cached generation.
+(``resid_pre`` by default), the positions it acts on, and metadata. It implements the
+:class:`czao_lens.perturb.Intervention` protocol: ``attach(model, layout)`` / ``apply(model, layout)``
+add it at its own scale (``vec * 2.0`` is the same vector twice as strong) as
+:class:`czao_lens.perturb.Perturbation`\ s, so positions stay correct during KV-cached generation.
 
 * **CAA** (Rimsky et al.): the mean over A/B pairs of activation(prompt + "(" + matching letter) minus
   activation(prompt + "(" + other letter), read at the answer-letter token (the last token).
@@ -11,176 +13,58 @@ A :class:`SteeringVector` is a small dataclass: one direction per layer at one k
   shared shift stays in; ``center=True`` for the textbook centred PCA), its sign aligned with the mean difference and its norm set to the norm of the mean difference
   projected on it, so multipliers are comparable with CAA.
 
-All activations are read through :class:`czao_lens.store.ActivationStore`.
+All activations are read through :class:`czao_lens.store.ActivationStore` (pass ``store=`` to share
+one between calls; otherwise each call makes its own).
 """
 
 from __future__ import annotations
 
-import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens import sites
-from czao_lens.errors import CzaoLensError
-from czao_lens.models import model_fingerprint
-from czao_lens.perturb import Perturbation, PerturbationHandle, attach
-from czao_lens.prompts import PositionSpec, TokenLayout, format_prompt
+from czao_lens.artifacts import register_artifact
+from czao_lens.perturb import Intervention, Perturbation, PerturbationHandle, attach
+from czao_lens.prompts import PositionSpec, TokenLayout
+from czao_lens.steering.common import (  # noqa: F401  (re-exported: the historical home of these names)
+    HOOK_KINDS,
+    Pooled,
+    SteeringArtifact,
+    SteeringArtifactError,
+    SteeringError,
+    ab_pair_texts,
+    ab_prefix,
+    answer_pair_texts,
+    check_layers,
+    contrastive_activations,
+    fit_meta,
+    hook_name,
+    item_activations,
+    meta_model_info,
+    nonzero,
+)
 from czao_lens.steering.data import ABItem, items_hash, texts_hash
 from czao_lens.store import ActivationStore
-
-HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-FORMAT_VERSION = 1
-
-
-class SteeringError(CzaoLensError, ValueError):
-    """A steering method got bad inputs (no pairs, a zero difference, a mismatched model, ...)."""
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def default_store(model: HookedTransformer) -> ActivationStore:
-    """One activation store per model object, shared by every steering method that is not given one."""
-    store = getattr(model, "_czao_steering_store", None)
-    if store is None or store.model is not model:
-        store = ActivationStore(model, max_bytes=256 * 2**20)
-        model._czao_steering_store = store  # type: ignore[attr-defined]
-    return store
-
-
-def hook_name(layer: int, hook: str) -> str:
-    """A steering site: ``hook`` must be one of ``HOOK_KINDS``."""
-    if hook not in HOOK_KINDS:
-        raise SteeringError(f"hook must be one of {HOOK_KINDS}, got {hook!r}")
-    return sites.hook_name(layer, hook)
-
-
-def check_layers(model: HookedTransformer, layers: Sequence[int]) -> list[int]:
-    """The steering layers, sorted and deduplicated; raises :class:`SteeringError` when out of range."""
-    return sorted(set(sites.check_layers(model.cfg.n_layers, layers, error=SteeringError)))
-
-
-def ab_prefix(model: HookedTransformer, question: str, *, chat: bool = True, system_prompt: str | None = None) -> str:
-    """The text before the answer letter: the (chat-formatted) question plus the assistant's "("."""
-    return format_prompt(model, question, chat=chat, system_prompt=system_prompt) + "("
-
-
-def ab_pair_texts(model: HookedTransformer, items: Sequence[ABItem], *, chat: bool = True) -> tuple[list[str], list[str]]:
-    """(positive, negative) texts per item, each ending in the answer letter."""
-    if not items:
-        raise SteeringError("no A/B pairs given")
-    pos, neg = [], []
-    for it in items:
-        pre = ab_prefix(model, it.question, chat=chat)
-        pos.append(pre + it.matching)
-        neg.append(pre + it.not_matching)
-    return pos, neg
-
-
-def answer_pair_texts(model: HookedTransformer, items: Sequence[ABItem], *, chat: bool = True,
-                      max_answer_tokens: int = 24, system_prompt: str | None = None) -> tuple[list[str], list[str], list[int], list[int]]:
-    """(positive, negative) texts: the bare question (no choices) answered with the matching / other
-    option's text, plus each text's prefix length in tokens (where the answer starts)."""
-    from czao_lens.steering.evaluate import option_texts
-
-    if not items:
-        raise SteeringError("no A/B pairs given")
-    tok = model.tokenizer
-    pos, neg, pre_p, pre_n = [], [], [], []
-    for it in items:
-        opts = option_texts(it)
-        prefix = format_prompt(model, it.stem(), chat=chat, system_prompt=system_prompt)
-        n_pre = len(tok(prefix, add_special_tokens=False)["input_ids"])
-        for letter, texts, pres in ((it.matching, pos, pre_p), (it.not_matching, neg, pre_n)):
-            ans = tok(opts[letter], add_special_tokens=False)["input_ids"][:max_answer_tokens]
-            texts.append(prefix + tok.decode(ans))
-            pres.append(n_pre)
-    return pos, neg, pre_p, pre_n
-
-
-def item_activations(
-    model: HookedTransformer,
-    items: Sequence[ABItem],
-    layers: Sequence[int],
-    *,
-    hook: str = "resid_pre",
-    readout: str = "letter",
-    chat: bool = True,
-    store: ActivationStore | None = None,
-) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """Per-item activations of the behaviour-matching and the other answer, ``({layer: [n, d]}, ...)``.
-
-    ``readout="letter"`` (CAA): the answer-letter token after the chat-formatted question with its
-    choices. ``readout="answer"``: the bare question answered with the option's *text*, averaged over
-    the answer tokens (for models that do not map behaviour to A/B letters).
-    """
-    if readout == "letter":
-        pos, neg = ab_pair_texts(model, items, chat=chat)
-        return contrastive_activations(model, pos, neg, layers, hook=hook, store=store)
-    if readout != "answer":
-        raise SteeringError(f"readout must be 'letter' or 'answer', got {readout!r}")
-    layers = check_layers(model, layers)
-    pos, neg, pre_p, pre_n = answer_pair_texts(model, items, chat=chat)
-    store = store or default_store(model)
-    names = [hook_name(l, hook) for l in layers]
-    out = []
-    for texts, pres in ((pos, pre_p), (neg, pre_n)):
-        acts = store.get(texts, names)
-        out.append({l: torch.stack([a[h][n:].float().mean(0) for a, n in zip(acts, pres)]) for l, h in zip(layers, names)})
-    return out[0], out[1]
-
-
-def contrastive_activations(
-    model: HookedTransformer,
-    pos_texts: Sequence[str],
-    neg_texts: Sequence[str],
-    layers: Sequence[int],
-    *,
-    hook: str = "resid_pre",
-    position: int = -1,
-    store: ActivationStore | None = None,
-    paired: bool = True,
-) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """Activations at one position of each text: ``({layer: [n_pos, d]}, {layer: [n_neg, d]})``."""
-    if not pos_texts or not neg_texts:
-        raise SteeringError("contrastive activations need at least one positive and one negative text")
-    if paired and len(pos_texts) != len(neg_texts):
-        raise SteeringError(f"paired texts differ in number: {len(pos_texts)} positive vs {len(neg_texts)} negative")
-    layers = check_layers(model, layers)
-    store = store or default_store(model)
-    names = [hook_name(l, hook) for l in layers]
-    p = store.last_token(list(pos_texts), names, position=position)
-    n = store.last_token(list(neg_texts), names, position=position)
-    return {l: p[h].float() for l, h in zip(layers, names)}, {l: n[h].float() for l, h in zip(layers, names)}
-
-
-def _nonzero(direction: Tensor, layer: int, what: str, ref: Tensor | None = None) -> Tensor:
-    scale = float(ref.norm(dim=-1).mean()) if ref is not None else 1.0
-    if not torch.isfinite(direction).all():
-        raise SteeringError(f"{what} at layer {layer} is not finite")
-    if float(direction.norm()) <= 1e-6 * max(scale, 1e-12):
-        raise SteeringError(
-            f"{what} at layer {layer} is (numerically) zero: the positive and negative activations do not differ there"
-        )
-    return direction
 
 
 # ----------------------------------------------------------------------------- the dataclass
 
 
+@register_artifact("steering_vector")
 @dataclass
-class SteeringVector:
-    """One direction per layer at ``blocks.{layer}.hook_{hook}``; ``multiplier`` scales all of them."""
+class SteeringVector(Intervention, SteeringArtifact):
+    """One direction per layer at ``blocks.{layer}.hook_{hook}``, added at ``positions``; ``vec * k`` scales it."""
 
     directions: dict[int, Tensor]
     hook: str = "resid_pre"
     meta: dict = field(default_factory=dict)
+    positions: PositionSpec = "all"
+
+    WHAT = "steering vector"
 
     def __post_init__(self) -> None:
         if self.hook not in HOOK_KINDS:
@@ -201,30 +85,25 @@ class SteeringVector:
         return next(iter(self.directions.values())).shape[0]
 
     def check_model(self, model: HookedTransformer) -> None:
+        """Raise if the vector's width or layers do not fit ``model``."""
         if self.d_model != model.cfg.d_model:
             raise SteeringError(f"steering vector has width {self.d_model}, the model has d_model {model.cfg.d_model}")
         check_layers(model, self.layers)
 
-    def to_perturbations(self, multiplier: float = 1.0, positions: PositionSpec = "all") -> list[Perturbation]:
-        return [Perturbation(hook_name(l, self.hook), d, positions, float(multiplier)) for l, d in sorted(self.directions.items())]
+    def to_perturbations(self, scale: float = 1.0, positions: PositionSpec | None = None) -> list[Perturbation]:
+        """One :class:`Perturbation` per layer (``scale`` times the direction; default positions: the vector's)."""
+        pos = self.positions if positions is None else positions
+        return [Perturbation(hook_name(l, self.hook), d, pos, float(scale)) for l, d in sorted(self.directions.items())]
 
-    def attach(
-        self, model: HookedTransformer, multiplier: float = 1.0, positions: PositionSpec = "all", layout: TokenLayout | None = None
-    ) -> PerturbationHandle:
-        """Add the hooks and return a handle (``handle.remove()`` or ``with handle:``)."""
+    def attach(self, model: HookedTransformer, layout: TokenLayout | None = None) -> PerturbationHandle:
+        """Add the hooks and return a handle (``handle.remove()`` or ``with handle:``); ``apply`` is the
+        context-manager form."""
         self.check_model(model)
-        return attach(model, self.to_perturbations(multiplier, positions), layout)
+        return attach(model, self.to_perturbations(), layout)
 
-    @contextmanager
-    def apply(
-        self, model: HookedTransformer, multiplier: float = 1.0, positions: PositionSpec = "all", layout: TokenLayout | None = None
-    ) -> Iterator[PerturbationHandle]:
-        """Context manager: the model is steered inside, and unsteered again afterwards."""
-        handle = self.attach(model, multiplier, positions, layout)
-        try:
-            yield handle
-        finally:
-            handle.remove()
+    def with_positions(self, positions: PositionSpec) -> "SteeringVector":
+        """The same vector acting on other positions (``"all"``, ``"prompt"``, ``"last_prompt"``, ``"generated"``, indices)."""
+        return SteeringVector(dict(self.directions), self.hook, dict(self.meta), positions)
 
     def __add__(self, other: "SteeringVector") -> "SteeringVector":
         if not isinstance(other, SteeringVector):
@@ -233,73 +112,44 @@ class SteeringVector:
             raise SteeringError(f"cannot add vectors at different hooks ({self.hook} vs {other.hook}); apply both instead")
         if other.d_model != self.d_model:
             raise SteeringError(f"cannot add vectors of widths {self.d_model} and {other.d_model}")
+        if other.positions != self.positions:
+            raise SteeringError(f"cannot add vectors acting on different positions ({self.positions} vs {other.positions}); apply both instead")
         dirs = {l: d.clone() for l, d in self.directions.items()}
         for l, d in other.directions.items():
             dirs[l] = dirs[l] + d if l in dirs else d.clone()
         meta = {**self.meta, "method": "sum", "parts": [self.meta.get("method"), other.meta.get("method")]}
-        return SteeringVector(dirs, self.hook, meta)
+        return SteeringVector(dirs, self.hook, meta, self.positions)
 
     def __mul__(self, k: float) -> "SteeringVector":
-        return SteeringVector({l: d * float(k) for l, d in self.directions.items()}, self.hook, dict(self.meta))
+        return SteeringVector({l: d * float(k) for l, d in self.directions.items()}, self.hook, dict(self.meta), self.positions)
 
     __rmul__ = __mul__
 
     def normalized(self) -> "SteeringVector":
-        return SteeringVector({l: d / d.norm().clamp_min(1e-12) for l, d in self.directions.items()}, self.hook, dict(self.meta))
+        return SteeringVector({l: d / d.norm().clamp_min(1e-12) for l, d in self.directions.items()}, self.hook,
+                              dict(self.meta), self.positions)
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ the artifact layout
 
-    def save(self, path: str | Path) -> Path:
-        """Safetensors with the directions and a JSON metadata header."""
-        from safetensors.torch import save_file
+    def to_dict(self) -> dict[str, Any]:
+        pos = self.positions if isinstance(self.positions, str) else [int(p) for p in self.positions]
+        return {"hook": self.hook, "layers": self.layers, "positions": pos, "meta": self.meta}
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": str(FORMAT_VERSION), "hook": self.hook, "layers": json.dumps(self.layers),
-                "d_model": str(self.d_model), "meta": json.dumps(self.meta, default=str)}
-        save_file({f"layer.{l}": d.contiguous() for l, d in self.directions.items()}, str(path), metadata=meta)
-        return path
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"layer.{l}": d for l, d in self.directions.items()}
 
     @classmethod
-    def load(cls, path: str | Path, model: HookedTransformer | None = None, *, strict_fingerprint: bool = True) -> "SteeringVector":
-        """Load a saved vector; with ``model``, refuse a different d_model, layer count or fingerprint."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise SteeringError(f"no steering vector file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise SteeringError(f"{path} is not a readable safetensors steering vector: {exc}") from None
-        if "hook" not in header or not tensors:
-            raise SteeringError(f"{path} has no steering-vector metadata (hook/layers)")
+    def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "SteeringVector":
         dirs = {int(k.split(".", 1)[1]): t for k, t in tensors.items() if k.startswith("layer.")}
-        vec = cls(dirs, header["hook"], json.loads(header.get("meta", "{}")))
-        if model is not None:
-            vec.check_compatible(model, strict_fingerprint=strict_fingerprint)
-        return vec
+        if sorted(dirs) != sorted(int(l) for l in params["layers"]):
+            raise SteeringArtifactError(f"saved layers {params['layers']} do not match the tensors {sorted(dirs)}")
+        return cls(dirs, params["hook"], dict(params.get("meta", {})), params.get("positions", "all"))
 
-    def check_compatible(self, model: HookedTransformer, *, strict_fingerprint: bool = True) -> None:
-        """Raise if this vector was made for another model (d_model, layers, fingerprint)."""
-        want_d = self.meta.get("d_model", self.d_model)
-        if int(want_d) != model.cfg.d_model or self.d_model != model.cfg.d_model:
-            raise SteeringError(
-                f"steering vector is for d_model {want_d} ({self.meta.get('model_name', '?')}), "
-                f"but {model.cfg.model_name} has d_model {model.cfg.d_model}"
-            )
-        n_layers = self.meta.get("n_layers")
-        if n_layers is not None and int(n_layers) != model.cfg.n_layers:
-            raise SteeringError(f"steering vector is for a {n_layers}-layer model; {model.cfg.model_name} has {model.cfg.n_layers}")
-        check_layers(model, self.layers)
-        fp = self.meta.get("fingerprint")
-        if strict_fingerprint and fp is not None and fp != model_fingerprint(model):
-            raise SteeringError(
-                f"steering vector was fitted on model {self.meta.get('model_name', '?')} (fingerprint {fp}); "
-                f"this model's fingerprint is {model_fingerprint(model)}. Pass strict_fingerprint=False to use it anyway."
-            )
+    def saved_model_info(self) -> dict[str, Any]:
+        return meta_model_info(self.meta, self.d_model)
+
+    def sites(self) -> list[str]:
+        return [hook_name(l, self.hook) for l in self.layers]
 
     # ------------------------------------------------------------------ llama.cpp control vectors
 
@@ -384,9 +234,34 @@ def _gguf_str(reader, key: str) -> str | None:
 
 
 def _meta(model: HookedTransformer, method: str, layers: Sequence[int], hook: str, data_hash: str, **extra) -> dict:
-    return {"method": method, "model_name": model.cfg.model_name, "fingerprint": model_fingerprint(model),
-            "d_model": model.cfg.d_model, "n_layers": model.cfg.n_layers, "layers": list(layers), "hook": hook,
-            "data_hash": data_hash, **extra}
+    return fit_meta(model, method, layers=list(layers), hook=hook, data_hash=data_hash, **extra)
+
+
+def vector_from_pooled(model: HookedTransformer, acts: Pooled, layers: Sequence[int], hook: str, method: str,
+                       data_hash: str, **extra) -> SteeringVector:
+    """The mean-difference vector of pooled activations (CAA's rule for any way of pooling)."""
+    dirs = {l: nonzero(acts.mean_difference(l), l, f"the {method.upper()} mean difference", acts.pos[l]) for l in layers}
+    return SteeringVector(dirs, hook, _meta(model, method, layers, hook, data_hash, **extra))
+
+
+def pca_from_pooled(model: HookedTransformer, acts: Pooled, layers: Sequence[int], hook: str, data_hash: str, *,
+                    center: bool = False, **extra) -> SteeringVector:
+    """First principal component of paired differences, sign-aligned with (and scaled to) the mean difference."""
+    if not acts.paired:
+        raise SteeringError("PCA needs paired examples (row i of the positives and negatives from the same question)")
+    dirs, explained = {}, {}
+    for l in layers:
+        diff = acts.pos[l] - acts.neg[l]
+        mean = nonzero(diff.mean(0), l, "the mean paired difference", acts.pos[l])
+        # Uncentred by default: the mean direction is the signal, so keep it in.
+        _, s, vh = torch.linalg.svd(diff - diff.mean(0) if center else diff, full_matrices=False)
+        pc = vh[0]
+        if float(pc @ mean) < 0:
+            pc = -pc
+        dirs[l] = pc * float(pc @ mean)
+        explained[l] = float(s[0] ** 2 / (s**2).sum())
+    return SteeringVector(dirs, hook, _meta(model, "pca", layers, hook, data_hash, center=center, **extra,
+                                            explained_variance=explained))
 
 
 # ----------------------------------------------------------------------------- methods
@@ -408,8 +283,8 @@ def caa_vector(
         raise SteeringError("CAA needs at least one A/B pair; got none")
     layers = check_layers(model, layers)
     P, N = item_activations(model, items, layers, hook=hook, readout=readout, chat=chat, store=store)
-    dirs = {l: _nonzero((P[l] - N[l]).mean(0), l, "the CAA mean difference", P[l]) for l in layers}
-    return SteeringVector(dirs, hook, _meta(model, "caa", layers, hook, items_hash(items), n_pairs=len(items), chat=chat, readout=readout))
+    return vector_from_pooled(model, Pooled(P, N, paired=True), layers, hook, "caa", items_hash(items),
+                              n_pairs=len(items), chat=chat, readout=readout)
 
 
 def actadd_vector(
@@ -425,7 +300,7 @@ def actadd_vector(
     """ActAdd: activation(positive) - activation(negative) at one token (default: the last)."""
     layers = check_layers(model, layers)
     P, N = contrastive_activations(model, [positive], [negative], layers, hook=hook, position=position, store=store)
-    dirs = {l: _nonzero(P[l][0] - N[l][0], l, "the ActAdd difference", P[l]) for l in layers}
+    dirs = {l: nonzero(P[l][0] - N[l][0], l, "the ActAdd difference", P[l]) for l in layers}
     return SteeringVector(dirs, hook, _meta(model, "actadd", layers, hook, texts_hash([positive, negative]), position=position))
 
 
@@ -445,24 +320,14 @@ def pca_vector(
         raise SteeringError(f"PCA needs at least two A/B pairs; got {len(items)}")
     layers = check_layers(model, layers)
     P, N = item_activations(model, items, layers, hook=hook, readout=readout, chat=chat, store=store)
-    dirs, explained = {}, {}
-    for l in layers:
-        diff = P[l] - N[l]
-        mean = _nonzero(diff.mean(0), l, "the mean paired difference", P[l])
-        # Uncentred by default: the mean direction is the signal, so keep it in.
-        _, s, vh = torch.linalg.svd(diff - diff.mean(0) if center else diff, full_matrices=False)
-        pc = vh[0]
-        if float(pc @ mean) < 0:
-            pc = -pc
-        dirs[l] = pc * float(pc @ mean)
-        explained[l] = float(s[0] ** 2 / (s**2).sum())
-    return SteeringVector(dirs, hook, _meta(model, "pca", layers, hook, items_hash(items), n_pairs=len(items), chat=chat, center=center, readout=readout,
-                                            explained_variance=explained))
+    return pca_from_pooled(model, Pooled(P, N, paired=True), layers, hook, items_hash(items), center=center,
+                           n_pairs=len(items), chat=chat, readout=readout)
 
 
 def compose(*vectors: SteeringVector, multipliers: Sequence[float] | None = None,
-            positions: PositionSpec = "all") -> list[Perturbation]:
-    """Perturbations for applying several vectors at once (different hooks allowed)."""
+            positions: PositionSpec | None = None) -> list[Perturbation]:
+    """Perturbations for applying several vectors at once (different hooks allowed); ``positions``
+    overrides the vectors' own."""
     if not vectors:
         raise SteeringError("compose() needs at least one vector")
     multipliers = list(multipliers) if multipliers is not None else [1.0] * len(vectors)
