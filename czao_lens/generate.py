@@ -63,11 +63,17 @@ class Controller(Protocol):
 
 @dataclass
 class StepCost:
-    """Compute used at one step, in equivalent full forward passes of one position."""
+    """Compute used at one step, in equivalent full forward passes of one position.
+
+    ``passes`` counts a batched candidate call as one pass whatever its batch size (what a GPU
+    pays); ``row_passes`` weighs every forward by its rows per prompt row x the share of layers it
+    runs (what a CPU pays): 33 candidates from layer 12 of 30 cost 33 x 18/30 = 19.8 row passes.
+    """
 
     passes: float = 0.0
     candidates: int = 0
     batched_calls: int = 0
+    row_passes: float = 0.0
 
 
 @dataclass
@@ -141,6 +147,7 @@ class DecodeStep:
                 self.captured = grabbed[capture].reshape(batch, n_cand, *grabbed[capture].shape[1:])
                 removers.pop()()  # rollouts must not overwrite it
             self.cost.passes += (n_layers - self.start_layer) / n_layers
+            self.cost.row_passes += n_cand * (n_layers - self.start_layer) / n_layers
             self.cost.candidates += n_cand * batch
             self.cost.batched_calls += 1
             rollout = None
@@ -152,6 +159,7 @@ class DecodeStep:
                     logits = model(cols[-1][:, None], past_kv_cache=cache, attention_mask=torch.ones_like(mask[:, :1]))[:, -1]
                     cols.append(logits.argmax(-1))
                     self.cost.passes += 1.0
+                    self.cost.row_passes += n_cand
                     self.cost.batched_calls += 1
                 rollout = torch.stack(cols, -1).reshape(batch, n_cand, lookahead)
         finally:
@@ -421,7 +429,7 @@ class _DecodeState:
 def _plain_step(st: _DecodeState) -> tuple[Float[Tensor, "batch vocab"], StepCost]:
     """One token without a controller: a single forward of the current position."""
     logits = st.model(st.current[:, None], attention_mask=st.ones(), past_kv_cache=st.cache)[:, -1]
-    return logits, StepCost(passes=1.0)
+    return logits, StepCost(passes=1.0, row_passes=1.0)
 
 
 def _controlled_step(st: _DecodeState, controller: Controller) -> tuple[Float[Tensor, "batch vocab"], StepCost]:
@@ -433,7 +441,7 @@ def _controlled_step(st: _DecodeState, controller: Controller) -> tuple[Float[Te
     resid = model(st.current[:, None], attention_mask=st.ones(), past_kv_cache=cache, stop_at_layer=L)
     mask = cache.previous_attention_mask
     logits = model(resid, start_at_layer=L, past_kv_cache=cache, attention_mask=mask)[:, -1]
-    cost.passes = 1.0
+    cost.passes = cost.row_passes = 1.0
     step = DecodeStep(
         model=model, index=st.index, start_layer=L, layout=st.layout, tokens=st.tokens, resid=resid[:, -1],
         logits=logits, activations=dict(st.read_store), finished=st.finished.clone(), cost=cost,
@@ -458,4 +466,5 @@ def _controlled_step(st: _DecodeState, controller: Controller) -> tuple[Float[Te
         for r in removers:
             r()
     cost.passes += (n_layers - L) / n_layers
+    cost.row_passes += (n_layers - L) / n_layers
     return logits + bias, cost
