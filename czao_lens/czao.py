@@ -61,7 +61,7 @@ class CZAOConfig:
     norm_penalty: float = 0.05  # lambda
     kl_eps: float = 1.5  # nats
     kl_beta: float = 2.0
-    max_norm: float | None = None  # hard cap on |z| (reachability bisection sets it)
+    max_norm: float | None = None  # hard cap on |z| (search(norm_cap=...) overrides it per call)
     warm_start: bool = True
     curvature: bool = False  # HiZOO-style diagonal preconditioner
     lookahead: int = 3  # greedy rollout tokens per candidate for sequence-level constraints
@@ -117,7 +117,7 @@ class DistillPairs:
     x: Float[Tensor, "n d_model"]
     z: Float[Tensor, "n dim"]
     model: dict[str, Any] = field(default_factory=dict)  # artifacts.model_info of the model they came from
-    hooks: list[str] = field(default_factory=list)  # the residual read, then the hooks z writes to
+    hooks: list[str] = field(default_factory=list)  # where z writes (resid_pre of R); the first is also where x is read
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

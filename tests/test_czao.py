@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from czao_lens.constraints import AvoidTokens, Constraint, ConstraintError
-from czao_lens.czao import CZAOConfig, CZAOError, ZPredictor, generate_czao, reachability_margin
+from czao_lens.czao import (
+    CZAOConfig,
+    CZAOError,
+    CZAOResult,
+    ViolationProbe,
+    ZPredictor,
+    distill_predictor,
+    generate_czao,
+    reachability_margin,
+)
+from czao_lens.errors import ArtifactError
 from czao_lens.generate import generate
 from czao_lens.subspace import SubspaceError
 
@@ -55,6 +65,39 @@ def test_telemetry_is_consistent(blue_runs):
         s = r.summary()
         assert s["tokens"] == len(r.records) == len(r.tokens)
         assert s["passes_per_token"] >= 1.0
+
+
+@pytest.mark.real
+def test_results_carry_distillation_pairs_and_round_trip(blue_runs, smol, tiny, tmp_path):
+    """Every solved token gives one (residual, z*) pair on its result; the predictor distilled from
+    them is saved in the one layout and refused by another model; results round-trip as JSON."""
+    _, _, steered = blue_runs
+    solved = sum(rec.optimized and rec.satisfied for r in steered for rec in r.records)
+    assert solved and sum(len(r.pairs) for r in steered) == solved
+    pred = distill_predictor(steered)
+    assert pred.weight.shape == (smol.cfg.d_model, steered[0].pairs.z.shape[1])
+    path = pred.save(tmp_path / "pred")
+    back = ZPredictor.load(path, smol)
+    assert torch.equal(back.weight, pred.weight) and back.hooks == steered[0].pairs.hooks
+    with pytest.raises(ArtifactError, match="d_model"):
+        ZPredictor.load(path, tiny)
+    with pytest.raises(ArtifactError, match="not a 'violation_probe'"):
+        ViolationProbe.load(path)
+    r = steered[0]
+    again = CZAOResult.load(r.save(tmp_path / "result.json"))
+    assert again.to_dict() == CZAOResult.load(again.save(tmp_path / "again.json")).to_dict()
+    assert again.text == r.text and again.records == r.records and again.pairs is None
+
+
+def test_config_is_checked_when_made():
+    with pytest.raises(SubspaceError, match="empty"):
+        CZAOConfig(layers=())
+    with pytest.raises(CZAOError, match="KL bound of 0"):
+        CZAOConfig(kl_eps=0.0)
+    with pytest.raises(CZAOError, match="unknown fallback"):
+        CZAOConfig(fallback="ignore")  # type: ignore[arg-type]
+    with pytest.raises(CZAOError, match="max_norm"):
+        CZAOConfig(max_norm=-1.0)
 
 
 @pytest.mark.real
