@@ -576,8 +576,8 @@ def probe_train(
     (out / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rolls.texts))
     mt = probe.metrics
     typer.echo(f"{c.describe()}: {mt['rollouts']} rollouts, {mt['positions']} positions, violation rate {mt['violation_rate']:.2f}")
-    typer.echo(f"held-out AUROC {mt['auroc_heldout']:.3f} (train {mt['auroc_train']:.3f}), ECE {mt['calibration']['ece']:.3f}, "
-               f"Brier {mt['calibration']['brier']:.3f} ({mt['prompts_heldout']} held-out prompts)")
+    typer.echo(f"out-of-fold AUROC {mt['auroc_heldout']:.3f} (train {mt['auroc_train']:.3f}, l2 {mt['l2']:g}), "
+               f"ECE {mt['calibration']['ece']:.3f}, Brier {mt['calibration']['brier']:.3f} ({mt['folds']} folds by prompt)")
     typer.echo(f"screening threshold {probe.threshold:.3f}: optimises {mt['screen_share_optimised']:.0%} of positions, "
                f"misses {mt['screen_miss_rate']:.1%} of violating ones")
     from czao_lens.probes import probe_path

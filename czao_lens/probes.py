@@ -304,19 +304,41 @@ def _platt(z: Tensor, y: Tensor) -> tuple[float, float]:
     return float(a.detach()), float(c.detach())
 
 
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def _folds(groups: Sequence[int], k: int, seed: int) -> Tensor:
+    """A fold index per example; all examples of one prompt share a fold."""
+    uniq = sorted(set(groups))
+    random.Random(seed).shuffle(uniq)
+    fold_of = {g: i % k for i, g in enumerate(uniq)}
+    return torch.tensor([fold_of[g] for g in groups])
+
+
+def _standardised_fit(x: Tensor, y: Tensor, train: Tensor, l2: float) -> tuple[Tensor, float, Tensor, Tensor]:
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-4)
+    w, b = _logistic((x[train] - mean) / std, y[train], l2)
+    return w, b, mean, std
+
+
 def fit_probe(
     model: HookedTransformer,
     constraint: Constraint,
     data: Rollouts,
     *,
     hook: str | None = None,
-    l2: float = 1e-3,
+    l2: float | None = None,
     recall: float = 0.95,
-    holdout: float = 0.25,
+    folds: int = 4,
     seed: int = 0,
 ) -> ValueProbe:
-    """Fit on most prompts, measure on held-out prompts: AUROC, calibration, and the screening
-    threshold that keeps ``recall`` of the violating positions (its miss rate is 1 - recall)."""
+    """Fit a calibrated logistic probe and measure it out of fold.
+
+    Examples of one prompt are strongly correlated, so folds go by prompt. ``l2=None`` picks the
+    regularisation from :data:`L2_GRID` by out-of-fold AUROC; Platt scaling on the out-of-fold
+    logits calibrates it. The reported AUROC, calibration, screening threshold (the one that keeps
+    ``recall`` of the violating positions) and miss rate are all out of fold: on prompts the fit
+    did not see."""
     hook = hook or default_probe_hook(model)
     if data.labels is None:
         raise ProbeError("the rollouts are not labelled: call rollouts.labelled(constraint) first")
@@ -324,34 +346,36 @@ def fit_probe(
     if y.min() == y.max():
         raise ProbeError(f"every rollout {'violates' if y[0] > 0.5 else 'satisfies'} {constraint.describe()}: "
                          "nothing to separate (use other prompts or a larger perturbation)")
-    prompts = sorted(set(data.group))
-    random.Random(seed).shuffle(prompts)
-    n_hold = max(1, int(round(holdout * len(prompts)))) if len(prompts) > 1 else 0
-    held = set(prompts[:n_hold])
-    g = torch.tensor(data.group)
-    te = torch.tensor([gi in held for gi in data.group]) if held else torch.zeros(len(g), dtype=torch.bool)
-    tr = ~te
+    n_prompts = len(set(data.group))
+    if n_prompts < 2:
+        raise ProbeError("a probe needs rollouts of at least two prompts (folds go by prompt)")
+    k = max(2, min(folds, n_prompts))
+    fold = _folds(data.group, k, seed)
     x = data.acts.float()
-    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-4)
-    xs = (x - mean) / std
-    w, b = _logistic(xs[tr], y[tr], l2)
-    a, c = _platt(xs[tr] @ w + b, y[tr])
+    cv = []
+    for lam in (L2_GRID if l2 is None else (l2,)):
+        z = torch.zeros(len(y))
+        for f in range(k):
+            te = fold == f
+            w, b, mean, std = _standardised_fit(x, y, ~te, lam)
+            z[te] = ((x[te] - mean) / std) @ w + b
+        cv.append((auroc(z, y), lam, z))
+    best_auc, lam, z_oof = max(cv, key=lambda r: (r[0] if math.isfinite(r[0]) else -1.0, r[1]))
+    a, c = _platt(z_oof, y)
+    p = torch.sigmoid(a * z_oof + c)
+    w, b, mean, std = _standardised_fit(x, y, torch.ones(len(y), dtype=torch.bool), lam)
     w, b = w * a, b * a + c
-    p = torch.sigmoid(xs @ w + b)
-    ev = te if te.any() and y[te].min() != y[te].max() else tr  # a one-class held-out split measures nothing
-    pv, yv = p[ev], y[ev]
-    viol = pv[yv > 0.5].sort().values
-    k = int(math.floor((1 - recall) * len(viol)))
-    threshold = float(viol[k]) if len(viol) else 0.5
-    flagged = pv >= threshold
+    viol = p[y > 0.5].sort().values
+    threshold = float(viol[int(math.floor((1 - recall) * len(viol)))]) if len(viol) else 0.5
+    flagged = p >= threshold
+    p_train = torch.sigmoid(((x - mean) / std) @ w + b)
     metrics = {
-        "auroc_heldout": auroc(pv, yv), "auroc_train": auroc(p[tr], y[tr]),
-        "calibration": calibration(pv, yv), "threshold": threshold,
-        "screen_miss_rate": float(((~flagged) & (yv > 0.5)).float().sum() / max(int((yv > 0.5).sum()), 1)),
+        "auroc_heldout": best_auc, "auroc_train": auroc(p_train, y), "l2": lam,
+        "l2_grid": {f"{r[1]:g}": r[0] for r in cv}, "calibration": calibration(p, y), "threshold": threshold,
+        "screen_miss_rate": float((~flagged & (y > 0.5)).float().sum() / max(int((y > 0.5).sum()), 1)),
         "screen_share_optimised": float(flagged.float().mean()),
-        "positions": int(len(y)), "positions_heldout": int(ev.sum()), "violation_rate": float(y.mean()),
-        "prompts": len(prompts), "prompts_heldout": n_hold, "evaluated_on": "heldout" if ev is te else "train",
-        "rollouts": len(data.texts), "l2": l2, "recall_target": recall,
+        "positions": int(len(y)), "violation_rate": float(y.mean()), "prompts": n_prompts, "folds": k,
+        "evaluated_on": "out-of-fold (by prompt)", "rollouts": len(data.texts), "recall_target": recall,
     }
     return ValueProbe(hook, constraint.to_dict(), w, b, mean, std, threshold, model=model_info(model), metrics=metrics)
 
@@ -392,7 +416,7 @@ def train_probe(
 ) -> tuple[ValueProbe, Rollouts]:
     """Collect rollouts (or reuse ``Rollouts`` collected for another constraint), label them, fit,
     and (by default) store the probe where :func:`find_probe` looks."""
-    fit_kw = {k: kwargs.pop(k) for k in ("l2", "recall", "holdout") if k in kwargs}
+    fit_kw = {k: kwargs.pop(k) for k in ("l2", "recall", "folds") if k in kwargs}
     if constraint.level != "sequence":
         raise ProbeError(f"{constraint.describe()} is token-level: CZAO scores it exactly from logits, no probe needed")
     rollouts = prompts if isinstance(prompts, Rollouts) else collect_rollouts(model, prompts, **kwargs)

@@ -47,6 +47,7 @@ def test_fit_recovers_a_separable_rule(tiny):
     y = (x[:, 0] + 0.5 * x[:, 1] > 0.3).float()
     data = Rollouts(x, y, [i // 20 for i in range(600)], [{}] * 30)
     probe = fit_probe(tiny, VOWELS, data, recall=0.95)
+    assert probe.metrics["evaluated_on"].startswith("out-of-fold")
     assert probe.metrics["auroc_heldout"] > 0.97
     assert probe.metrics["screen_miss_rate"] <= 0.05 + 1e-9
     p = probe.predict(x)
