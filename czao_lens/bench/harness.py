@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -108,8 +108,6 @@ class _Resources:
 def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
                  res: _Resources, bar) -> tuple[dict[str, Fitted], dict[str, str], dict]:
     """Fit every method on a generation task's fit split."""
-    fitted: dict[str, Fitted] = {}
-    errors: dict[str, str] = {}
     info: dict[str, Any] = {}
     base = static_run(model, None, s)
     _, base_rows = tune_generate(model, task, {"unsteered": base}, s, None)
@@ -142,24 +140,14 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
         key, rows = tune_generate(model, task, runs, s, base_ppl)
         return Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
 
-    references = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "bestofn": bestofn}
-    for m in methods:
-        bar.set_postfix_str(f"fit {m}")
-        t0 = time.perf_counter()
-        try:
-            f = steering(m) if m in STEERING else references[m]()
-            f.fit_seconds = time.perf_counter() - t0
-            fitted[m] = f
-        except Exception as exc:  # a method that cannot be fitted on this task is reported, not fatal
-            errors[m] = f"{type(exc).__name__}: {exc}"
+    fits = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "bestofn": bestofn}
+    fitted, errors = _fit_each(methods, fits, steering, bar)
     return fitted, errors, info
 
 
 def fit_choice(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
                res: _Resources, reference: torch.Tensor, bar) -> tuple[dict[str, Fitted], dict[str, str], dict]:
     """Fit every method that applies on a choice task's fit split."""
-    fitted: dict[str, Fitted] = {}
-    errors: dict[str, str] = {}
     info: dict[str, Any] = {}
     shared = TaskFit(model, task, s, store, res, info)
 
@@ -168,11 +156,19 @@ def fit_choice(model: HookedTransformer, task: Task, methods: list[str], s: Benc
         key, rows = tune_choice(model, task, ivs, s, reference)
         return Fitted(m, {"setting": key}, intervention=ivs[key], sweep=rows)
 
-    references = {"unsteered": lambda: Fitted("unsteered", {}),
-                  "prompting": lambda: Fitted("prompting", {"instruction": task.instruction}, system_prompt=task.instruction)}
+    fits = {"unsteered": lambda: Fitted("unsteered", {}),
+            "prompting": lambda: Fitted("prompting", {"instruction": task.instruction}, system_prompt=task.instruction)}
+    fitted, errors = _fit_each([m for m in methods if m not in GENERATE_ONLY], fits, steering, bar)
+    return fitted, errors, info
+
+
+def _fit_each(methods: list[str], references: dict[str, Callable[[], Fitted]], steering: Callable[[str], Fitted],
+              bar) -> tuple[dict[str, Fitted], dict[str, str]]:
+    """Fit each method in turn (registry methods through ``steering``), timing each; a method that
+    cannot be fitted on this task is reported, not fatal."""
+    fitted: dict[str, Fitted] = {}
+    errors: dict[str, str] = {}
     for m in methods:
-        if m in GENERATE_ONLY:
-            continue
         bar.set_postfix_str(f"fit {m}")
         t0 = time.perf_counter()
         try:
@@ -181,7 +177,7 @@ def fit_choice(model: HookedTransformer, task: Task, methods: list[str], s: Benc
             fitted[m] = f
         except Exception as exc:
             errors[m] = f"{type(exc).__name__}: {exc}"
-    return fitted, errors, info
+    return fitted, errors
 
 
 def _row_generate(model, task: Task, i: int, prompt: str, f: Fitted, **kw) -> dict:
