@@ -11,6 +11,13 @@ candidate forward from min(R) on the frozen prefix KV cache, then a batched line
 soon as a candidate is feasible (V = 0 and KL <= eps). Warm start from the previous token's z, or
 from a distilled linear predictor of z. When the budget runs out without a feasible point, the token
 is reported unreachable (never as a success) and a fallback policy decides what to emit.
+
+Amortised (sequence-level constraints with a trained value probe, :mod:`czao_lens.probes`): the
+screen is the probe's predicted violation of the *finished* text at the current position, and each
+candidate is scored from its own activations in the batched forward (no lookahead rollouts, no
+evaluator call per candidate); the real evaluator checks the final text. A per-prompt budget in row
+passes stops optimising once spent: later tokens that would need steering take the fallback and are
+flagged (``over_budget``, ``unreachable``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from czao_lens.artifacts import Artifact, model_info, register_artifact
 from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
 from czao_lens.errors import ArtifactError, CzaoLensError
 from czao_lens.generate import DecodeStep, StepDeltas, check_sampling, generate_tokens
+from czao_lens.probes import ValueProbe, find_probe
 from czao_lens.prompts import EncodedPrompts, encode_prompts
 from czao_lens.sites import resid_hook
 from czao_lens.store import ActivationStore
@@ -69,6 +77,9 @@ class CZAOConfig:
     surrogate_min_samples: int = 96  # rollout-scored candidates before the probe is fitted
     fallback: Fallback = "flag"
     relax_max_eps: float = 6.0
+    value_probe: bool = True  # sequence level: score candidates with a trained value probe when one exists
+    screen: bool = True  # with a value probe: optimise a token only when its predicted violation crosses the probe's threshold
+    budget: float | None = 6.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +97,8 @@ class CZAOConfig:
             raise CZAOError(f"unknown fallback {self.fallback!r}; use flag, relax or mask")
         if self.max_norm is not None and not self.max_norm >= 0:
             raise CZAOError("max_norm must be >= 0")
+        if self.budget is not None and not (math.isfinite(self.budget) and self.budget >= 1.0):
+            raise CZAOError(f"budget must be >= 1 (row passes per token, unsteered = 1) or None, got {self.budget}")
 
 
 @dataclass
@@ -105,6 +118,9 @@ class TokenRecord:
     satisfied: bool
     unreachable: bool
     fallback: str | None = None
+    row_passes: float = 0.0  # every forward weighted by its rows and the share of layers it ran
+    p_violation: float | None = None  # the value probe's prediction at the unperturbed position
+    over_budget: bool = False  # not optimised because the prompt's compute budget was spent
 
 
 @dataclass
@@ -159,6 +175,9 @@ class CZAOResult:
             "median_steps": statistics.median(steps) if steps else 0,
             "max_steps": max(steps) if steps else 0,
             "passes_per_token": sum(r.passes for r in self.records) / n,
+            "row_passes_per_token": sum(r.row_passes for r in self.records) / n,
+            "screened_tokens": sum(r.p_violation is not None and not r.optimized for r in self.records),
+            "over_budget_tokens": sum(r.over_budget for r in self.records),
             "mean_kl_optimized": statistics.fmean([r.kl for r in opt]) if opt else 0.0,
             "max_delta_norm": max((r.delta_norm for r in opt), default=0.0),
             "seconds": self.seconds,
@@ -339,10 +358,16 @@ class CZAOController:
         prompt_text: str = "",
         document: str | None = None,
         predictor: ZPredictor | None = None,
+        value: ValueProbe | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         self.model, self.constraint, self.subspace, self.cfg = model, constraint, subspace, config
         self.start_layer = subspace.start_layer
-        self.read_hooks: Sequence[str] = ()
+        # A value probe scores sequence-level candidates from their own activations (no rollouts).
+        self.value = value if (value is not None and config.value_probe and constraint.level == "sequence") else None
+        self.read_hooks: Sequence[str] = (self.value.hook,) if self.value is not None else ()
+        self.spent = 0.0  # row passes so far on this prompt
+        self.cap = config.budget * max_new_tokens if (config.budget is not None and max_new_tokens) else math.inf
         self.context = Context(prompt=prompt_text, tokenizer=model.tokenizer, document=document)
         self.predictor = predictor
         self.records: list[TokenRecord] = []
@@ -407,16 +432,30 @@ class CZAOController:
             raise CZAOError(f"constraint {self.constraint.describe()} raised while scoring: {exc!r}") from exc
 
     def _screen(self, step: DecodeStep, base_lp: Tensor) -> float:
+        if self.value is not None:
+            return self._value_violation(step.activations[self.value.hook][0])
         seq = self.constraint.level == "sequence"
         texts = self._texts(step, base_lp.argmax(-1, keepdim=True), None) if seq else None
         return float(self._violation(base_lp[None], texts)[0])
 
+    def _value_violation(self, acts: Tensor) -> float | Tensor:
+        """V from the value probe: how far the predicted violation is above the probe's threshold."""
+        assert self.value is not None
+        v = (self.value.predict(acts) - self.value.threshold).clamp_min(0)
+        return float(v) if v.ndim == 0 else v
+
     def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, lim: _Limits, *, exact: bool = False) -> Scores:
-        """Score candidates z: one batched forward (plus rollouts, or the surrogate, for sequence level)."""
+        """Score candidates z: one batched forward (plus rollouts, or a probe, for sequence level)."""
         if lim.cap is not None:
             n = Z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             Z = Z * torch.clamp(lim.cap / n, max=1.0)
         deltas = {h: d[None] for h, d in self.subspace.deltas(Z).items()}
+        if self.value is not None and not exact:
+            # The candidates' own activations at the probe's hook, from the one batched forward.
+            logits, _ = step.evaluate(deltas, capture=self.value.hook)
+            lp = logits[0].float().log_softmax(-1)
+            v = self._value_violation(step.captured[0])
+            return self._scored(Z, lp, base_lp, v, logits[0], lim, surrogate=False)
         seq = self.constraint.level == "sequence"
         use_probe = seq and self.probe is not None and not exact
         capture = self.probe_hook if seq and self.cfg.surrogate else None
@@ -428,10 +467,15 @@ class CZAOController:
             v = self._violation(lp, self._texts(step, lp.argmax(-1), rollout) if seq else None)
             if capture is not None and self.probe is None:
                 self._learn(step.captured[0], v)
+        return self._scored(Z, lp, base_lp, v, logits[0], lim, surrogate=use_probe)
+
+    def _scored(self, Z: Tensor, lp: Tensor, base_lp: Tensor, v: Tensor, logits: Tensor, lim: _Limits, *,
+                surrogate: bool) -> Scores:
+        """CZAO's objective: V + lambda |z|^2 + beta (KL - eps)_+; feasible when V = 0 and KL <= eps."""
         kl = (lp.exp() * (lp - base_lp[None])).sum(-1).clamp_min(0)
         loss = v + self.cfg.norm_penalty * Z.pow(2).sum(-1) + self.cfg.kl_beta * (kl - lim.eps).clamp_min(0)
         feasible = (v <= SAT_TOL) & (kl <= lim.eps)
-        return Scores(loss, v, kl, logits[0], feasible, surrogate=use_probe)
+        return Scores(loss, v, kl, logits, feasible, surrogate=surrogate)
 
     def _learn(self, h: Tensor, v: Tensor) -> None:
         """Collect (final residual, real V) pairs; fit the surrogate once there are enough."""
@@ -448,15 +492,27 @@ class CZAOController:
             raise CZAOError("CZAOController runs one prompt at a time; generate_czao loops over prompts")
         base_lp = _base_logprobs(step)
         v0 = self._screen(step, base_lp)
-        if v0 <= SAT_TOL:  # already holds (for sequence level: the greedy next token keeps it)
-            self.records.append(TokenRecord(step.index, False, 0, step.cost.passes, 0, 0.0, 0.0, 0.0, v0, v0, True, False))
+        p0 = float(self.value.predict(step.activations[self.value.hook][0])) if self.value is not None else None
+        skip = v0 <= SAT_TOL and (self.value is None or self.cfg.screen)
+        if skip or self.spent >= self.cap:
+            # Already holds (sequence level: the greedy next token keeps it, or the value probe
+            # predicts the finished text will), or the prompt's compute budget is spent: then the
+            # token takes the fallback unoptimised and is flagged (``over_budget``).
+            broke = not skip and v0 > SAT_TOL
+            rec = TokenRecord(step.index, False, 0, step.cost.passes, 0, 0.0, 0.0, 0.0, v0, v0, not broke, broke,
+                              fallback=self.cfg.fallback if broke else None, row_passes=step.cost.row_passes,
+                              p_violation=p0, over_budget=not skip)
+            if broke and self.cfg.fallback == "mask":
+                step.logit_bias = self._mask(step, step.logits[0])
+            self.spent += rec.row_passes
+            self.records.append(rec)
             return None
         lim = self._limits()
         best, steps = self._optimize(step, base_lp, self._start(step, warm=self.cfg.warm_start), lim)
         rec = TokenRecord(
             index=step.index, optimized=True, steps=steps, passes=0.0, candidates=0, delta_norm=0.0,
             z_norm=0.0, kl=best.kl, v_before=v0, v_after=best.v, satisfied=best.feasible,
-            unreachable=not best.feasible,
+            unreachable=not best.feasible, p_violation=p0,
         )
         if not best.feasible and self.cfg.fallback == "relax":
             best, extra, eps = self._relax(step, base_lp, best, lim)
@@ -478,6 +534,8 @@ class CZAOController:
         # The loop re-runs the upper layers once with the chosen delta: count it here.
         n_layers = self.model.cfg.n_layers
         rec.passes = step.cost.passes + (n_layers - self.start_layer) / n_layers
+        rec.row_passes = step.cost.row_passes + (n_layers - self.start_layer) / n_layers
+        self.spent += rec.row_passes
         rec.candidates = step.cost.candidates
         self.records.append(rec)
         return self.subspace.deltas(z[None])  # [1, d] per hook
@@ -606,6 +664,7 @@ def generate_czao(
     subspace: Subspace | None = None,
     store: ActivationStore | None = None,
     predictor: ZPredictor | None = None,
+    probe: "ValueProbe | Literal['auto'] | None" = "auto",
     progress: bool = False,
     keep_logprobs: bool = False,
 ) -> list[CZAOResult]:
@@ -618,11 +677,13 @@ def generate_czao(
     check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     store = store or ActivationStore(model)
+    value = resolve_probe(model, constraint, config, probe)
     results = []
     for prompt in prompts:
         enc = encode_prompts(model, prompt, chat=chat)
         sub = subspace or build_subspace(model, _prompt_ids(enc), config, store=store)
-        ctl = CZAOController(model, constraint, sub, config, prompt_text=prompt, document=document, predictor=predictor)
+        ctl = CZAOController(model, constraint, sub, config, prompt_text=prompt, document=document, predictor=predictor,
+                             value=value, max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
         gen = generate_tokens(model, enc, [prompt], max_new_tokens=max_new_tokens, greedy=greedy,
                               temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress,
@@ -643,6 +704,23 @@ def generate_czao(
     return results
 
 
+def resolve_probe(
+    model: HookedTransformer, constraint: Constraint, config: CZAOConfig, probe: "ValueProbe | Literal['auto'] | None"
+) -> ValueProbe | None:
+    """The value probe CZAO will use: ``"auto"`` finds the cached one for (model, constraint), if any;
+    an explicit probe is checked against both. Token-level constraints and ``value_probe=False`` use none."""
+    if probe is None or not config.value_probe or constraint.level != "sequence":
+        return None
+    if isinstance(probe, str):
+        if probe != "auto":
+            raise CZAOError(f"probe must be a ValueProbe, 'auto' or None, got {probe!r}")
+        return find_probe(model, constraint)
+    if not isinstance(probe, ValueProbe):
+        raise CZAOError(f"probe must be a ValueProbe, 'auto' or None, got {type(probe).__name__}")
+    probe.check(model, constraint)
+    return probe
+
+
 def distill_predictor(results: Sequence[CZAOResult], alpha: float = 0.01) -> ZPredictor:
     """Fit a :class:`ZPredictor` on the (residual, z*) pairs of earlier CZAO runs (``result.pairs``)."""
     pairs = [r.pairs for r in results if r.pairs is not None and len(r.pairs)]
@@ -660,7 +738,7 @@ class _MarginProbe:
 
     def __init__(self, ctl: CZAOController, b_max: float, iters: int):
         self.ctl, self.b_max, self.iters = ctl, b_max, iters
-        self.start_layer, self.read_hooks = ctl.start_layer, ()
+        self.start_layer, self.read_hooks = ctl.start_layer, ctl.read_hooks
         self.result: dict[str, Any] = {}
 
     def __call__(self, step: DecodeStep) -> None:
