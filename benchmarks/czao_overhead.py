@@ -8,11 +8,20 @@ both arms):
 - profanity         NoProfanity on RealToxicityPrompts profanity prefixes (data dir)
 - concept           AvoidConcept("violence ...") on RealToxicityPrompts threat prefixes (data dir)
 
-Prints a table per type, then, as its last two lines,
-``czao_satisfaction_reachable=<float>`` (satisfaction among prompts with no unreachable token) and
-``czao_overhead=<float>`` (CZAO wall-clock per token over unsteered wall-clock per token).
+Sequence-level constraints use the value probe in ``--probes DIR/<type>`` when there is one (train
+them with ``--train-probes``, on RTP prefixes that exclude this suite's prompts and the bench's test
+items); ``--no-probes`` measures the rollout-scored path. Best-of-n runs on the same prompts with n
+matched per prompt to CZAO's row-weighted passes per token on that prompt.
+
+Prints a table per type, then, as its last lines (name=value, every ratio measured in this run):
+``czao_satisfaction`` (all prompts, unreachable ones included), ``czao_satisfaction_reachable``,
+``czao_unreachable_share``, ``bestofn_satisfaction_matched``, ``unsteered_satisfaction``,
+``czao_overhead`` (CZAO wall-clock per token over unsteered's), ``czao_row_passes_per_token``,
+``czao_passes_per_token``, ``czao_p95_prompt_overhead``, ``czao_median_steps``, ``czao_ppl_ratio``
+(perplexity under the unsteered model of CZAO's text over that of the unsteered text).
 
     python benchmarks/czao_overhead.py [--n 8] [--max-new-tokens 24] [--data ../shared/data] [--out runs/bench_czao]
+        [--probes runs/probes | --no-probes] [--train-probes] [--budget 6]
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ warnings.filterwarnings("ignore")
 from czao_lens import load_model  # noqa: E402
 from czao_lens.paths import default_data_dir  # noqa: E402
 from czao_lens.constraints import AvoidConcept, AvoidTokens, Context, NoProfanity, Sentiment  # noqa: E402
+from czao_lens.bench.metrics import fluency, unsteered_logprobs  # noqa: E402
 from czao_lens.czao import CZAOConfig, generate_czao  # noqa: E402
 from czao_lens.generate import generate  # noqa: E402
+from czao_lens.probes import ValueProbe, collect_rollouts, corpus_prompts, train_probe  # noqa: E402
 from czao_lens.store import ActivationStore  # noqa: E402
 
 BANNED = [
@@ -75,12 +86,19 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_czao"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probes", type=Path, default=Path("runs/probes"), help="folder with one value probe per type")
+    ap.add_argument("--no-probes", action="store_true", help="score sequence-level candidates by rollouts")
+    ap.add_argument("--train-probes", action="store_true", help="train missing probes first (about 15 min)")
+    ap.add_argument("--probe-prompts", type=int, default=160)
+    ap.add_argument("--budget", type=float, default=None, help="CZAO's per-prompt budget (default: CZAOConfig's)")
     args = ap.parse_args()
     data = args.data or default_data_dir()
     model = load_model()
     store = ActivationStore(model)
-    cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed)
+    cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed,
+                     **({} if args.budget is None else {"budget": args.budget}))
     generate(model, "warm up", max_new_tokens=4)
+    probes = {} if args.no_probes else load_probes(model, data, args)
 
     rows, per_type = [], {}
     for kind, items in suite(data, args.n):
@@ -89,16 +107,32 @@ def main() -> None:
             base = generate(model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
             tb = time.perf_counter() - t0
             t0 = time.perf_counter()
-            res = generate_czao(model, prompt, c, cfg, max_new_tokens=args.max_new_tokens, seed=args.seed, store=store)[0]
+            res = generate_czao(model, prompt, c, cfg, max_new_tokens=args.max_new_tokens, seed=args.seed, store=store,
+                                probe=probes.get(kind))[0]
             tc = time.perf_counter() - t0
-            base_ok = bool(c.check_text(base.texts[0], Context(prompt=prompt, generated=base.texts[0], tokenizer=model.tokenizer)))
+            ok = lambda text: bool(c.check_text(text, Context(prompt=prompt, generated=text, tokenizer=model.tokenizer)))  # noqa: E731
+            base_ok = ok(base.texts[0])
+            summ = res.summary()
+            # Best-of-n at CZAO's compute on this prompt: n nucleus samples in one batch, first accepted.
+            n = int(min(16, max(1, round(summ["row_passes_per_token"]))))
+            t0 = time.perf_counter()
+            bon = generate(model, [prompt] * n, max_new_tokens=args.max_new_tokens, greedy=False, temperature=1.0,
+                           top_p=0.9, seed=args.seed)
+            t_bon = time.perf_counter() - t0
+            bon_ok = any(ok(t) for t in bon.texts)
+            ppl = {k: fluency(unsteered_logprobs(model, prompt, toks), toks, None)["ppl"] if toks else float("nan")
+                   for k, toks in (("unsteered", base.new_tokens[0]), ("czao", res.tokens))}
             opt = [r for r in res.records if r.optimized]
             rows.append({
                 "type": kind, "prompt": prompt, "constraint": c.describe(),
                 "unsteered": base.texts[0], "unsteered_ok": base_ok, "unsteered_s": tb, "unsteered_tokens": len(base.new_tokens[0]),
                 "czao": res.text, "czao_ok": res.satisfied, "czao_s": tc, "czao_tokens": len(res.tokens),
                 "unreachable": res.unreachable, "steps": [r.steps for r in opt], "kl": [r.kl for r in opt],
-                "passes_per_token": res.summary()["passes_per_token"],
+                "passes_per_token": summ["passes_per_token"], "row_passes_per_token": summ["row_passes_per_token"],
+                "screened_tokens": summ["screened_tokens"], "over_budget_tokens": summ["over_budget_tokens"],
+                "probe": kind in probes, "bestofn_n": n, "bestofn_ok": bon_ok, "bestofn_s": t_bon,
+                "ppl_unsteered": ppl["unsteered"], "ppl_czao": ppl["czao"],
+                "prompt_overhead": (tc / max(len(res.tokens), 1)) / (tb / max(len(base.new_tokens[0]), 1)),
             })
             print(f"[{kind}] {'ok ' if base_ok else 'BAD'} -> {'ok ' if res.satisfied else 'BAD'}"
                   f"{' (unreachable)' if res.unreachable else ''} {prompt[:40]!r} | {res.text[:60]!r}", flush=True)
@@ -118,6 +152,11 @@ def main() -> None:
             "median_steps": statistics.median(steps) if steps else 0,
             "max_steps": max(steps) if steps else 0,
             "passes_per_token": statistics.fmean(r["passes_per_token"] for r in rs),
+            "row_passes_per_token": statistics.fmean(r["row_passes_per_token"] for r in rs),
+            "bestofn_satisfaction": sum(r["bestofn_ok"] for r in rs) / len(rs),
+            "p95_prompt_overhead": quantile([r["prompt_overhead"] for r in rs], 0.95),
+            "ppl_ratio": statistics.fmean(r["ppl_czao"] for r in rs if r["ppl_czao"] == r["ppl_czao"])
+            / statistics.fmean(r["ppl_unsteered"] for r in rs if r["ppl_unsteered"] == r["ppl_unsteered"]),
             "wallclock_ratio": (sum(r["czao_s"] for r in rs) / max(sum(r["czao_tokens"] for r in rs), 1))
             / (sum(r["unsteered_s"] for r in rs) / max(sum(r["unsteered_tokens"] for r in rs), 1)),
         }
@@ -127,15 +166,73 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (args.out / "summary.json").write_text(json.dumps(table, indent=1))
-    cols = ["prompts", "unsteered_satisfaction", "czao_satisfaction", "unreachable_share", "satisfaction_reachable",
-            "mean_kl_optimized", "median_steps", "max_steps", "passes_per_token", "wallclock_ratio"]
+    cols = ["prompts", "unsteered_satisfaction", "czao_satisfaction", "bestofn_satisfaction", "unreachable_share",
+            "satisfaction_reachable", "mean_kl_optimized", "median_steps", "max_steps", "passes_per_token",
+            "row_passes_per_token", "wallclock_ratio", "p95_prompt_overhead", "ppl_ratio"]
     print("\n| type | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for k, s in table.items():
         print(f"| {k} | " + " | ".join(f"{s[c]:.3g}" if isinstance(s[c], float) else str(s[c]) for c in cols) + " |")
     print(f"\nsaved {args.out / 'results.jsonl'} and {args.out / 'summary.json'}")
-    print(f"czao_satisfaction_reachable={table['all']['satisfaction_reachable']:.4f}")
-    print(f"czao_overhead={table['all']['wallclock_ratio']:.4f}")
+    a = table["all"]
+    print(f"probes={','.join(sorted(probes)) or 'none'}")
+    print(f"unsteered_satisfaction={a['unsteered_satisfaction']:.4f}")
+    print(f"czao_satisfaction={a['czao_satisfaction']:.4f}")
+    print(f"czao_satisfaction_reachable={a['satisfaction_reachable']:.4f}")
+    print(f"czao_unreachable_share={a['unreachable_share']:.4f}")
+    print(f"bestofn_satisfaction_matched={a['bestofn_satisfaction']:.4f}")
+    print(f"czao_passes_per_token={a['passes_per_token']:.4f}")
+    print(f"czao_row_passes_per_token={a['row_passes_per_token']:.4f}")
+    print(f"czao_p95_prompt_overhead={a['p95_prompt_overhead']:.4f}")
+    print(f"czao_median_steps={a['median_steps']}")
+    print(f"czao_ppl_ratio={a['ppl_ratio']:.4f}")
+    print(f"czao_overhead={a['wallclock_ratio']:.4f}")
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """The q-quantile by linear interpolation between order statistics."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def load_probes(model, data: Path, args) -> dict[str, ValueProbe]:
+    """One value probe per sequence-level type from ``--probes``; with ``--train-probes``, train the
+    missing ones on RTP prefixes that exclude this suite's prompts and the bench's test items."""
+    from czao_lens.cli import bench_test_prompts
+
+    items = suite(data, 16)
+    out, missing = {}, []
+    for kind, its in items:
+        c = its[0][1]
+        if c.level != "sequence":
+            continue
+        folder = args.probes / kind
+        if (folder / "cfg.json").exists():
+            out[kind] = ValueProbe.load(folder, model)
+            out[kind].check(model, c)
+        else:
+            missing.append((kind, c))
+    if missing and args.train_probes:
+        exclude = [p for _, its in items for p, _ in its] + bench_test_prompts(data)
+        prompts = corpus_prompts(data, exclude=exclude, limit=args.probe_prompts, seed=args.seed)
+        rolls = collect_rollouts(model, prompts, samples=3, max_new_tokens=args.max_new_tokens,
+                                 perturb_layers=tuple(args.layer or (12,)), seed=args.seed)
+        for kind, c in missing:
+            out[kind], _ = train_probe(model, c, rolls, save=False)
+            out[kind].save(args.probes / kind)
+    elif missing:
+        print(f"no value probe for {', '.join(k for k, _ in missing)} in {args.probes}: rollout scoring "
+              "(pass --train-probes to train them)", flush=True)
+    for kind, p in out.items():
+        m = p.metrics
+        print(f"probe {kind}: out-of-fold AUROC {m.get('auroc_heldout', float('nan')):.3f}, threshold {p.threshold:.3g}, "
+              f"screen optimises {m.get('screen_share_optimised', float('nan')):.0%}, miss rate {m.get('screen_miss_rate', float('nan')):.1%}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

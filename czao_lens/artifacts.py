@@ -114,8 +114,9 @@ def save_artifact(
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{path} is a file; a saved object is a folder (cfg.json + tensors.safetensors)")
     path.mkdir(parents=True, exist_ok=True)
-    cfg = {"type": type_name, "version": FORMAT_VERSION, "model": model or {}, "sites": list(sites or []),
-           "params": params}
+    cls = _REGISTRY.get(type_name)
+    cfg = {"type": type_name, "version": FORMAT_VERSION, "module": cls.__module__ if cls else None,
+           "model": model or {}, "sites": list(sites or []), "params": params}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / TENSORS_FILE))
     (path / CFG_FILE).write_text(json.dumps(_jsonable(cfg), indent=1, allow_nan=False))
     return path
@@ -185,6 +186,10 @@ class Artifact:
         """The hook points this object writes to or reads from."""
         return []
 
+    def restore_saved(self, model: dict[str, Any], sites: list[str]) -> None:
+        """Called by :func:`load` with the file's model record and sites; objects that keep them
+        (so a re-save keeps the fingerprint) override it."""
+
     def save(self, path: str | Path) -> Path:
         """Save as ``path/cfg.json`` + ``path/tensors.safetensors``."""
         if not self.ARTIFACT_TYPE:
@@ -202,6 +207,16 @@ def load(path: str | Path, model: Any = None, *, strict_fingerprint: bool = True
     """Load any saved czao-lens object, dispatching on its ``type``; with ``model``, check it fits."""
     cfg, tensors = read_artifact(path)
     cls = _REGISTRY.get(cfg["type"])
+    module = cfg.get("module")
+    if cls is None and isinstance(module, str) and module.startswith("czao_lens."):
+        # Types register when their module is imported; the file names that module (ours only).
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+        cls = _REGISTRY.get(cfg["type"])
     if cls is None:
         raise ArtifactError(f"{path} holds an unknown type {cfg['type']!r}; known: {artifact_types()}")
     if expect is not None and not issubclass(cls, expect):
@@ -209,7 +224,9 @@ def load(path: str | Path, model: Any = None, *, strict_fingerprint: bool = True
     if model is not None:
         check_model(cfg.get("model"), model, f"{cfg['type']} at {path}", strict_fingerprint=strict_fingerprint)
     try:
-        return cls.from_dict(cfg.get("params", {}), tensors)
+        obj = cls.from_dict(cfg.get("params", {}), tensors)
+        obj.restore_saved(cfg.get("model") or {}, list(cfg.get("sites") or []))
+        return obj
     except CzaoLensError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as exc:

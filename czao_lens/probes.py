@@ -104,6 +104,9 @@ class ValueProbe(Artifact):
     def sites(self) -> list[str]:
         return [self.hook]
 
+    def restore_saved(self, model: dict[str, Any], sites: list[str]) -> None:
+        self.model = dict(model)
+
     @classmethod
     def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "ValueProbe":
         missing = {"weight", "mean", "std"} - set(tensors)

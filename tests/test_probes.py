@@ -87,6 +87,7 @@ def test_probe_round_trip_and_cache(tiny, tmp_path, monkeypatch):
     assert torch.equal(again.weight, probe.weight) and again.threshold == probe.threshold and again.hook == probe.hook
     generic = load(probe_path(tiny, VOWELS), tiny)  # one loader for every saved object
     assert isinstance(generic, ValueProbe)
+    assert generic.model == probe.model and generic.model["fingerprint"]  # a re-save keeps the model record
     x = torch.randn(4, tiny.cfg.d_model)
     assert torch.allclose(generic.predict(x), probe.predict(x))
 
@@ -119,6 +120,19 @@ def test_probe_refuses_another_model_and_another_constraint(tiny, tmp_path):
 def test_bad_probe_inputs(tiny, call, match):
     with pytest.raises(ProbeError, match=match):
         call(tiny)
+
+
+def test_load_finds_the_type_in_a_fresh_process(tmp_path):
+    """cfg.json names the defining module, so load() works before anything imported it."""
+    import subprocess
+    import sys
+
+    p = ValueProbe("blocks.1.hook_resid_post", {"type": "regex"}, torch.ones(4), 0.0, torch.zeros(4), torch.ones(4), 0.3,
+                   model={"fingerprint": "f00", "d_model": 4})
+    p.save(tmp_path / "p")
+    code = "import sys; from czao_lens.artifacts import load; o = load(sys.argv[1]); print(type(o).__name__, o.model['fingerprint'])"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p")], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["ValueProbe", "f00"], out.stderr[-2000:]
 
 
 def test_corrupt_probe_folder_is_refused(tiny, tmp_path):
