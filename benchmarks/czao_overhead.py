@@ -90,14 +90,14 @@ def main() -> None:
     ap.add_argument("--no-probes", action="store_true", help="score sequence-level candidates by rollouts")
     ap.add_argument("--train-probes", action="store_true", help="train missing probes first (about 15 min)")
     ap.add_argument("--probe-prompts", type=int, default=160)
-    ap.add_argument("--budget", type=lambda v: None if v == "none" else float(v), default="default",
+    ap.add_argument("--budget", default=None,
                     help="CZAO's per-prompt budget in row passes per token, or 'none' (default: CZAOConfig's)")
     args = ap.parse_args()
     data = args.data or default_data_dir()
     model = load_model()
     store = ActivationStore(model)
     cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed,
-                     **({} if args.budget == "default" else {"budget": args.budget}))
+                     **({} if args.budget is None else {"budget": None if args.budget == "none" else float(args.budget)}))
     generate(model, "warm up", max_new_tokens=4)
     probes = {} if args.no_probes else load_probes(model, data, args)
 
