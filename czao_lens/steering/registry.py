@@ -179,6 +179,10 @@ class SteeringMethod:
     summary: Callable[[Any], dict[str, Any]] | None = None
     description: str = ""
 
+    def can_fit(self, inp: FitInput) -> bool:
+        """Whether ``inp`` provides everything this method needs."""
+        return all(inp.has(n) for n in self.needs)
+
     def check_input(self, inp: FitInput) -> None:
         """Raise :class:`SteeringError` naming what the input lacks."""
         missing = [n for n in self.needs if not inp.has(n)]
