@@ -78,7 +78,8 @@ class CZAOConfig:
     fallback: Fallback = "flag"
     relax_max_eps: float = 6.0
     value_probe: bool = True  # sequence level: score candidates with a trained value probe when one exists
-    screen: bool = True  # with a value probe: optimise a token only when its predicted violation crosses the probe's threshold
+    screen: bool = True  # with a value probe: optimise a token only when its predicted violation is above probe_accept
+    probe_accept: float | None = 0.5  # with a value probe: feasible when p(violation) <= this (None: the probe's recall threshold)
     budget: float | None = 6.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
     seed: int = 0
 
@@ -97,6 +98,8 @@ class CZAOConfig:
             raise CZAOError(f"unknown fallback {self.fallback!r}; use flag, relax or mask")
         if self.max_norm is not None and not self.max_norm >= 0:
             raise CZAOError("max_norm must be >= 0")
+        if self.probe_accept is not None and not 0.0 <= self.probe_accept < 1.0:
+            raise CZAOError(f"probe_accept must be in [0, 1) or None, got {self.probe_accept}")
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget >= 1.0):
             raise CZAOError(f"budget must be >= 1 (row passes per token, unsteered = 1) or None, got {self.budget}")
 
@@ -439,9 +442,10 @@ class CZAOController:
         return float(self._violation(base_lp[None], texts)[0])
 
     def _value_violation(self, acts: Tensor) -> float | Tensor:
-        """V from the value probe: how far the predicted violation is above the probe's threshold."""
+        """V from the value probe: how far the predicted violation is above the acceptance level."""
         assert self.value is not None
-        v = (self.value.predict(acts) - self.value.threshold).clamp_min(0)
+        accept = self.value.threshold if self.cfg.probe_accept is None else self.cfg.probe_accept
+        v = (self.value.predict(acts) - accept).clamp_min(0)
         return float(v) if v.ndim == 0 else v
 
     def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, lim: _Limits, *, exact: bool = False) -> Scores:

@@ -377,6 +377,8 @@ def fit_probe(
         "l2_grid": {f"{r[1]:g}": r[0] for r in cv}, "calibration": calibration(p, y), "threshold": threshold,
         "screen_miss_rate": float((~flagged & (y > 0.5)).float().sum() / max(int((y > 0.5).sum()), 1)),
         "screen_share_optimised": float(flagged.float().mean()),
+        "at_0.5": {"miss_rate": float(((p < 0.5) & (y > 0.5)).float().sum() / max(int((y > 0.5).sum()), 1)),
+                   "share_optimised": float((p >= 0.5).float().mean())},
         "positions": int(len(y)), "violation_rate": float(y.mean()), "prompts": n_prompts, "folds": k,
         "evaluated_on": "out-of-fold (by prompt)", "rollouts": len(data.texts), "recall_target": recall,
     }
