@@ -80,7 +80,7 @@ class CZAOConfig:
     value_probe: bool = True  # sequence level: score candidates with a trained value probe when one exists
     screen: bool = True  # with a value probe: optimise a token only when its predicted violation is above probe_accept
     probe_accept: float | None = 0.5  # with a value probe: feasible when p(violation) <= this (None: the probe's recall threshold)
-    budget: float | None = 6.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
+    budget: float | None = 10.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
     seed: int = 0
 
     def __post_init__(self) -> None:
