@@ -139,7 +139,9 @@ def sweep(
     neutral: Sequence[str] = NEUTRAL_PROMPTS,
     chat: bool = True,
 ) -> list[SweepRow]:
-    """p(matching) (mean and standard error over items) and fluency KL for each strength value."""
+    """p(matching) (mean and standard error over items) and fluency KL for each strength value;
+    ``make(v)`` is the intervention at strength ``v`` (e.g. ``lambda g: vec * g``, or a registry
+    method's ``lambda g: method.at(obj, g)``)."""
     texts = None
     ref = None
     rows = []
