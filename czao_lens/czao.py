@@ -495,8 +495,13 @@ class CZAOController:
         if step.resid.shape[0] != 1:
             raise CZAOError("CZAOController runs one prompt at a time; generate_czao loops over prompts")
         base_lp = _base_logprobs(step)
-        v0 = self._screen(step, base_lp)
-        p0 = float(self.value.predict(step.activations[self.value.hook][0])) if self.value is not None else None
+        p0 = None
+        if self.value is not None:  # one probe read gives both the prediction and V
+            p0 = float(self.value.predict(step.activations[self.value.hook][0]))
+            accept = self.value.threshold if self.cfg.probe_accept is None else self.cfg.probe_accept
+            v0 = max(0.0, p0 - accept)
+        else:
+            v0 = self._screen(step, base_lp)
         skip = v0 <= SAT_TOL and (self.value is None or self.cfg.screen)
         if skip or self.spent >= self.cap:
             # Already holds (sequence level: the greedy next token keeps it, or the value probe

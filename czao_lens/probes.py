@@ -422,7 +422,7 @@ def train_probe(
     """Collect rollouts (or reuse ``Rollouts`` collected for another constraint), label them, fit,
     and (by default) store the probe where :func:`find_probe` looks."""
     fit_kw = {k: kwargs.pop(k) for k in ("l2", "recall", "folds") if k in kwargs}
-    if constraint.level != "sequence":
+    if constraint.level != "sequence":  # before any rollout is collected
         raise ProbeError(f"{constraint.describe()} is token-level: CZAO scores it exactly from logits, no probe needed")
     rollouts = prompts if isinstance(prompts, Rollouts) else collect_rollouts(model, prompts, **kwargs)
     data = rollouts.labelled(constraint, model.tokenizer)
@@ -432,14 +432,7 @@ def train_probe(
     return probe, data
 
 
-def load_probe_for(model: HookedTransformer, constraint: Constraint, path: str | Path) -> ValueProbe:
-    """A probe from a folder, checked against this model and constraint."""
-    probe = ValueProbe.load(path, model)
-    probe.check(model, constraint)
-    return probe
-
-
 __all__ = [
     "ProbeError", "Rollouts", "ValueProbe", "auroc", "calibration", "collect_rollouts", "corpus_prompts", "default_probe_hook",
-    "find_probe", "fit_probe", "load_probe_for", "probe_path", "spec_key", "train_probe",
+    "find_probe", "fit_probe", "probe_path", "spec_key", "train_probe",
 ]
