@@ -157,3 +157,17 @@ def test_corpus_excludes_evaluation_prompts(tmp_path):
     assert sorted(got) == ["four", "one", "two"]
     with pytest.raises(ProbeError, match="no prompt corpus"):
         corpus_prompts(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--constraint", '{"type": "avoid_tokens", "words": ["blue"]}'], "token-level"),
+    (["--constraint", '{"type": "sentiment", "min_compound": 0.0}', "--limit", "1"], "--limit"),
+    (["--constraint", '{"type": "nope"}'], "bad constraint spec"),
+])
+def test_probe_train_cli_rejects_bad_input_before_loading_the_model(args, match):
+    from typer.testing import CliRunner
+
+    from czao_lens.cli import app
+
+    r = CliRunner().invoke(app, ["probe", "train", *args])
+    assert r.exit_code == 2 and match in r.output
