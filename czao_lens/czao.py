@@ -40,14 +40,15 @@ from czao_lens.artifacts import Artifact, model_info, register_artifact
 from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
 from czao_lens.errors import ArtifactError, CzaoLensError
 from czao_lens.generate import DecodeStep, StepDeltas, check_sampling, generate_tokens
-from czao_lens.probes import ValueProbe, find_probe
+from czao_lens.probes import ValueProbe, probe_for
 from czao_lens.prompts import EncodedPrompts, encode_prompts
+from czao_lens.seeds import Directions, seed_directions, seeded
 from czao_lens.sites import resid_hook
 from czao_lens.store import ActivationStore
 from czao_lens.subspace import Subspace, SubspaceError, activation_basis, random_basis
 from czao_lens.zo import diagonal_curvature, line_search_candidates, spsa_candidates, spsa_gradient
 
-Fallback = Literal["flag", "relax", "mask"]
+Fallback = Literal["auto", "flag", "relax", "mask"]
 
 
 class CZAOError(CzaoLensError, RuntimeError):
@@ -75,12 +76,13 @@ class CZAOConfig:
     lookahead: int = 3  # greedy rollout tokens per candidate for sequence-level constraints
     surrogate: bool = False  # score sequence-level candidates with a linear probe once it is trained
     surrogate_min_samples: int = 96  # rollout-scored candidates before the probe is fitted
-    fallback: Fallback = "flag"
+    fallback: Fallback = "auto"  # auto: mask when the constraint bans tokens, else flag
     relax_max_eps: float = 6.0
     value_probe: bool = True  # sequence level: score candidates with a trained value probe when one exists
     screen: bool = True  # with a value probe: optimise a token only when its predicted violation is above probe_accept
     probe_accept: float | None = 0.5  # with a value probe: feasible when p(violation) <= this (None: the probe's recall threshold)
     budget: float | None = 10.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
+    seed_direction: bool = True  # try a line along the constraint's known good direction before SPSA (czao_lens.seeds)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,8 +96,8 @@ class CZAOConfig:
             )
         if self.max_steps < 1 or self.n_dirs < 1 or self.patience < 1 or not self.mu > 0 or not self.radii:
             raise CZAOError("max_steps, n_dirs and patience must be >= 1, mu > 0, and radii non-empty")
-        if self.fallback not in ("flag", "relax", "mask"):
-            raise CZAOError(f"unknown fallback {self.fallback!r}; use flag, relax or mask")
+        if self.fallback not in ("auto", "flag", "relax", "mask"):
+            raise CZAOError(f"unknown fallback {self.fallback!r}; use auto, flag, relax or mask")
         if self.max_norm is not None and not self.max_norm >= 0:
             raise CZAOError("max_norm must be >= 0")
         if self.probe_accept is not None and not 0.0 <= self.probe_accept < 1.0:
@@ -363,6 +365,7 @@ class CZAOController:
         predictor: ZPredictor | None = None,
         value: ValueProbe | None = None,
         max_new_tokens: int | None = None,
+        seed_z: Float[Tensor, "dim"] | None = None,
     ) -> None:
         self.model, self.constraint, self.subspace, self.cfg = model, constraint, subspace, config
         self.start_layer = subspace.start_layer
@@ -384,6 +387,11 @@ class CZAOController:
         self.probe_hook = resid_hook(model.cfg.n_layers - 1, "post")
         if config.fallback == "mask" and constraint.level == "token" and not hasattr(constraint, "banned_ids"):
             raise CZAOError("fallback='mask' needs a constraint with banned tokens (e.g. AvoidTokens)")
+        auto = "mask" if hasattr(constraint, "banned_ids") else "flag"
+        self.fallback: str = auto if config.fallback == "auto" else config.fallback
+        if seed_z is not None and seed_z.shape != (subspace.dim,):
+            raise CZAOError(f"seed_z has shape {tuple(seed_z.shape)}; the subspace has {subspace.dim} coefficients")
+        self.seed_z = seed_z
 
     # -- public probes of the objective
 
@@ -509,9 +517,9 @@ class CZAOController:
             # token takes the fallback unoptimised and is flagged (``over_budget``).
             broke = not skip and v0 > SAT_TOL
             rec = TokenRecord(step.index, False, 0, step.cost.passes, 0, 0.0, 0.0, 0.0, v0, v0, not broke, broke,
-                              fallback=self.cfg.fallback if broke else None, row_passes=step.cost.row_passes,
+                              fallback=self.fallback if broke else None, row_passes=step.cost.row_passes,
                               p_violation=p0, over_budget=not skip)
-            if broke and self.cfg.fallback == "mask":
+            if broke and self.fallback == "mask":
                 step.logit_bias = self._mask(step, step.logits[0])
             self.spent += rec.row_passes
             self.records.append(rec)
@@ -523,14 +531,14 @@ class CZAOController:
             z_norm=0.0, kl=best.kl, v_before=v0, v_after=best.v, satisfied=best.feasible,
             unreachable=not best.feasible, p_violation=p0,
         )
-        if not best.feasible and self.cfg.fallback == "relax":
+        if not best.feasible and self.fallback == "relax":
             best, extra, eps = self._relax(step, base_lp, best, lim)
             rec.steps += extra
             rec.fallback = f"relax(eps={eps:g})"
             rec.kl, rec.v_after, rec.satisfied = best.kl, best.v, best.feasible
         if not best.feasible:
-            rec.fallback = rec.fallback or self.cfg.fallback
-            if self.cfg.fallback == "mask":
+            rec.fallback = rec.fallback or self.fallback
+            if self.fallback == "mask":
                 step.logit_bias = self._mask(step, best.logits)
         # rec.unreachable stays as set above: no feasible point within the budget at the configured
         # eps, even when relaxing eps then found one (rec.satisfied says so, rec.fallback says how).
@@ -561,8 +569,15 @@ class CZAOController:
         """SPSA + batched line search from ``z`` until a feasible candidate appears or K steps are spent."""
         cfg = self.cfg
         radii = torch.tensor(cfg.radii)
-        best, stale, last_key = None, 0, float("inf")
-        for k in range(1, cfg.max_steps + 1):
+        best, stale, last_key, first = None, 0, float("inf"), 1
+        if self.seed_z is not None:
+            # The seed line first: one small batch, and often already feasible.
+            line = torch.cat([z[None], z[None] + radii[:, None] * self.seed_z[None]])
+            best = self._verified(step, base_lp, self._keep_best(line, self._evaluate(step, line, base_lp, lim), None, lim), lim)
+            if best.feasible or cfg.max_steps == 1:
+                return best, 1
+            z, first = best.z.clone(), 2
+        for k in range(first, cfg.max_steps + 1):
             probe = spsa_candidates(z, cfg.n_dirs, cfg.mu, self.gen)
             pts = torch.cat([z[None], probe.points])  # the current point rides along for free
             ev = self._evaluate(step, pts, base_lp, lim)
@@ -674,12 +689,15 @@ def generate_czao(
     store: ActivationStore | None = None,
     predictor: ZPredictor | None = None,
     probe: "ValueProbe | Literal['auto'] | None" = "auto",
+    directions: Directions | None = None,
     progress: bool = False,
     keep_logprobs: bool = False,
 ) -> list[CZAOResult]:
     """Generate with CZAO for each prompt (one at a time), returning text and telemetry.
 
     Each prompt is encoded once; the subspace, the store and the decode loop share its tokens.
+    ``directions`` (per layer of R, e.g. a CAA vector) seed the search; by default the constraint's
+    own (:func:`czao_lens.seeds.seed_directions`) do, when ``config.seed_direction``.
     ``keep_logprobs`` also keeps the steered next-token log-probs (``result.step_logprobs``);
     ``result.pairs`` feeds :func:`distill_predictor`."""
     config = config or CZAOConfig()
@@ -691,8 +709,14 @@ def generate_czao(
     for prompt in prompts:
         enc = encode_prompts(model, prompt, chat=chat)
         sub = subspace or build_subspace(model, _prompt_ids(enc), config, store=store)
+        seeds = directions
+        if seeds is None and config.seed_direction:
+            seeds = seed_directions(model, constraint, value, sub.layers)
+        seed_z = None
+        if seeds is not None:
+            sub, seed_z = seeded(sub, seeds, seed=config.seed)
         ctl = CZAOController(model, constraint, sub, config, prompt_text=prompt, document=document, predictor=predictor,
-                             value=value, max_new_tokens=max_new_tokens)
+                             value=value, max_new_tokens=max_new_tokens, seed_z=seed_z)
         t0 = time.perf_counter()
         gen = generate_tokens(model, enc, [prompt], max_new_tokens=max_new_tokens, greedy=greedy,
                               temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress,
@@ -716,18 +740,11 @@ def generate_czao(
 def resolve_probe(
     model: HookedTransformer, constraint: Constraint, config: CZAOConfig, probe: "ValueProbe | Literal['auto'] | None"
 ) -> ValueProbe | None:
-    """The value probe CZAO will use: ``"auto"`` finds the cached one for (model, constraint), if any;
-    an explicit probe is checked against both. Token-level constraints and ``value_probe=False`` use none."""
+    """The value probe CZAO will use (:func:`czao_lens.probes.probe_for`); token-level constraints and
+    ``value_probe=False`` use none."""
     if probe is None or not config.value_probe or constraint.level != "sequence":
         return None
-    if isinstance(probe, str):
-        if probe != "auto":
-            raise CZAOError(f"probe must be a ValueProbe, 'auto' or None, got {probe!r}")
-        return find_probe(model, constraint)
-    if not isinstance(probe, ValueProbe):
-        raise CZAOError(f"probe must be a ValueProbe, 'auto' or None, got {type(probe).__name__}")
-    probe.check(model, constraint)
-    return probe
+    return probe_for(model, constraint, probe)
 
 
 def distill_predictor(results: Sequence[CZAOResult], alpha: float = 0.01) -> ZPredictor:

@@ -168,6 +168,40 @@ class DecodeStep:
                 r()
         return first, rollout
 
+    def next_token_activations(
+        self, candidates: Int[Tensor, "batch k"], capture: str
+    ) -> Float[Tensor, "batch k *width"]:
+        """The activation at ``capture`` of each candidate *next* token, fed one position past the
+        current one on the frozen cache, all candidates in one batched forward that stops right
+        after the captured block (FUDGE-style guidance scores next tokens this way).
+
+        The current position must be in the cache as the loop put it (call this before returning
+        deltas); the cache itself is never changed."""
+        model, n_layers = self.model, self.model.cfg.n_layers
+        batch, k = candidates.shape
+        if batch != self.resid.shape[0] or k < 1:
+            raise PerturbationError(f"candidates must be [batch={self.resid.shape[0]}, k>=1], got {tuple(candidates.shape)}")
+        hp = check_hook_name(model, capture)
+        stop = min(hook_layer(model, capture) + 1, n_layers)
+        cache = _expanded_cache(self._cache, k, drop_last_from=n_layers)
+        mask = self._attention_mask.repeat_interleave(k, 0)
+        cache.previous_attention_mask = mask
+        grabbed: dict[str, Tensor] = {}
+        remove = add_hook(hp, _capture(grabbed, capture))
+        base_offset = self.layout.offset
+        try:
+            self.layout.offset += 1  # static perturbations must see the next position
+            model(candidates.reshape(-1, 1), past_kv_cache=cache, attention_mask=torch.ones_like(mask[:, :1]),
+                  stop_at_layer=stop if stop < n_layers else None)
+        finally:
+            self.layout.offset = base_offset
+            remove()
+        self.cost.passes += stop / n_layers
+        self.cost.row_passes += k * stop / n_layers
+        self.cost.candidates += k * batch
+        self.cost.batched_calls += 1
+        return grabbed[capture].reshape(batch, k, *grabbed[capture].shape[1:])
+
 
 def _add_last(delta: Tensor):
     """Hook adding a per-row delta to the last position only (the current token)."""

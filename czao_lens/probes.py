@@ -34,6 +34,7 @@ from czao_lens.errors import CzaoLensError
 from czao_lens.generate import DecodeStep, generate
 from czao_lens.paths import cache_root
 from czao_lens.perturb import Perturbation
+from czao_lens.prompts import encode_prompts
 from czao_lens.sites import check_layers, resid_hook
 from czao_lens.store import ActivationStore
 
@@ -68,11 +69,17 @@ class ValueProbe(Artifact):
     threshold: float  # screening: optimise only at or above this predicted violation
     model: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Per layer, the residual (resid_pre) of satisfying rollouts minus that of violating ones: a
+    # contrastive steering direction that seeds CZAO's search (:mod:`czao_lens.seeds`).
+    directions: Float[Tensor, "n_layers d"] | None = None
 
     def __post_init__(self) -> None:
         d = self.weight.shape[-1]
         if self.weight.ndim != 1 or self.mean.shape != (d,) or self.std.shape != (d,):
             raise ProbeError(f"probe tensors disagree: weight {tuple(self.weight.shape)}, mean {tuple(self.mean.shape)}, std {tuple(self.std.shape)}")
+        if self.directions is not None and (self.directions.ndim != 2 or self.directions.shape[1] != d
+                                            or not torch.isfinite(self.directions).all()):
+            raise ProbeError(f"probe directions must be finite [n_layers, {d}], got {tuple(self.directions.shape)}")
         if not (math.isfinite(self.bias) and 0.0 <= self.threshold <= 1.0):
             raise ProbeError(f"probe bias must be finite and threshold in [0, 1], got {self.bias}, {self.threshold}")
 
@@ -96,7 +103,8 @@ class ValueProbe(Artifact):
                 "metrics": self.metrics, "recipe_version": RECIPE_VERSION}
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"weight": self.weight, "mean": self.mean, "std": self.std}
+        extra = {} if self.directions is None else {"directions": self.directions}
+        return {"weight": self.weight, "mean": self.mean, "std": self.std, **extra}
 
     def saved_model_info(self) -> dict[str, Any]:
         return self.model
@@ -114,7 +122,8 @@ class ValueProbe(Artifact):
             raise ProbeError(f"probe file lacks tensors {sorted(missing)}")
         return cls(str(params["hook"]), dict(params["constraint"]), tensors["weight"].float(), float(params["bias"]),
                    tensors["mean"].float(), tensors["std"].float(), float(params["threshold"]),
-                   metrics=dict(params.get("metrics", {})))
+                   metrics=dict(params.get("metrics", {})),
+                   directions=tensors["directions"].float() if "directions" in tensors else None)
 
 
 # ----------------------------------------------------------------------------- training data
@@ -385,6 +394,46 @@ def fit_probe(
     return ValueProbe(hook, constraint.to_dict(), w, b, mean, std, threshold, model=model_info(model), metrics=metrics)
 
 
+@torch.no_grad()
+def rollout_residuals(
+    model: HookedTransformer, data: Rollouts, *, chat: bool = False, progress: bool = True
+) -> Float[Tensor, "rollouts n_layers d"]:
+    """Per rollout, the mean ``resid_pre`` of every layer over its generated positions, on the
+    unperturbed model (one forward per rollout; an empty rollout gives zeros). Constraint-free, so
+    several constraints' directions can share it."""
+    n, d = model.cfg.n_layers, model.cfg.d_model
+    hooks = [resid_hook(l) for l in range(n)]
+    out = torch.zeros(len(data.texts), n, d)
+    for i, r in enumerate(tqdm(data.texts, desc="rollout residuals", disable=not progress)):
+        new = model.tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+        if not new:
+            continue
+        enc = encode_prompts(model, r["prompt"], chat=chat)
+        toks = torch.cat([enc.tokens[:, enc.tokens.shape[1] - int(enc.prompt_lens[0]):], torch.tensor([new])], 1)
+        _, cache = model.run_with_cache(toks, names_filter=lambda name: name in hooks)
+        out[i] = torch.stack([cache[h][0, -len(new):].float().mean(0) for h in hooks])
+    return out
+
+
+def contrastive_directions(
+    model: HookedTransformer, data: Rollouts, *, residuals: Tensor | None = None, chat: bool = False,
+    progress: bool = True,
+) -> Float[Tensor, "n_layers d"]:
+    """Per layer, the mean residual of satisfying rollouts minus that of violating ones (each rollout
+    weighs the same): the constraint's own steering direction, from the labelled rollouts the probe
+    was fitted on (``residuals`` from :func:`rollout_residuals`, computed here when not given)."""
+    if not data.texts or "violates" not in data.texts[0]:
+        raise ProbeError("the rollouts are not labelled: call rollouts.labelled(constraint) first")
+    ok = torch.tensor([not r["violates"] and bool(r["text"]) for r in data.texts])
+    bad = torch.tensor([r["violates"] and bool(r["text"]) for r in data.texts])
+    if not ok.any() or not bad.any():
+        raise ProbeError("contrastive directions need both satisfying and violating rollouts")
+    res = rollout_residuals(model, data, chat=chat, progress=progress) if residuals is None else residuals
+    if res.shape[0] != len(data.texts):
+        raise ProbeError(f"{res.shape[0]} rollout residuals for {len(data.texts)} rollouts")
+    return res[ok].mean(0) - res[bad].mean(0)
+
+
 # ----------------------------------------------------------------------------- the probe cache
 
 
@@ -411,6 +460,21 @@ def find_probe(model: HookedTransformer, constraint: Constraint, hook: str | Non
     return probe
 
 
+def probe_for(model: HookedTransformer, constraint: Constraint, probe: "ValueProbe | str | None") -> ValueProbe | None:
+    """The probe to use for (model, constraint): ``"auto"`` finds the cached one, if any; an explicit
+    probe is checked against both; ``None`` means none."""
+    if probe is None:
+        return None
+    if isinstance(probe, str):
+        if probe != "auto":
+            raise ProbeError(f"probe must be a ValueProbe, 'auto' or None, got {probe!r}")
+        return find_probe(model, constraint)
+    if not isinstance(probe, ValueProbe):
+        raise ProbeError(f"probe must be a ValueProbe, 'auto' or None, got {type(probe).__name__}")
+    probe.check(model, constraint)
+    return probe
+
+
 def train_probe(
     model: HookedTransformer,
     constraint: Constraint,
@@ -427,12 +491,14 @@ def train_probe(
     rollouts = prompts if isinstance(prompts, Rollouts) else collect_rollouts(model, prompts, **kwargs)
     data = rollouts.labelled(constraint, model.tokenizer)
     probe = fit_probe(model, constraint, data, hook=kwargs.get("hook"), seed=kwargs.get("seed", 0), **fit_kw)
+    probe.directions = contrastive_directions(model, data, chat=kwargs.get("chat", False),
+                                              progress=kwargs.get("progress", True))
     if save:
         probe.save(probe_path(model, constraint, kwargs.get("hook")))
     return probe, data
 
 
 __all__ = [
-    "ProbeError", "Rollouts", "ValueProbe", "auroc", "calibration", "collect_rollouts", "corpus_prompts", "default_probe_hook",
-    "find_probe", "fit_probe", "probe_path", "spec_key", "train_probe",
+    "ProbeError", "Rollouts", "ValueProbe", "auroc", "calibration", "collect_rollouts", "contrastive_directions", "corpus_prompts", "rollout_residuals", "default_probe_hook",
+    "find_probe", "fit_probe", "probe_for", "probe_path", "spec_key", "train_probe",
 ]
