@@ -1,0 +1,173 @@
+"""Amortised CZAO (value probe, screening, budget) and probe-guided decoding, against an exact oracle.
+
+The oracle is a value probe that is exact by construction for one-token continuations: from the
+activation the real probe reads (the last block's output) it computes the logits, takes the argmax
+token and checks the constraint on it. With it, the probe-scored path must choose what the exact
+(lookahead 1) path chooses, and screening must never skip a token the exact evaluator rejects.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from czao_lens.artifacts import model_info
+from czao_lens.constraints import Regex, Sentiment
+from czao_lens.czao import CZAOConfig, CZAOController, build_subspace, generate_czao
+from czao_lens.generate import generate
+from czao_lens.guided import GuidanceError, ProbeGuide, generate_guided
+from czao_lens.probes import ProbeError, ValueProbe, default_probe_hook
+from czao_lens.prompts import encode_prompts
+
+NO_E = Regex("e", must_match=False)  # sequence level: the text must not contain an "e"
+PROMPTS = ["The weather today", "My friend said", "Numbers go up", "Once there lived", "Cats and dogs", "A B C"]
+
+
+class OracleProbe(ValueProbe):
+    """p(violation) = 1 when the activation's argmax token contains an "e", else 0 (exact for NO_E)."""
+
+    def predict(self, acts):
+        m = self._model
+        x = acts.float().reshape(-1, 1, acts.shape[-1])
+        toks = m.unembed(m.ln_final(x))[:, 0].argmax(-1)
+        text = [m.tokenizer.decode([int(t)], skip_special_tokens=True) for t in toks]
+        return NO_E.violation_texts(text).reshape(acts.shape[:-1])
+
+
+class TokenOracle(ValueProbe):
+    """Reads the embedding of the token at its position (the first block's input) and says whether
+    that token contains an "e": exact for FUDGE-style guidance, which feeds each candidate token."""
+
+    def predict(self, acts):
+        m = self._model
+        x = acts.float().reshape(-1, acts.shape[-1])
+        toks = torch.cdist(x, m.W_E.float()).argmin(-1)
+        text = [m.tokenizer.decode([int(t)], skip_special_tokens=True) for t in toks]
+        return NO_E.violation_texts(text).reshape(acts.shape[:-1])
+
+
+def oracle(model, kind: type = None) -> OracleProbe:
+    d = model.cfg.d_model
+    kind = kind or OracleProbe
+    hook = "blocks.0.hook_resid_pre" if kind is TokenOracle else default_probe_hook(model)
+    p = kind(hook, NO_E.to_dict(), torch.zeros(d), 0.0, torch.zeros(d), torch.ones(d),
+                    0.5, model=model_info(model))
+    p._model = model
+    return p
+
+
+def e_share(model, token_rows) -> float:
+    toks = [t for row in token_rows for t in row]
+    return sum("e" in model.tokenizer.decode([t], skip_special_tokens=True) for t in toks) / max(len(toks), 1)
+
+
+class _Both:
+    """At the first token, run a fresh search with each controller on the same step."""
+
+    def __init__(self, exact: CZAOController, probed: CZAOController) -> None:
+        self.exact, self.probed = exact, probed
+        self.start_layer = exact.start_layer
+        self.read_hooks = probed.read_hooks
+        self.found: list = []
+
+    def __call__(self, step):
+        if step.index == 0:
+            self.found.append((self.exact.screen(step), self.exact.search(step),
+                               self.probed.screen(step), self.probed.search(step)))
+        return None
+
+
+def test_probe_scored_search_chooses_what_the_exact_path_chooses(tiny):
+    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=3, n_dirs=8, mu=1.0, lookahead=1, probe_accept=0.0, kl_eps=20.0)
+    exact_cfg = CZAOConfig(**{**cfg.__dict__, "value_probe": False})
+    probe = oracle(tiny)
+    nontrivial = 0
+    for prompt in PROMPTS:
+        sub = build_subspace(tiny, prompt, cfg)
+        both = _Both(CZAOController(tiny, NO_E, sub, exact_cfg), CZAOController(tiny, NO_E, sub, cfg, value=probe))
+        assert both.exact.value is None and both.probed.value is probe
+        generate(tiny, prompt, max_new_tokens=1, controller=both)
+        (v_exact, s_exact, v_probe, s_probe), = both.found
+        assert v_exact == v_probe
+        assert torch.equal(s_exact.z, s_probe.z) and s_exact.feasible == s_probe.feasible
+        assert s_exact.steps == s_probe.steps and s_exact.v == s_probe.v
+        nontrivial += bool(v_exact > 0 and s_exact.feasible)
+    assert nontrivial >= 1, "no prompt needed a search: the comparison would be empty"
+
+
+def test_screening_never_skips_a_token_the_exact_evaluator_rejects(tiny):
+    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=2, n_dirs=4, probe_accept=0.0, budget=None, kl_eps=0.05)
+    rs = generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=6)
+    skipped = [(r, rec) for r in rs for rec in r.records if not rec.optimized]
+    optimised = [rec for r in rs for rec in r.records if rec.optimized]
+    assert skipped and optimised, "the case must exercise both branches"
+    for r, rec in skipped:
+        tok = r.tokens[rec.index]
+        assert "e" not in tiny.tokenizer.decode([tok], skip_special_tokens=True), (r.prompt, rec)
+        assert rec.p_violation == 0.0
+    assert all(rec.p_violation == 1.0 for rec in optimised)
+
+
+def test_budget_stops_optimising_and_flags_the_rest(tiny):
+    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=3, n_dirs=4, probe_accept=0.0, budget=1.0, kl_eps=0.05)
+    rs = generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=8)
+    over = [rec for r in rs for rec in r.records if rec.over_budget]
+    assert over and all(not rec.optimized and rec.unreachable and rec.fallback == "flag" for rec in over)
+    for r in rs:  # once over budget, every later token that needed steering is over budget too
+        first = next((rec.index for rec in r.records if rec.over_budget), None)
+        if first is not None:
+            assert not any(rec.optimized for rec in r.records if rec.index > first)
+
+
+def test_a_probe_for_another_constraint_or_not_a_probe_is_refused(tiny):
+    other = Sentiment(min_compound=0.0)
+    with pytest.raises(ProbeError, match="trained for"):
+        generate_czao(tiny, "Hi", other, CZAOConfig(layers=(1,), rank=4), probe=oracle(tiny), max_new_tokens=2)
+    with pytest.raises(ProbeError, match="ValueProbe, 'auto' or None"):
+        generate_czao(tiny, "Hi", NO_E, CZAOConfig(layers=(1,), rank=4), probe="best", max_new_tokens=2)
+    with pytest.raises(ProbeError, match="got dict"):
+        generate_czao(tiny, "Hi", NO_E, CZAOConfig(layers=(1,), rank=4), probe={}, max_new_tokens=2)
+
+
+def test_probe_guided_decoding_avoids_what_the_probe_flags(tiny):
+    """With an exact probe, guidance re-ranks the top tokens: (almost) no "e" tokens where the unguided
+    model on the same prompts has many, at 1 + k x (share of layers run) row passes per token."""
+    base = generate(tiny, PROMPTS, max_new_tokens=6)
+    rs = generate_guided(tiny, PROMPTS, NO_E, probe=oracle(tiny, TokenOracle), top_k=8, strength=5.0, max_new_tokens=6)
+    assert e_share(tiny, base.new_tokens) > 0.3 and e_share(tiny, [r.tokens for r in rs]) <= 0.05
+    assert sum(r.satisfied for r in rs) > sum(NO_E.check_text(t) for t in base.texts)
+    n = tiny.cfg.n_layers  # the probe reads the first block's input: candidates run one block of n
+    assert all(c == pytest.approx(1.0 + 8.0 / n) for r in rs for c in r.row_passes)
+    assert all(p in (0.0, 1.0) for r in rs for p in r.p_violation)
+
+
+def test_probe_guided_refuses_bad_settings(tiny):
+    with pytest.raises(GuidanceError, match="top_k"):
+        ProbeGuide(tiny, oracle(tiny), top_k=0)
+    with pytest.raises(GuidanceError, match="strength"):
+        ProbeGuide(tiny, oracle(tiny), strength=float("nan"))
+    with pytest.raises(GuidanceError, match="no value probe"):
+        generate_guided(tiny, "Hi", Sentiment(min_compound=0.0), max_new_tokens=2)
+    with pytest.raises(ProbeError, match="trained for"):
+        generate_guided(tiny, "Hi", Sentiment(min_compound=0.0), probe=oracle(tiny), max_new_tokens=2)
+
+
+def test_next_token_activations_match_a_full_forward(tiny):
+    """The candidate next tokens' activations equal those of running prompt + token from scratch."""
+    hook = default_probe_hook(tiny)
+    got = {}
+
+    class Grab:
+        start_layer, read_hooks = tiny.cfg.n_layers, ()
+
+        def __call__(self, step):
+            if step.index == 0:
+                got["cand"] = step.logits.topk(3).indices
+                got["acts"] = step.next_token_activations(got["cand"], hook)
+
+    prompt = "The weather today"
+    generate(tiny, prompt, max_new_tokens=1, controller=Grab())
+    ids = encode_prompts(tiny, prompt).tokens
+    for j, t in enumerate(got["cand"][0]):
+        _, cache = tiny.run_with_cache(torch.cat([ids, t.view(1, 1)], 1), names_filter=hook)
+        assert torch.allclose(got["acts"][0, j], cache[hook][0, -1], atol=1e-4)
