@@ -29,7 +29,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Generator, Literal, Sequence, TypeVar
 
 import torch
 from jaxtyping import Bool, Float
@@ -347,6 +347,40 @@ class _Limits:
     cap: float | None
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CandidateBatch:
+    """What a search asks the loop to run: candidate coefficients (already capped) and how to score them."""
+
+    Z: Float[Tensor, "n dim"]
+    lookahead: int = 0  # greedy rollout tokens per candidate (sequence level, no probe)
+    capture: str | None = None  # a hook whose activation per candidate comes back (probe scoring)
+
+
+# The reply to a CandidateBatch: logits [n, vocab], rollout tokens [n, lookahead] or None, captured [n, *w] or None.
+Reply = tuple[Tensor, Tensor | None, Tensor | None]
+# A search is a generator: it yields candidate batches, receives their replies, and returns its result.
+Search = Generator[CandidateBatch, Reply, T]
+
+
+def run_candidates(
+    step: DecodeStep, subspaces: Sequence[Subspace], batches: Sequence[CandidateBatch], rows: Sequence[int] | None = None
+) -> list[Reply]:
+    """One batched forward for the candidate batches of several rows (``rows`` of ``step``, default
+    all), each through its own subspace; they must agree on size, lookahead and capture."""
+    first = batches[0]
+    if any((b.Z.shape[0], b.lookahead, b.capture) != (first.Z.shape[0], first.lookahead, first.capture) for b in batches):
+        raise CZAOError("candidate batches run together must have the same size, lookahead and capture")
+    per_row = [sub.deltas(b.Z) for sub, b in zip(subspaces, batches)]
+    deltas = {h: torch.stack([d[h] for d in per_row]) for h in per_row[0]}
+    idx = None if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+    logits, rollout = step.evaluate(deltas, lookahead=first.lookahead, capture=first.capture, rows=idx)
+    return [(logits[i], None if rollout is None else rollout[i], step.captured[i] if first.capture else None)
+            for i in range(len(batches))]
+
+
 class CZAOController:
     """The per-token controller that the generation loop calls (batch size 1).
 
@@ -401,7 +435,7 @@ class CZAOController:
 
     def score(self, step: DecodeStep, Z: Float[Tensor, "n dim"]) -> Scores:
         """Score candidate coefficients at this token with the configured eps and norm cap."""
-        return self._evaluate(step, Z, _base_logprobs(step), self._limits())
+        return self._run(step, self._evaluate(step, Z, _base_logprobs(step), self._limits()))
 
     def search(self, step: DecodeStep, *, norm_cap: float | None = None) -> SearchResult:
         """A fresh constrained search at this token, as the loop would run it but repeatable.
@@ -411,7 +445,7 @@ class CZAOController:
         ``cfg.max_norm``). Telemetry, the warm start and the distillation pairs are left alone."""
         self.gen.manual_seed(self.cfg.seed)
         lim = _Limits(self.cfg.kl_eps, self.cfg.max_norm if norm_cap is None else norm_cap)
-        best, steps = self._optimize(step, _base_logprobs(step), self._start(step, warm=False), lim)
+        best, steps = self._run(step, self._optimize(step, _base_logprobs(step), self._start(step, warm=False), lim))
         return SearchResult(best.z, best.feasible, best.v, best.kl, steps)
 
     def pairs(self) -> DistillPairs:
@@ -429,7 +463,7 @@ class CZAOController:
         """Candidate texts: what was generated so far plus each candidate's next token(s)."""
         tok = self.model.tokenizer
         so_far = step.new_tokens[0].tolist()
-        rows = rollout[0] if rollout is not None else first[:, None]
+        rows = rollout if rollout is not None else first[:, None]
         return [tok.decode(so_far + r.tolist(), skip_special_tokens=True) for r in rows]
 
     def _violation(self, logprobs: Tensor, texts: list[str] | None) -> Tensor:
@@ -456,30 +490,38 @@ class CZAOController:
         v = (self.value.predict(acts) - accept).clamp_min(0)
         return float(v) if v.ndim == 0 else v
 
-    def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, lim: _Limits, *, exact: bool = False) -> Scores:
-        """Score candidates z: one batched forward (plus rollouts, or a probe, for sequence level)."""
+    def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, lim: _Limits, *, exact: bool = False) -> "Search[Scores]":
+        """Score candidates z: asks the loop for one batched forward (plus rollouts, or a probe read,
+        for sequence level) by yielding a :class:`CandidateBatch`, then scores its reply."""
         if lim.cap is not None:
             n = Z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             Z = Z * torch.clamp(lim.cap / n, max=1.0)
-        deltas = {h: d[None] for h, d in self.subspace.deltas(Z).items()}
         if self.value is not None and not exact:
             # The candidates' own activations at the probe's hook, from the one batched forward.
-            logits, _ = step.evaluate(deltas, capture=self.value.hook)
-            lp = logits[0].float().log_softmax(-1)
-            v = self._value_violation(step.captured[0])
-            return self._scored(Z, lp, base_lp, v, logits[0], lim, surrogate=False)
+            logits, _, acts = yield CandidateBatch(Z, 0, self.value.hook)
+            lp = logits.float().log_softmax(-1)
+            return self._scored(Z, lp, base_lp, self._value_violation(acts), logits, lim, surrogate=False)
         seq = self.constraint.level == "sequence"
         use_probe = seq and self.probe is not None and not exact
         capture = self.probe_hook if seq and self.cfg.surrogate else None
-        logits, rollout = step.evaluate(deltas, lookahead=self.cfg.lookahead if seq and not use_probe else 0, capture=capture)
-        lp = logits[0].float().log_softmax(-1)
+        logits, rollout, acts = yield CandidateBatch(Z, self.cfg.lookahead if seq and not use_probe else 0, capture)
+        lp = logits.float().log_softmax(-1)
         if use_probe:
-            v = self.probe.predict(step.captured[0]).squeeze(-1).clamp_min(0)
+            v = self.probe.predict(acts).squeeze(-1).clamp_min(0)
         else:
             v = self._violation(lp, self._texts(step, lp.argmax(-1), rollout) if seq else None)
             if capture is not None and self.probe is None:
-                self._learn(step.captured[0], v)
-        return self._scored(Z, lp, base_lp, v, logits[0], lim, surrogate=use_probe)
+                self._learn(acts, v)
+        return self._scored(Z, lp, base_lp, v, logits, lim, surrogate=use_probe)
+
+    def _run(self, step: DecodeStep, search: "Search[T]") -> T:
+        """Drive a search on this step alone: each candidate batch it asks for is one forward."""
+        try:
+            batch = next(search)
+            while True:
+                batch = search.send(run_candidates(step, [self.subspace], [batch])[0])
+        except StopIteration as done:
+            return done.value
 
     def _scored(self, Z: Tensor, lp: Tensor, base_lp: Tensor, v: Tensor, logits: Tensor, lim: _Limits, *,
                 surrogate: bool) -> Scores:
@@ -501,7 +543,12 @@ class CZAOController:
 
     def __call__(self, step: DecodeStep) -> StepDeltas | None:
         if step.resid.shape[0] != 1:
-            raise CZAOError("CZAOController runs one prompt at a time; generate_czao loops over prompts")
+            raise CZAOError("CZAOController steers one prompt; BatchedCZAO steers several in one batch")
+        return self._run(step, self.decide(step))
+
+    def decide(self, step: DecodeStep) -> "Search[StepDeltas | None]":
+        """This token's decision as a search: skip (screened, or over budget) or optimise, record the
+        telemetry, and return the deltas (``None``: emit unperturbed)."""
         base_lp = _base_logprobs(step)
         p0 = None
         if self.value is not None:  # one probe read gives both the prediction and V
@@ -525,14 +572,14 @@ class CZAOController:
             self.records.append(rec)
             return None
         lim = self._limits()
-        best, steps = self._optimize(step, base_lp, self._start(step, warm=self.cfg.warm_start), lim)
+        best, steps = yield from self._optimize(step, base_lp, self._start(step, warm=self.cfg.warm_start), lim)
         rec = TokenRecord(
             index=step.index, optimized=True, steps=steps, passes=0.0, candidates=0, delta_norm=0.0,
             z_norm=0.0, kl=best.kl, v_before=v0, v_after=best.v, satisfied=best.feasible,
             unreachable=not best.feasible, p_violation=p0,
         )
         if not best.feasible and self.fallback == "relax":
-            best, extra, eps = self._relax(step, base_lp, best, lim)
+            best, extra, eps = yield from self._relax(step, base_lp, best, lim)
             rec.steps += extra
             rec.fallback = f"relax(eps={eps:g})"
             rec.kl, rec.v_after, rec.satisfied = best.kl, best.v, best.feasible
@@ -565,7 +612,7 @@ class CZAOController:
             return self.predictor.predict(step.resid[0] / self.subspace.scales[self.start_layer]).float()
         return self.z_prev.clone() if warm else torch.zeros(self.subspace.dim)
 
-    def _optimize(self, step: DecodeStep, base_lp: Tensor, z: Tensor, lim: _Limits) -> tuple[_Best, int]:
+    def _optimize(self, step: DecodeStep, base_lp: Tensor, z: Tensor, lim: _Limits) -> "Search[tuple[_Best, int]]":
         """SPSA + batched line search from ``z`` until a feasible candidate appears or K steps are spent."""
         cfg = self.cfg
         radii = torch.tensor(cfg.radii)
@@ -573,22 +620,24 @@ class CZAOController:
         if self.seed_z is not None:
             # The seed line first: one small batch, and often already feasible.
             line = torch.cat([z[None], z[None] + radii[:, None] * self.seed_z[None]])
-            best = self._verified(step, base_lp, self._keep_best(line, self._evaluate(step, line, base_lp, lim), None, lim), lim)
+            ev = yield from self._evaluate(step, line, base_lp, lim)
+            best = yield from self._verified(step, base_lp, self._keep_best(line, ev, None, lim), lim)
             if best.feasible or cfg.max_steps == 1:
                 return best, 1
             z, first = best.z.clone(), 2
         for k in range(first, cfg.max_steps + 1):
             probe = spsa_candidates(z, cfg.n_dirs, cfg.mu, self.gen)
             pts = torch.cat([z[None], probe.points])  # the current point rides along for free
-            ev = self._evaluate(step, pts, base_lp, lim)
-            best = self._verified(step, base_lp, self._keep_best(pts, ev, best, lim), lim)
+            ev = yield from self._evaluate(step, pts, base_lp, lim)
+            best = yield from self._verified(step, base_lp, self._keep_best(pts, ev, best, lim), lim)
             if best.feasible:
                 return best, k
             g = spsa_gradient(probe, ev.loss[1:])
             if cfg.curvature:
                 g = g / diagonal_curvature(probe, ev.loss[1:], float(ev.loss[0]))
             line = line_search_candidates(z, g, radii)
-            best = self._verified(step, base_lp, self._keep_best(line, self._evaluate(step, line, base_lp, lim), best, lim), lim)
+            ev = yield from self._evaluate(step, line, base_lp, lim)
+            best = yield from self._verified(step, base_lp, self._keep_best(line, ev, best, lim), lim)
             if best.feasible:
                 return best, k
             # Stagnation: the budget is better reported as unreachable than spent on a plateau.
@@ -611,20 +660,20 @@ class CZAOController:
             z = z * min(1.0, lim.cap / max(float(z.norm()), 1e-12))
         return _Best(z, float(ev.v[i]), float(ev.kl[i]), bool(ev.feasible[i]), ev.logits[i], float(key[i]), ev.surrogate)
 
-    def _verified(self, step: DecodeStep, base_lp: Tensor, best: _Best, lim: _Limits) -> _Best:
+    def _verified(self, step: DecodeStep, base_lp: Tensor, best: _Best, lim: _Limits) -> "Search[_Best]":
         """A point the surrogate calls feasible counts only after a real rollout agrees."""
         if not (best.feasible and best.surrogate):
             return best
-        ev = self._evaluate(step, best.z[None], base_lp, lim, exact=True)
+        ev = yield from self._evaluate(step, best.z[None], base_lp, lim, exact=True)
         return _Best(best.z, float(ev.v[0]), float(ev.kl[0]), bool(ev.feasible[0]), ev.logits[0],
                      float(ev.loss[0]) + (0.0 if bool(ev.feasible[0]) else 1e6))
 
-    def _relax(self, step: DecodeStep, base_lp: Tensor, best: _Best, lim: _Limits) -> tuple[_Best, int, float]:
+    def _relax(self, step: DecodeStep, base_lp: Tensor, best: _Best, lim: _Limits) -> "Search[tuple[_Best, int, float]]":
         """Fallback: double eps (up to relax_max_eps) and continue from the best point; returns the final eps."""
         eps, extra = lim.eps, 0
         while eps < self.cfg.relax_max_eps and not best.feasible:
             eps = min(eps * 2, self.cfg.relax_max_eps)
-            best, k = self._optimize(step, base_lp, best.z.clone(), replace(lim, eps=eps))
+            best, k = yield from self._optimize(step, base_lp, best.z.clone(), replace(lim, eps=eps))
             extra += k
         return best, extra, eps
 
@@ -642,6 +691,71 @@ class CZAOController:
         return bias
 
 
+class BatchedCZAO:
+    """The loop's controller for several prompts in one batch: one :class:`CZAOController` per row.
+
+    At every token each live row decides on its own (screen, budget, search), and the searches of
+    all rows that need one advance in lockstep: every round, the candidate batches of those rows go
+    through one batched forward (rows x candidates), grouped when their sizes differ. A row's
+    decisions, random directions and telemetry are the ones it would have alone."""
+
+    def __init__(self, rows: Sequence[CZAOController]) -> None:
+        if not rows:
+            raise CZAOError("BatchedCZAO needs at least one row controller")
+        if len({c.start_layer for c in rows}) != 1 or len({tuple(c.read_hooks) for c in rows}) != 1:
+            raise CZAOError("the rows of one batch must share the layers R and the probe hook")
+        self.rows = list(rows)
+        self.start_layer = rows[0].start_layer
+        self.read_hooks = rows[0].read_hooks
+
+    def __call__(self, step: DecodeStep) -> StepDeltas | None:
+        if step.resid.shape[0] != len(self.rows):
+            raise CZAOError(f"the batch has {step.resid.shape[0]} rows but BatchedCZAO has {len(self.rows)} controllers")
+        views = {b: step.row(b) for b in range(len(self.rows)) if not bool(step.finished[b])}
+        searches = {b: self.rows[b].decide(v) for b, v in views.items()}
+        asked: dict[int, CandidateBatch] = {}
+        done: dict[int, StepDeltas | None] = {}
+        for b in searches:
+            self._advance(b, searches[b], None, asked, done)
+        while asked:
+            groups: dict[tuple, list[int]] = {}
+            for b, cb in asked.items():
+                groups.setdefault((cb.Z.shape[0], cb.lookahead, cb.capture), []).append(b)
+            now, asked = asked, {}
+            for bs in groups.values():
+                before = replace(step.cost)
+                replies = run_candidates(step, [self.rows[b].subspace for b in bs], [now[b] for b in bs], rows=bs)
+                for b, reply in zip(bs, replies):  # each row pays what it would have paid alone
+                    c = views[b].cost
+                    c.passes += step.cost.passes - before.passes
+                    c.row_passes += step.cost.row_passes - before.row_passes
+                    c.candidates += (step.cost.candidates - before.candidates) // len(bs)
+                    c.batched_calls += step.cost.batched_calls - before.batched_calls
+                    self._advance(b, searches[b], reply, asked, done)
+        bias = [(b, views[b].logit_bias) for b in views if views[b].logit_bias is not None]
+        if bias:
+            step.logit_bias = torch.zeros_like(step.logits)
+            for b, row_bias in bias:
+                step.logit_bias[b] = row_bias[0]
+        chosen = {b: d for b, d in done.items() if d}
+        if not chosen:
+            return None
+        hooks = next(iter(chosen.values())).keys()
+        out = {h: torch.zeros(step.resid.shape[0], *chosen[next(iter(chosen))][h].shape[1:]) for h in hooks}
+        for b, d in chosen.items():
+            for h in hooks:
+                out[h][b] = d[h][0]
+        return out
+
+    @staticmethod
+    def _advance(b: int, search: Search, reply: Reply | None, asked: dict, done: dict) -> None:
+        """Send a row's search its reply; keep what it asks next, or its decision when it is done."""
+        try:
+            asked[b] = search.send(reply)
+        except StopIteration as stop:
+            done[b] = stop.value
+
+
 def _base_logprobs(step: DecodeStep) -> Float[Tensor, "vocab"]:
     """Unperturbed next-token log-probs of the (single) row."""
     return step.logits[0].float().log_softmax(-1)
@@ -650,9 +764,9 @@ def _base_logprobs(step: DecodeStep) -> Float[Tensor, "vocab"]:
 # ----------------------------------------------------------------------------- entry points
 
 
-def _prompt_ids(enc: EncodedPrompts) -> list[int]:
-    """The token ids of a single encoded prompt (what the activation store keys on)."""
-    return enc.tokens[0, enc.tokens.shape[1] - int(enc.prompt_lens[0]):].tolist()
+def _prompt_ids(enc: EncodedPrompts, b: int = 0) -> list[int]:
+    """The token ids of row ``b`` of encoded prompts, padding left out (what the activation store keys on)."""
+    return enc.tokens[b, enc.tokens.shape[1] - int(enc.prompt_lens[b]):].tolist()
 
 
 def build_subspace(
@@ -690,11 +804,16 @@ def generate_czao(
     predictor: ZPredictor | None = None,
     probe: "ValueProbe | Literal['auto'] | None" = "auto",
     directions: Directions | None = None,
+    batch_size: int = 8,
     progress: bool = False,
     keep_logprobs: bool = False,
 ) -> list[CZAOResult]:
-    """Generate with CZAO for each prompt (one at a time), returning text and telemetry.
+    """Generate with CZAO for each prompt, returning text and telemetry in the prompts' order.
 
+    Prompts go through the decode loop ``batch_size`` at a time (:class:`BatchedCZAO`: each row's
+    search is its own, the candidates of all rows share one forward per round); greedy results do
+    not depend on ``batch_size``. With sampling, the rows of a batch draw from one generator seeded
+    by ``seed``. ``result.seconds`` is the batch's wall-clock over its prompts.
     Each prompt is encoded once; the subspace, the store and the decode loop share its tokens.
     ``directions`` (per layer of R, e.g. a CAA vector) seed the search; by default the constraint's
     own (:func:`czao_lens.seeds.seed_directions`) do, when ``config.seed_direction``.
@@ -702,39 +821,56 @@ def generate_czao(
     ``result.pairs`` feeds :func:`distill_predictor`."""
     config = config or CZAOConfig()
     check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
+    if batch_size < 1:
+        raise CZAOError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     store = store or ActivationStore(model)
     value = resolve_probe(model, constraint, config, probe)
     results = []
-    for prompt in prompts:
-        enc = encode_prompts(model, prompt, chat=chat)
-        sub = subspace or build_subspace(model, _prompt_ids(enc), config, store=store)
-        seeds = directions
-        if seeds is None and config.seed_direction:
-            seeds = seed_directions(model, constraint, value, sub.layers)
-        seed_z = None
-        if seeds is not None:
-            sub, seed_z = seeded(sub, seeds, seed=config.seed)
-        ctl = CZAOController(model, constraint, sub, config, prompt_text=prompt, document=document, predictor=predictor,
-                             value=value, max_new_tokens=max_new_tokens, seed_z=seed_z)
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo: lo + batch_size]
+        enc = encode_prompts(model, chunk, chat=chat)
+        ctls = [_row_controller(model, constraint, config, enc, b, prompt, subspace=subspace, store=store,
+                                value=value, directions=directions, document=document, predictor=predictor,
+                                max_new_tokens=max_new_tokens)
+                for b, prompt in enumerate(chunk)]
         t0 = time.perf_counter()
-        gen = generate_tokens(model, enc, [prompt], max_new_tokens=max_new_tokens, greedy=greedy,
-                              temperature=temperature, top_p=top_p, seed=seed, controller=ctl, progress=progress,
+        gen = generate_tokens(model, enc, chunk, max_new_tokens=max_new_tokens, greedy=greedy,
+                              temperature=temperature, top_p=top_p, seed=seed,
+                              controller=ctls[0] if len(ctls) == 1 else BatchedCZAO(ctls), progress=progress,
                               keep_logprobs=keep_logprobs, config={"chat": chat, "system_prompt": None})
-        seconds = time.perf_counter() - t0
-        text = gen.texts[0]
-        try:
-            ok = bool(constraint.check_text(text, replace(ctl.context, generated=text)))
-        except Exception as exc:
-            raise CZAOError(f"constraint {constraint.describe()} raised in its final check: {exc!r}") from exc
-        results.append(CZAOResult(
-            prompt=prompt, text=text, tokens=gen.new_tokens[0], records=ctl.records, satisfied=ok,
-            unreachable=any(r.unreachable for r in ctl.records), seconds=seconds,
-            config=asdict(config), constraint=constraint.describe(),
-            step_logprobs=gen.step_logprobs[0] if keep_logprobs else None,
-            pairs=ctl.pairs(), probe=ctl.probe,
-        ))
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        for b, (prompt, ctl) in enumerate(zip(chunk, ctls)):
+            text = gen.texts[b]
+            try:
+                ok = bool(constraint.check_text(text, replace(ctl.context, generated=text)))
+            except Exception as exc:
+                raise CZAOError(f"constraint {constraint.describe()} raised in its final check: {exc!r}") from exc
+            results.append(CZAOResult(
+                prompt=prompt, text=text, tokens=gen.new_tokens[b], records=ctl.records, satisfied=ok,
+                unreachable=any(r.unreachable for r in ctl.records), seconds=seconds,
+                config=asdict(config), constraint=constraint.describe(),
+                step_logprobs=gen.step_logprobs[b] if keep_logprobs else None,
+                pairs=ctl.pairs(), probe=ctl.probe,
+            ))
     return results
+
+
+def _row_controller(
+    model: HookedTransformer, constraint: Constraint, config: CZAOConfig, enc: EncodedPrompts, b: int, prompt: str, *,
+    subspace: Subspace | None, store: ActivationStore, value: ValueProbe | None, directions: Directions | None,
+    document: str | None, predictor: ZPredictor | None, max_new_tokens: int,
+) -> CZAOController:
+    """The controller of row ``b``: its own subspace (seeded when there is a direction) and state."""
+    sub = subspace or build_subspace(model, _prompt_ids(enc, b), config, store=store)
+    seeds = directions
+    if seeds is None and config.seed_direction:
+        seeds = seed_directions(model, constraint, value, sub.layers)
+    seed_z = None
+    if seeds is not None:
+        sub, seed_z = seeded(sub, seeds, seed=config.seed)
+    return CZAOController(model, constraint, sub, config, prompt_text=prompt, document=document, predictor=predictor,
+                          value=value, max_new_tokens=max_new_tokens, seed_z=seed_z)
 
 
 def resolve_probe(

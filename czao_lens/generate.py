@@ -101,8 +101,21 @@ class DecodeStep:
         """The tokens generated before this step (prompt and padding columns left out)."""
         return self.tokens[:, int(self.layout.pad[0] + self.layout.prompt_lens[0]):]
 
+    def row(self, b: int) -> "DecodeStep":
+        """Row ``b`` alone, as a step of batch one with a cost of its own (cache and mask are views)."""
+        sl = slice(b, b + 1)
+        cache = TransformerLensKeyValueCache(
+            [TransformerLensKeyValueCacheEntry(e.past_keys[sl], e.past_values[sl]) for e in self._cache.entries],
+            self._cache.previous_attention_mask[sl])
+        return DecodeStep(
+            model=self.model, index=self.index, start_layer=self.start_layer,
+            layout=TokenLayout(self.layout.prompt_lens[sl], self.layout.pad[sl], self.layout.offset),
+            tokens=self.tokens[sl], resid=self.resid[sl], logits=self.logits[sl],
+            activations={k: v[sl] for k, v in self.activations.items()}, finished=self.finished[sl],
+            cost=StepCost(passes=1.0, row_passes=1.0), _cache=cache, _attention_mask=self._attention_mask[sl])
+
     def evaluate(
-        self, deltas: CandidateDeltas, *, lookahead: int = 0, capture: str | None = None
+        self, deltas: CandidateDeltas, *, lookahead: int = 0, capture: str | None = None, rows: Tensor | None = None
     ) -> tuple[Float[Tensor, "batch n_cand vocab"], Int[Tensor, "batch n_cand lookahead"] | None]:
         """Next-token logits for candidate perturbations of the current position, in one forward.
 
@@ -111,12 +124,13 @@ class DecodeStep:
         its delta kept at each new position; the tokens come back as the second value.
         ``capture`` names a hook whose current-position activation of every candidate is left in
         ``self.captured`` (``[batch, n_cand, *width]``), e.g. for a learned surrogate of V.
-        The prefix KV cache is read, never changed.
+        ``rows`` (indices into the batch) runs only those rows: ``batch`` above is then ``len(rows)``.
+        The prefix KV cache is read, never changed. Costs count per prompt row.
         """
         model, n_layers = self.model, self.model.cfg.n_layers
         if not deltas:
             raise PerturbationError("evaluate() needs at least one hook with candidate deltas")
-        batch = self.resid.shape[0]
+        batch = self.resid.shape[0] if rows is None else len(rows)
         n_cand = None
         for name, d in deltas.items():
             check_hook_name(model, name)
@@ -132,15 +146,18 @@ class DecodeStep:
             check_finite(f"candidate deltas for {name}", d)
         assert n_cand is not None
         flat = {k: v.reshape(batch * n_cand, *v.shape[2:]) for k, v in deltas.items()}
-        cache = _expanded_cache(self._cache, n_cand, drop_last_from=self.start_layer)
-        mask = self._attention_mask.repeat_interleave(n_cand, 0)
-        base_offset = self.layout.offset
+        cache = _expanded_cache(self._cache, n_cand, drop_last_from=self.start_layer, rows=rows)
+        mask = (self._attention_mask if rows is None else self._attention_mask[rows]).repeat_interleave(n_cand, 0)
+        resid = self.resid if rows is None else self.resid[rows]
+        base_offset, base_layout = self.layout.offset, (self.layout.prompt_lens, self.layout.pad)
+        if rows is not None:  # static perturbations read the (shared) layout: show them these rows only
+            self.layout.prompt_lens, self.layout.pad = self.layout.prompt_lens[rows], self.layout.pad[rows]
         removers = [add_hook(model.hook_dict[k], _add_last(v)) for k, v in flat.items()]
         grabbed: dict[str, Tensor] = {}
         if capture is not None:
             removers.append(add_hook(check_hook_name(model, capture), _capture(grabbed, capture)))
         try:
-            x = self.resid.repeat_interleave(n_cand, 0)[:, None, :]
+            x = resid.repeat_interleave(n_cand, 0)[:, None, :]
             logits = model(x, start_at_layer=self.start_layer, past_kv_cache=cache, attention_mask=mask)[:, -1]
             first = logits.reshape(batch, n_cand, -1)
             if capture is not None:
@@ -164,6 +181,7 @@ class DecodeStep:
                 rollout = torch.stack(cols, -1).reshape(batch, n_cand, lookahead)
         finally:
             self.layout.offset = base_offset
+            self.layout.prompt_lens, self.layout.pad = base_layout
             for r in removers:
                 r()
         return first, rollout
@@ -215,9 +233,9 @@ def _add_last(delta: Tensor):
 
 
 def _expanded_cache(
-    cache: TransformerLensKeyValueCache, n: int, drop_last_from: int
+    cache: TransformerLensKeyValueCache, n: int, drop_last_from: int, rows: Tensor | None = None
 ) -> TransformerLensKeyValueCache:
-    """A copy-on-append view of ``cache`` with every row repeated ``n`` times.
+    """A copy-on-append view of ``cache`` with every row (of ``rows``, default all) repeated ``n`` times.
 
     Entries from layer ``drop_last_from`` on leave out the current position, which the candidate
     forward appends again with its own perturbation. Appends rebind the new entries only, so
@@ -225,6 +243,7 @@ def _expanded_cache(
     """
 
     def rep(t: Tensor) -> Tensor:
+        t = t if rows is None else t[rows]
         if t.shape[0] == 1:
             return t.expand(n, *t.shape[1:])  # a view: no copy for single-prompt decoding
         return t.repeat_interleave(n, 0)

@@ -222,3 +222,15 @@ def test_relax_fallback_is_transparent(smol):
     assert first.optimized and first.unreachable
     assert first.fallback.startswith("relax(eps=") and first.satisfied and first.kl > 0.01
     assert r.unreachable  # the sequence verdict keeps the flag
+
+
+@pytest.mark.real
+def test_batched_prompts_equal_one_at_a_time_on_the_real_model(blue_runs, smol):
+    """The fixture ran the three prompts in one batch; one at a time gives the same texts and telemetry."""
+    c, _, steered = blue_runs
+    alone = generate_czao(smol, BLUE_PROMPTS, c, CFG, max_new_tokens=8, batch_size=1)
+    assert [r.text for r in alone] == [r.text for r in steered]
+    for a, b in zip(alone, steered):
+        assert [(x.optimized, x.steps, x.candidates, x.satisfied) for x in a.records] == \
+               [(x.optimized, x.steps, x.candidates, x.satisfied) for x in b.records]
+        assert [x.kl for x in a.records] == pytest.approx([x.kl for x in b.records], abs=1e-3)

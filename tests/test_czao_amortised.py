@@ -13,7 +13,7 @@ import torch
 
 from czao_lens.artifacts import model_info
 from czao_lens.constraints import Regex, Sentiment
-from czao_lens.czao import CZAOConfig, CZAOController, build_subspace, generate_czao
+from czao_lens.czao import CZAOConfig, CZAOController, CZAOError, build_subspace, generate_czao
 from czao_lens.generate import generate
 from czao_lens.guided import GuidanceError, ProbeGuide, generate_guided
 from czao_lens.probes import ProbeError, ValueProbe, default_probe_hook
@@ -171,3 +171,25 @@ def test_next_token_activations_match_a_full_forward(tiny):
     for j, t in enumerate(got["cand"][0]):
         _, cache = tiny.run_with_cache(torch.cat([ids, t.view(1, 1)], 1), names_filter=hook)
         assert torch.allclose(got["acts"][0, j], cache[hook][0, -1], atol=1e-4)
+
+
+def _same_run(a, b) -> None:
+    assert [r.text for r in a] == [r.text for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.tokens == rb.tokens and ra.satisfied == rb.satisfied and ra.unreachable == rb.unreachable
+        assert [(x.optimized, x.steps, x.candidates, x.satisfied, x.over_budget, x.fallback) for x in ra.records] == \
+               [(x.optimized, x.steps, x.candidates, x.satisfied, x.over_budget, x.fallback) for x in rb.records]
+        assert [x.row_passes for x in ra.records] == pytest.approx([x.row_passes for x in rb.records])
+        assert [x.z_norm for x in ra.records] == pytest.approx([x.z_norm for x in rb.records], rel=1e-4, abs=1e-6)
+
+
+def test_batched_prompts_equal_per_prompt_runs_row_by_row(tiny):
+    """Prompts of different lengths in one batch (left padding, rows finishing at different steps):
+    the same texts, decisions, steps and row passes as one prompt at a time, with the same seeds."""
+    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=3, n_dirs=4, mu=1.0, probe_accept=0.0, kl_eps=20.0, budget=6.0)
+    one = generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=6, batch_size=1)
+    many = generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=6, batch_size=4)
+    assert sum(rec.optimized for r in one for rec in r.records) >= 3, "the case must exercise the search"
+    _same_run(one, many)
+    with pytest.raises(CZAOError, match="batch_size"):
+        generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=2, batch_size=0)
