@@ -42,6 +42,7 @@ from czao_lens.constraints import AvoidConcept, AvoidTokens, Context, NoProfanit
 from czao_lens.bench.metrics import fluency, unsteered_logprobs  # noqa: E402
 from czao_lens.czao import CZAOConfig, generate_czao  # noqa: E402
 from czao_lens.generate import generate  # noqa: E402
+from czao_lens.guided import generate_guided  # noqa: E402
 from czao_lens.probes import ValueProbe, collect_rollouts, corpus_prompts, train_probe  # noqa: E402
 from czao_lens.store import ActivationStore  # noqa: E402
 
@@ -90,19 +91,27 @@ def main() -> None:
     ap.add_argument("--no-probes", action="store_true", help="score sequence-level candidates by rollouts")
     ap.add_argument("--train-probes", action="store_true", help="train missing probes first (about 15 min)")
     ap.add_argument("--probe-prompts", type=int, default=160)
+    ap.add_argument("--types", default=None, help="comma-separated subset of: banned words,sentiment,profanity,concept")
+    ap.add_argument("--accept", type=float, default=None, help="CZAOConfig.probe_accept (default: the config's)")
+    ap.add_argument("--no-seed", action="store_true", help="no seed direction (SPSA from scratch), to measure what it buys")
+    ap.add_argument("--guided-k", type=int, default=4, help="top-k of probe-guided decoding (the output-space reference)")
     ap.add_argument("--budget", default=None,
                     help="CZAO's per-prompt budget in row passes per token, or 'none' (default: CZAOConfig's)")
     args = ap.parse_args()
     data = args.data or default_data_dir()
     model = load_model()
     store = ActivationStore(model)
-    cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed,
+    cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed, seed_direction=not args.no_seed,
+                     **({} if args.accept is None else {"probe_accept": args.accept}),
                      **({} if args.budget is None else {"budget": None if args.budget == "none" else float(args.budget)}))
     generate(model, "warm up", max_new_tokens=4)
     probes = {} if args.no_probes else load_probes(model, data, args)
 
     rows, per_type = [], {}
+    wanted = None if args.types is None else set(args.types.split(","))
     for kind, items in suite(data, args.n):
+        if wanted is not None and kind not in wanted:
+            continue
         for prompt, c in items:
             t0 = time.perf_counter()
             base = generate(model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -121,6 +130,12 @@ def main() -> None:
                            top_p=0.9, seed=args.seed)
             t_bon = time.perf_counter() - t0
             bon_ok = any(ok(t) for t in bon.texts)
+            guided = None
+            if kind in probes:  # FUDGE-style re-ranking with the same probe, greedy like CZAO
+                t0 = time.perf_counter()
+                guided = generate_guided(model, prompt, c, probe=probes[kind], top_k=args.guided_k,
+                                         max_new_tokens=args.max_new_tokens, seed=args.seed)[0]
+                t_guided = time.perf_counter() - t0
             ppl = {k: fluency(unsteered_logprobs(model, prompt, toks), toks, None)["ppl"] if toks else float("nan")
                    for k, toks in (("unsteered", base.new_tokens[0]), ("czao", res.tokens))}
             opt = [r for r in res.records if r.optimized]
@@ -134,6 +149,10 @@ def main() -> None:
                 "probe": kind in probes, "bestofn_n": n, "bestofn_ok": bon_ok, "bestofn_s": t_bon,
                 "ppl_unsteered": ppl["unsteered"], "ppl_czao": ppl["czao"],
                 "prompt_overhead": (tc / max(len(res.tokens), 1)) / (tb / max(len(base.new_tokens[0]), 1)),
+                "seed_direction": cfg.seed_direction,
+                **({} if guided is None else {
+                    "guided": guided.text, "guided_ok": guided.satisfied, "guided_s": t_guided,
+                    "guided_tokens": len(guided.tokens), "guided_row_passes_per_token": guided.summary()["row_passes_per_token"]}),
             })
             print(f"[{kind}] {'ok ' if base_ok else 'BAD'} -> {'ok ' if res.satisfied else 'BAD'}"
                   f"{' (unreachable)' if res.unreachable else ''} {prompt[:40]!r} | {res.text[:60]!r}", flush=True)
@@ -143,6 +162,8 @@ def main() -> None:
         steps = [s for r in rs for s in r["steps"]]
         kls = [k for r in rs for k in r["kl"]]
         reach = [r for r in rs if not r["unreachable"]]
+        gd = [r for r in rs if "guided_ok" in r]  # sequence-level prompts with a probe
+        nan = float("nan")
         return {
             "prompts": len(rs),
             "unsteered_satisfaction": sum(r["unsteered_ok"] for r in rs) / len(rs),
@@ -155,6 +176,12 @@ def main() -> None:
             "passes_per_token": statistics.fmean(r["passes_per_token"] for r in rs),
             "row_passes_per_token": statistics.fmean(r["row_passes_per_token"] for r in rs),
             "bestofn_satisfaction": sum(r["bestofn_ok"] for r in rs) / len(rs),
+            "guided_prompts": len(gd),
+            "guided_satisfaction": sum(r["guided_ok"] for r in gd) / len(gd) if gd else nan,
+            "czao_satisfaction_guided_prompts": sum(r["czao_ok"] for r in gd) / len(gd) if gd else nan,
+            "guided_row_passes_per_token": statistics.fmean(r["guided_row_passes_per_token"] for r in gd) if gd else nan,
+            "guided_wallclock_ratio": (sum(r["guided_s"] for r in gd) / max(sum(r["guided_tokens"] for r in gd), 1))
+            / (sum(r["unsteered_s"] for r in gd) / max(sum(r["unsteered_tokens"] for r in gd), 1)) if gd else nan,
             "p95_prompt_overhead": quantile([r["prompt_overhead"] for r in rs], 0.95),
             "ppl_ratio": statistics.fmean(r["ppl_czao"] for r in rs if r["ppl_czao"] == r["ppl_czao"])
             / statistics.fmean(r["ppl_unsteered"] for r in rs if r["ppl_unsteered"] == r["ppl_unsteered"]),
@@ -169,7 +196,8 @@ def main() -> None:
     (args.out / "summary.json").write_text(json.dumps(table, indent=1))
     cols = ["prompts", "unsteered_satisfaction", "czao_satisfaction", "bestofn_satisfaction", "unreachable_share",
             "satisfaction_reachable", "mean_kl_optimized", "median_steps", "max_steps", "passes_per_token",
-            "row_passes_per_token", "wallclock_ratio", "p95_prompt_overhead", "ppl_ratio"]
+            "row_passes_per_token", "wallclock_ratio", "p95_prompt_overhead", "ppl_ratio", "guided_satisfaction",
+            "czao_satisfaction_guided_prompts", "guided_row_passes_per_token", "guided_wallclock_ratio"]
     print("\n| type | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for k, s in table.items():
@@ -187,6 +215,10 @@ def main() -> None:
     print(f"czao_p95_prompt_overhead={a['p95_prompt_overhead']:.4f}")
     print(f"czao_median_steps={a['median_steps']}")
     print(f"czao_ppl_ratio={a['ppl_ratio']:.4f}")
+    print(f"guided_satisfaction={a['guided_satisfaction']:.4f}  (probe-guided top-{args.guided_k}, on the {a['guided_prompts']} sequence-level prompts)")
+    print(f"czao_satisfaction_guided_prompts={a['czao_satisfaction_guided_prompts']:.4f}")
+    print(f"guided_row_passes_per_token={a['guided_row_passes_per_token']:.4f}")
+    print(f"guided_overhead={a['guided_wallclock_ratio']:.4f}")
     print(f"czao_overhead={a['wallclock_ratio']:.4f}")
 
 

@@ -46,6 +46,7 @@ class GuidedResult:
     p_violation: list[float]  # the probe's prediction for the chosen token, per generated token
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    step_logprobs: Tensor | None = None  # [n_new, vocab]: the guided distribution (-inf outside the top k)
 
     def summary(self) -> dict[str, Any]:
         n = max(len(self.row_passes), 1)
@@ -96,6 +97,7 @@ def generate_guided(
     seed: int = 0,
     document: str | None = None,
     progress: bool = False,
+    keep_logprobs: bool = False,
 ) -> list[GuidedResult]:
     """Probe-guided generation for all prompts in one batch, each text checked by the real evaluator."""
     check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
@@ -108,7 +110,7 @@ def generate_guided(
     enc = encode_prompts(model, prompts, chat=chat)
     t0 = time.perf_counter()
     gen = generate_tokens(model, enc, prompts, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
-                          top_p=top_p, seed=seed, controller=guide, progress=progress,
+                          top_p=top_p, seed=seed, controller=guide, progress=progress, keep_logprobs=keep_logprobs,
                           config={"chat": chat, "system_prompt": None})
     seconds = time.perf_counter() - t0
     cfg = {"top_k": top_k, "strength": strength, "probe_hook": value.hook, "max_new_tokens": max_new_tokens,
@@ -119,7 +121,8 @@ def generate_guided(
         ok = bool(constraint.check_text(text, Context(prompt=prompt, generated=text, tokenizer=model.tokenizer,
                                                       document=document)))
         out.append(GuidedResult(prompt, text, gen.new_tokens[b], ok, [c["row_passes"] for c in gen.cost[:n]],
-                                [float(p[b]) for p in guide.p_chosen[:n]], seconds / len(prompts), cfg))
+                                [float(p[b]) for p in guide.p_chosen[:n]], seconds / len(prompts), cfg,
+                                gen.step_logprobs[b] if keep_logprobs else None))
     return out
 
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from czao_lens.bench import BenchError, BenchSettings, check_methods, load_task, run_bench
 from czao_lens.bench import harness
+from czao_lens.bench.methods import GENERATE_ONLY
 from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, paired_diff_ci, unsteered_logprobs
 from czao_lens.bench.tasks import no_violent_words, split, textblob_ok, wordlist_ok
 from czao_lens.cli import app
@@ -37,11 +38,17 @@ def test_bench_quick_runs_end_to_end(smol, tmp_path):
             assert len(got) == t["n_test"] == 2, (name, m)
             assert all("error" not in r for r in got), got
         if t["kind"] == "generate":
-            assert {"czao", "bestofn", "prompting"} <= ran
+            assert {"czao", "bestofn", "prompting", "unsteered-sampled"} <= ran
             cz = t["methods"]["czao"]
             assert 0 <= cz["unreachable_share"] <= 1 and cz["passes_per_token"] >= 1
+            # Sampled methods are compared with a sample of the unsteered model, greedy ones with greedy.
+            bon, samp = t["methods"]["bestofn"], t["methods"]["unsteered-sampled"]
+            assert bon["ppl_ratio_same_decoding"] == pytest.approx(bon["ppl"] / samp["ppl"])
+            assert cz["ppl_ratio_same_decoding"] == pytest.approx(cz["ppl_ratio"])
+            guided = t["methods"]["probe-guided"]  # runs where a value probe is cached, else says why not
+            assert "probe-guided" in ran or "no value probe" in guided["failed"]
         else:
-            assert set(t["not_applicable"]) == {"czao", "bestofn"}
+            assert set(t["not_applicable"]) == set(GENERATE_ONLY)
     html = (out / "report.html").read_text()
     assert "plotly" in html and "Satisfaction vs fluency cost" in html
     assert "<td>|</td>" not in html

@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 from czao_lens.bench.methods import (
     GENERATE_ONLY,
     METHODS,
+    SAMPLED,
     STEERING,
     BenchSettings,
     Fitted,
@@ -33,9 +34,11 @@ from czao_lens.bench.methods import (
     check,
     choice_scores,
     czao_run,
+    guided_run,
     matched_n,
     neutral_kl,
     prompting_run,
+    sampled_run,
     static_run,
     strength_grid,
     tune_choice,
@@ -140,7 +143,9 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
         key, rows = tune_generate(model, task, runs, s, base_ppl)
         return Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
 
-    fits = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "bestofn": bestofn}
+    fits = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "bestofn": bestofn,
+            "probe-guided": lambda: Fitted("probe-guided", {"top_k": s.guided_top_k}, run=guided_run(model, task, s)),
+            "unsteered-sampled": lambda: Fitted("unsteered-sampled", {"top_p": s.bestofn_top_p}, run=sampled_run(model, s))}
     fitted, errors = _fit_each(methods, fits, steering, bar)
     return fitted, errors, info
 
@@ -263,6 +268,10 @@ def summarise(task: Task, rows: list[dict], fitted: dict[str, Fitted], errors: d
     if task.kind == "generate" and "unsteered" in out:
         for m, s in out.items():
             s["ppl_ratio"] = s["ppl"] / out["unsteered"]["ppl"] if out["unsteered"]["ppl"] else math.nan
+            # Fluency against the unsteered model with the same decoding: sampled methods against a
+            # sample of the unsteered model (when it ran), greedy ones against greedy.
+            ref = out.get("unsteered-sampled") if m in SAMPLED else out["unsteered"]
+            s["ppl_ratio_same_decoding"] = s["ppl"] / ref["ppl"] if ref and ref.get("ppl") else math.nan
     for m, e in errors.items():
         out[m] = {"failed": e}
     return out

@@ -15,6 +15,7 @@ most ``kl_guard`` nats for choice tasks); ties go to the gentler setting.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,8 @@ from czao_lens.bench.tasks import BenchError, Task
 from czao_lens.constraints import Context
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.generate import generate
+from czao_lens.guided import generate_guided
+from czao_lens.probes import probe_for
 from czao_lens.perturb import Intervention
 from czao_lens.prompts import format_prompt
 from czao_lens.steering.common import answer_pair_texts
@@ -38,7 +41,11 @@ from czao_lens.store import ActivationStore
 
 
 REFERENCES = ("unsteered", "prompting")  # the model as is, and asked by instruction
-GENERATE_ONLY = ("czao", "bestofn")  # they select or constrain generated text; choice tasks read fixed answers
+# They select, guide or constrain generated text (choice tasks read fixed answers). probe-guided is
+# output-space guidance with CZAO's value probe; unsteered-sampled is the fluency reference of the
+# sampled method (best-of-n), with the same decoding.
+GENERATE_ONLY = ("czao", "probe-guided", "bestofn", "unsteered-sampled")
+SAMPLED = ("bestofn", "unsteered-sampled")  # nucleus sampling; every other method decodes greedily
 
 
 @dataclass
@@ -86,6 +93,7 @@ class BenchSettings:
     jac_prompts: int = 24
     jac_layers: tuple[int, ...] | None = None  # None: layer..n_layers-1
     bestofn_top_p: float = 0.9  # nucleus sampling: pure temperature-1 samples of a 135M model are barely fluent
+    guided_top_k: int = 4  # probe-guided decoding re-ranks this many next tokens (1 + k row passes/token at most)
     seed: int = 0
 
 
@@ -158,7 +166,22 @@ def bestofn_run(model: HookedTransformer, task: Task, n: int, s: BenchSettings) 
     return run
 
 
+def sampled_run(model: HookedTransformer, s: BenchSettings) -> Callable[[str], Output]:
+    """One nucleus sample of the unsteered model, with best-of-n's decoding and seed."""
+
+    def run(prompt: str) -> Output:
+        t0 = time.perf_counter()
+        g = generate(model, prompt, max_new_tokens=s.max_new_tokens, greedy=False, temperature=1.0,
+                     top_p=s.bestofn_top_p, seed=s.seed)
+        return Output(g.texts[0], g.new_tokens[0], None, 1.0, time.perf_counter() - t0)
+
+    return run
+
+
 def czao_run(model: HookedTransformer, task: Task, cfg: CZAOConfig, s: BenchSettings, store: ActivationStore) -> Callable[[str], Output]:
+    """CZAO on one prompt. Its cost is the row-weighted passes per token (what a CPU pays; best-of-n
+    is matched to it), the batched-call count kept as ``passes_batched``."""
+
     def run(prompt: str) -> Output:
         t0 = time.perf_counter()
         r = generate_czao(model, prompt, task.constraint, cfg, max_new_tokens=s.max_new_tokens, seed=s.seed,
@@ -166,9 +189,30 @@ def czao_run(model: HookedTransformer, task: Task, cfg: CZAOConfig, s: BenchSett
         sec = time.perf_counter() - t0
         summ = r.summary()
         opt = [rec.steps for rec in r.records if rec.optimized]
-        return Output(r.text, r.tokens, r.step_logprobs, summ["passes_per_token"], sec,
+        return Output(r.text, r.tokens, r.step_logprobs, summ["row_passes_per_token"], sec,
                       {"unreachable": r.unreachable, "steps": opt, "optimized_tokens": summ["optimized_tokens"],
-                       "unreachable_tokens": summ["unreachable_tokens"]})
+                       "unreachable_tokens": summ["unreachable_tokens"], "passes_batched": summ["passes_per_token"],
+                       "screened_tokens": summ["screened_tokens"],
+                       "probe": any(rec.p_violation is not None for rec in r.records)})
+
+    return run
+
+
+def guided_run(model: HookedTransformer, task: Task, s: BenchSettings) -> Callable[[str], Output]:
+    """Probe-guided decoding (:mod:`czao_lens.guided`) with the task's cached value probe; refuses at
+    fit time when there is none (train it with ``czao-lens probe train``)."""
+    probe = probe_for(model, task.constraint, "auto")
+    if probe is None:
+        raise BenchError(f"no value probe for {task.constraint.describe()}: train one with "
+                         f"`czao-lens probe train --constraint '{json.dumps(task.constraint.to_dict())}'`")
+
+    def run(prompt: str) -> Output:
+        t0 = time.perf_counter()
+        r = generate_guided(model, prompt, task.constraint, probe=probe, top_k=s.guided_top_k,
+                            max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)[0]
+        summ = r.summary()
+        return Output(r.text, r.tokens, r.step_logprobs, summ["row_passes_per_token"], time.perf_counter() - t0,
+                      {"mean_p_violation": summ["mean_p_violation"]})
 
     return run
 

@@ -38,7 +38,8 @@ def fluency(base_lp: Float[Tensor, "n vocab"], new_tokens: Sequence[int],
         return {"ppl": float(nll.exp()), "kl": 0.0, "kl_max": 0.0, "kl_steered": 0.0}
     if steered_lp.shape != base_lp.shape:
         raise ValueError(f"steered log-probs {tuple(steered_lp.shape)} do not match the unsteered {tuple(base_lp.shape)}")
-    kl = (steered_lp.exp() * (steered_lp - base_lp)).sum(-1).clamp_min(0)
+    p = steered_lp.exp()  # masked tokens (guided decoding, CZAO's mask fallback) carry 0 * -inf: count them as 0
+    kl = torch.where(p > 0, p * (steered_lp - base_lp), torch.zeros_like(p)).sum(-1).clamp_min(0)
     moved = kl[kl > 1e-4]
     return {"ppl": float(nll.exp()), "kl": float(kl.mean()), "kl_max": float(kl.max()),
             "kl_steered": float(moved.mean()) if len(moved) else 0.0}

@@ -40,7 +40,7 @@ def task_rows(t: dict) -> tuple[list[str], list[list[str]]]:
     gen = t["kind"] == "generate"
     if gen:
         head = ["method", "satisfaction [95% CI]", "Δ vs unsteered [95% CI]", "2nd-eval agree", "gaming",
-                "ppl (x unsteered)", "KL/token", "distinct-2", "passes/token", "wall ratio", "setting", "CZAO"]
+                "ppl (x unsteered, same decoding)", "KL/token", "distinct-2", "passes/token", "wall ratio", "setting", "CZAO"]
     else:
         head = ["method", "p>0.5 rate [95% CI]", "mean p(text) [95% CI]", "Δ rate vs unsteered [95% CI]", "p(letter)",
                 "2nd-eval agree", "gaming", "KL neutral", "wall ratio", "setting"]
@@ -55,7 +55,7 @@ def task_rows(t: dict) -> tuple[list[str], list[list[str]]]:
             cz = (f"unreachable {_f(s['unreachable_share'])}, steps median {s['median_steps']} / max {s['max_steps']}"
                   if m == "czao" else "")
             row = [m + err, _ci(s["satisfaction"], s["ci"]), delta, _f(s["second_agreement"]), _f(s["gaming"]),
-                   f"{_f(s['ppl'], 1)} ({_f(s.get('ppl_ratio'))})", _f(s["kl"], 3), _f(s["distinct2"]),
+                   f"{_f(s['ppl'], 1)} ({_f(s.get('ppl_ratio_same_decoding', s.get('ppl_ratio')))})", _f(s["kl"], 3), _f(s["distinct2"]),
                    _f(s["passes_per_token"]), _f(s["wall_ratio"]), _setting(s), cz]
         else:
             row = [m + err, _ci(s["satisfaction"], s["ci"]), _ci(s["p_text"], s["p_text_ci"]), delta, _f(s["p_letter"]),
