@@ -146,6 +146,7 @@ def main() -> None:
                 "unreachable": res.unreachable, "steps": [r.steps for r in opt], "kl": [r.kl for r in opt],
                 "passes_per_token": summ["passes_per_token"], "row_passes_per_token": summ["row_passes_per_token"],
                 "screened_tokens": summ["screened_tokens"], "over_budget_tokens": summ["over_budget_tokens"],
+                "probe_overruled": summ["probe_overruled"], "tokens": summ["tokens"],
                 "probe": kind in probes, "bestofn_n": n, "bestofn_ok": bon_ok, "bestofn_s": t_bon,
                 "ppl_unsteered": ppl["unsteered"], "ppl_czao": ppl["czao"],
                 "prompt_overhead": (tc / max(len(res.tokens), 1)) / (tb / max(len(base.new_tokens[0]), 1)),
@@ -176,6 +177,11 @@ def main() -> None:
             "passes_per_token": statistics.fmean(r["passes_per_token"] for r in rs),
             "row_passes_per_token": statistics.fmean(r["row_passes_per_token"] for r in rs),
             "bestofn_satisfaction": sum(r["bestofn_ok"] for r in rs) / len(rs),
+            "probe_overruled_share": mean_of([float(r["probe_overruled"]) for r in rs if r.get("probe_overruled") is not None]),
+            # Screening misses: tokens the probe let through unoptimised, in texts the evaluator rejects.
+            "screen_miss_rate": sum(r["screened_tokens"] for r in rs if r["probe"] and not r["czao_ok"])
+            / max(sum(r["screened_tokens"] for r in rs if r["probe"]), 1),
+            "share_tokens_optimised": sum(len(r["steps"]) for r in rs) / max(sum(r["czao_tokens"] for r in rs), 1),
             "guided_prompts": len(gd),
             "guided_satisfaction": sum(r["guided_ok"] for r in gd) / len(gd) if gd else nan,
             "czao_satisfaction_guided_prompts": sum(r["czao_ok"] for r in gd) / len(gd) if gd else nan,
@@ -215,11 +221,18 @@ def main() -> None:
     print(f"czao_p95_prompt_overhead={a['p95_prompt_overhead']:.4f}")
     print(f"czao_median_steps={a['median_steps']}")
     print(f"czao_ppl_ratio={a['ppl_ratio']:.4f}")
+    print(f"czao_probe_overruled_share={a['probe_overruled_share']:.4f}")
+    print(f"czao_screen_miss_rate={a['screen_miss_rate']:.4f}")
+    print(f"czao_share_tokens_optimised={a['share_tokens_optimised']:.4f}")
     print(f"guided_satisfaction={a['guided_satisfaction']:.4f}  (probe-guided top-{args.guided_k}, on the {a['guided_prompts']} sequence-level prompts)")
     print(f"czao_satisfaction_guided_prompts={a['czao_satisfaction_guided_prompts']:.4f}")
     print(f"guided_row_passes_per_token={a['guided_row_passes_per_token']:.4f}")
     print(f"guided_overhead={a['guided_wallclock_ratio']:.4f}")
     print(f"czao_overhead={a['wallclock_ratio']:.4f}")
+
+
+def mean_of(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
 
 
 def quantile(xs: list[float], q: float) -> float:

@@ -465,7 +465,7 @@ def demo(
 @app.command()
 def bench(
     task: Optional[List[str]] = typer.Option(None, "--task", help="Task(s); repeat. Default: all (profanity, sentiment, concept, refusal, sycophancy, truthfulness)."),
-    method: Optional[List[str]] = typer.Option(None, "--method", help="Method(s); repeat. Default: all (unsteered, prompting, caa, sae, cast, lqr, czao, bestofn)."),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="Method(s); repeat. Default: all (unsteered, prompting, caa, sae, cast, lqr, czao, probe-guided, bestofn, unsteered-sampled)."),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     data: Optional[Path] = typer.Option(None, help="Folder holding rtp/, caa/ and truthfulqa/ (default $CZAO_LENS_DATA or ../shared/data)."),
     n_fit: int = typer.Option(24, help="Fit-split items per task (vectors, setpoints, sweeps)."),

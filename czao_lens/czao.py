@@ -181,12 +181,22 @@ class CZAOResult:
             "max_steps": max(steps) if steps else 0,
             "passes_per_token": sum(r.passes for r in self.records) / n,
             "row_passes_per_token": sum(r.row_passes for r in self.records) / n,
-            "screened_tokens": sum(r.p_violation is not None and not r.optimized for r in self.records),
+            "screened_tokens": sum(r.p_violation is not None and not r.optimized and not r.over_budget for r in self.records),
             "over_budget_tokens": sum(r.over_budget for r in self.records),
+            # With a value probe: it predicted the finished text would hold at the last token (screened,
+            # or a feasible point found) and the real evaluator says it does not.
+            "probe_overruled": self._probe_overruled(),
             "mean_kl_optimized": statistics.fmean([r.kl for r in opt]) if opt else 0.0,
             "max_delta_norm": max((r.delta_norm for r in opt), default=0.0),
             "seconds": self.seconds,
         }
+
+    def _probe_overruled(self) -> bool | None:
+        last = next((r for r in reversed(self.records) if r.p_violation is not None), None)
+        if last is None:
+            return None  # no value probe ran
+        predicted_ok = (not last.optimized and not last.over_budget and last.v_before == 0) or (last.optimized and last.satisfied)
+        return bool(predicted_ok and not self.satisfied)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record: every field but the tensors, plus ``summary``."""
