@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--probe-prompts", type=int, default=160)
     ap.add_argument("--types", default=None, help="comma-separated subset of: banned words,sentiment,profanity,concept")
     ap.add_argument("--accept", type=float, default=None, help="CZAOConfig.probe_accept (default: the config's)")
+    ap.add_argument("--hold", action="store_true", help="CZAOConfig.hold: re-apply the last feasible z")
     ap.add_argument("--no-seed", action="store_true", help="no seed direction (SPSA from scratch), to measure what it buys")
     ap.add_argument("--guided-k", type=int, default=4, help="top-k of probe-guided decoding (the output-space reference)")
     ap.add_argument("--budget", default=None,
@@ -101,7 +102,7 @@ def main() -> None:
     data = args.data or default_data_dir()
     model = load_model()
     store = ActivationStore(model)
-    cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed, seed_direction=not args.no_seed,
+    cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed, seed_direction=not args.no_seed, hold=args.hold,
                      **({} if args.accept is None else {"probe_accept": args.accept}),
                      **({} if args.budget is None else {"budget": None if args.budget == "none" else float(args.budget)}))
     generate(model, "warm up", max_new_tokens=4)

@@ -83,6 +83,7 @@ class CZAOConfig:
     probe_accept: float | None = 0.5  # with a value probe: feasible when p(violation) <= this (None: the probe's recall threshold)
     budget: float | None = 10.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
     seed_direction: bool = True  # try a line along the constraint's known good direction before SPSA (czao_lens.seeds)
+    hold: bool = False  # keep applying the last feasible z on tokens that need no search, while its KL stays <= eps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +127,7 @@ class TokenRecord:
     row_passes: float = 0.0  # every forward weighted by its rows and the share of layers it ran
     p_violation: float | None = None  # the value probe's prediction at the unperturbed position
     over_budget: bool = False  # not optimised because the prompt's compute budget was spent
+    held: bool = False  # not searched: the last feasible z was applied again (``hold``)
 
 
 @dataclass
@@ -183,6 +185,7 @@ class CZAOResult:
             "row_passes_per_token": sum(r.row_passes for r in self.records) / n,
             "screened_tokens": sum(r.p_violation is not None and not r.optimized and not r.over_budget for r in self.records),
             "over_budget_tokens": sum(r.over_budget for r in self.records),
+            "held_tokens": sum(r.held for r in self.records),
             # With a value probe: it predicted the finished text would hold at the last token (screened,
             # or a feasible point found) and the real evaluator says it does not.
             "probe_overruled": self._probe_overruled(),
@@ -424,6 +427,7 @@ class CZAOController:
         self._pair_x: list[Tensor] = []  # (resid, z*) of every solved token, for distilling a predictor
         self._pair_z: list[Tensor] = []
         self.z_prev = torch.zeros(subspace.dim)
+        self.held: Tensor | None = None  # with cfg.hold: the z applied again on tokens that need no search
         self.gen = torch.Generator().manual_seed(config.seed)
         self.probe: ViolationProbe | None = None
         self._probe_x: list[Tensor] = []
@@ -568,6 +572,10 @@ class CZAOController:
         else:
             v0 = self._screen(step, base_lp)
         skip = v0 <= SAT_TOL and (self.value is None or self.cfg.screen)
+        if skip and self.held is not None and self.spent < self.cap:
+            deltas = yield from self._hold(step, base_lp, v0, p0)
+            if deltas is not None:
+                return deltas
         if skip or self.spent >= self.cap:
             # Already holds (sequence level: the greedy next token keeps it, or the value probe
             # predicts the finished text will), or the prompt's compute budget is spent: then the
@@ -601,6 +609,7 @@ class CZAOController:
         # eps, even when relaxing eps then found one (rec.satisfied says so, rec.fallback says how).
         z = best.z
         rec.delta_norm, rec.z_norm = float(self.subspace.delta_norm(z)), float(z.norm())
+        self.held = z if (best.feasible and self.cfg.hold) else None
         if best.feasible:
             self.z_prev = z
             self._pair_x.append(step.resid[0].detach() / self.subspace.scales[self.start_layer])
@@ -613,6 +622,23 @@ class CZAOController:
         rec.candidates = step.cost.candidates
         self.records.append(rec)
         return self.subspace.deltas(z[None])  # [1, d] per hook
+
+    def _hold(self, step: DecodeStep, base_lp: Tensor, v0: float, p0: float | None) -> "Search[StepDeltas | None]":
+        """Apply the held z again when its KL here is within eps (one candidate row); else drop it."""
+        assert self.held is not None
+        lim = self._limits()
+        ev = yield from self._evaluate(step, self.held[None], base_lp, lim)
+        if float(ev.kl[0]) > lim.eps:
+            self.held = None
+            return None
+        z, n_layers = self.held, self.model.cfg.n_layers
+        rerun = (n_layers - self.start_layer) / n_layers
+        rec = TokenRecord(step.index, False, 0, step.cost.passes + rerun, step.cost.candidates,
+                          float(self.subspace.delta_norm(z)), float(z.norm()), float(ev.kl[0]), v0, float(ev.v[0]),
+                          True, False, row_passes=step.cost.row_passes + rerun, p_violation=p0, held=True)
+        self.spent += rec.row_passes
+        self.records.append(rec)
+        return self.subspace.deltas(z[None])
 
     # -- the search
 

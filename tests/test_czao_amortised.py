@@ -8,6 +8,8 @@ token and checks the constraint on it. With it, the probe-scored path must choos
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -183,13 +185,30 @@ def _same_run(a, b) -> None:
         assert [x.z_norm for x in ra.records] == pytest.approx([x.z_norm for x in rb.records], rel=1e-4, abs=1e-6)
 
 
-def test_batched_prompts_equal_per_prompt_runs_row_by_row(tiny):
+@pytest.mark.parametrize("hold", [False, True])
+def test_batched_prompts_equal_per_prompt_runs_row_by_row(tiny, hold):
     """Prompts of different lengths in one batch (left padding, rows finishing at different steps):
     the same texts, decisions, steps and row passes as one prompt at a time, with the same seeds."""
-    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=3, n_dirs=4, mu=1.0, probe_accept=0.0, kl_eps=20.0, budget=6.0)
+    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=3, n_dirs=4, mu=1.0, probe_accept=0.0, kl_eps=20.0, budget=6.0,
+                     hold=hold)
     one = generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=6, batch_size=1)
     many = generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=6, batch_size=4)
     assert sum(rec.optimized for r in one for rec in r.records) >= 3, "the case must exercise the search"
     _same_run(one, many)
     with pytest.raises(CZAOError, match="batch_size"):
         generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=2, batch_size=0)
+
+
+def test_hold_reapplies_the_last_feasible_z_within_the_kl_bound(tiny):
+    """With hold, a token that needs no search after a solved one gets the same z again (one candidate
+    row to check its KL, plus the re-run of the upper layers); without it, it decodes unperturbed."""
+    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=3, n_dirs=8, mu=1.0, probe_accept=0.0, kl_eps=20.0, budget=None)
+    held = generate_czao(tiny, PROMPTS, NO_E, replace(cfg, hold=True), probe=oracle(tiny), max_new_tokens=6)
+    plain = generate_czao(tiny, PROMPTS, NO_E, cfg, probe=oracle(tiny), max_new_tokens=6)
+    recs = [rec for r in held for rec in r.records if rec.held]
+    assert recs and not any(rec.held for r in plain for rec in r.records)
+    share = (tiny.cfg.n_layers - 1) / tiny.cfg.n_layers
+    for rec in recs:
+        assert rec.kl <= cfg.kl_eps and rec.z_norm > 0 and rec.satisfied and not rec.optimized
+        assert rec.row_passes == pytest.approx(1.0 + 2 * share)
+    assert sum(r.summary()["held_tokens"] for r in held) == len(recs)
