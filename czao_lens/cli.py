@@ -16,6 +16,7 @@ import typer
 
 from typer.core import TyperGroup
 
+from czao_lens import preflight as pf
 from czao_lens.errors import CzaoLensError
 from czao_lens.paths import DEFAULT_MODEL, default_data_dir
 
@@ -29,6 +30,22 @@ MODEL_HELP = "Embedded name, local path or TL model name."
 
 def _debug(ctx) -> bool:
     return bool(os.environ.get(DEBUG_ENV)) or bool((ctx.find_root().obj or {}).get("debug"))
+
+
+# Libraries whose warnings are chatter to a command-line user (shown again with --verbose).
+_CHATTY = r"(transformers|transformer_lens|sae_lens|torch|huggingface_hub|tokenizers)(\.|$)"
+
+
+def _quiet_libraries() -> None:
+    """Silence Hugging Face and TransformerLens logging and warnings (czao-lens' own warnings stay)."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "transformer_lens", "sae_lens", "huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=_CHATTY)
 
 
 class _Commands(TyperGroup):
@@ -52,9 +69,12 @@ app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, hel
 def _main(
     ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks for czao-lens errors (or set ${DEBUG_ENV})."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show the libraries' own messages (Hugging Face, TransformerLens)."),
 ) -> None:
     """Steer language models at inference time."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "verbose": verbose}
+    if not verbose:
+        _quiet_libraries()
 
 
 def _fail(msg: str) -> None:
@@ -96,6 +116,11 @@ def generate(
     out: Optional[Path] = typer.Option(None, help="Write the result as JSON here."),
 ) -> None:
     """Plain generation (no steering) on a model, with the czao-lens runtime."""
+    pf.check_prompts(prompt)
+    pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")
+    if sample:
+        pf.check_in(temperature, 0, 100, "--temperature", low_open=True)
+        pf.check_in(top_p, 0, 1, "--top-p", low_open=True)
     from czao_lens.generate import generate as run
 
     m = _load(model)
@@ -180,6 +205,9 @@ def trace(
 
     if n_samples < 1:
         _fail("--n-samples must be >= 1")
+    for value, what in ((limit, "--limit"), (window, "--window"), (heatmap_positions, "--heatmap-positions"), (top_k, "--top-k")):
+        pf.check_at_least(value, 1, what)
+    pf.check_finite(noise, "--noise")
     m = _load(model)
     items, source = _trace_prompts_from(m, prompts, behavior, data, split, limit, chat, corrupt)
     store = ActivationStore(m)
@@ -224,6 +252,14 @@ def lyapunov(
         texts += [line for line in prompts.read_text().splitlines() if line.strip()]
     if not texts:
         _fail("empty prompt set: give --prompt or --prompts")
+    pf.check_prompts(texts)
+    pf.check_at_least(n_dirs, 1, "--n-dirs")
+    pf.check_at_least(k, 0, "--k")
+    pf.check_model_layers(model, [l0], "--l0")
+    if l1 is not None:
+        dims = pf.model_dims(model)
+        if not l0 < l1 <= (dims["n_layers"] if dims else l1):
+            _fail(f"--l1 {l1} must be in ({l0}, n_layers]" + (f" (n_layers = {dims['n_layers']})" if dims else ""))
     m = _load(model)
     fd = fd_growth(m, texts, l0=l0, l1=l1, n_dirs=n_dirs, seed=seed, progress=True)
     res = {"fd": fd.to_dict()}
@@ -327,9 +363,14 @@ def czao(
     """Generate with CZAO next to unsteered generation; write text, telemetry and a summary."""
     from czao_lens.czao import CZAOConfig
 
+    pf.check_prompts(prompt)
+    pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")
+    pf.check_at_least(top_k, 1, "--top-k")
     c = _constraint_from(constraint)
     cfg = CZAOConfig(**_given(layers=_czao_layers(layer, layers_json, top_k), rank=rank, basis=basis, max_steps=max_steps,
                               n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, seed=seed))
+    pf.check_model_layers(model, cfg.layers)
+    pf.check_rank(model, cfg.rank)
     m = _load(model)
     run_czao_side_by_side(m, prompt, c, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out)
 
@@ -348,6 +389,10 @@ def landscape(
     """Per-layer 2-D maps of CZAO's objective (loss, violation, KL) and a roughness figure per layer."""
     from czao_lens.diagnostics.landscape import loss_landscape
 
+    pf.check_prompts([prompt])
+    pf.check_at_least(n, 2, "--n")
+    pf.check_in(extent, 0, 1e6, "--extent", low_open=True)
+    pf.check_model_layers(model, layer or [4, 12, 20])
     c = _constraint_from(constraint)
     m = _load(model)
     land = loss_landscape(m, prompt, c, layer or [4, 12, 20], n=n, extent=extent, chat=chat, progress=True)
@@ -403,18 +448,30 @@ def steer(
     if method not in method_names():
         _fail(f"unknown method {method!r}; choose one of {', '.join(method_names())}")
     entry = get_method(method)
+    pf.check_at_least(top_k, 1, "--top-k")
     layers = _steer_layers(layers_json, layer, top_k)
-    m = _load(model)
+    pf.check_model_layers(model, layers)
+    pf.check_at_least(n_fit, 1, "--n-fit")
+    pf.check_at_least(jac_prompts, 1, "--jac-prompts")
+    pf.check_finite(multiplier, "--multiplier")
+    pf.check_finite(lam, "--lambda")
+    if prompt:
+        pf.check_prompts(prompt)
+        pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")
     sae = None
     if "sae" in entry.needs:
         if sae_path is None or not features:
             _fail(f"--method {method} needs --sae-path and --features")
-        from sae_lens import SAE
+        from czao_lens.sae import load_sae
 
-        sae = SAE.load_from_disk(str(sae_path))
-    folder = out / method
+        sae = load_sae(sae_path)  # a checked load: a bad folder fails here, before the model loads
     try:
         feats = [int(f) for f in features.split(",")] if features else None
+    except ValueError:
+        _fail(f"--features must be comma-separated integers, got {features!r}")
+    m = _load(model)
+    folder = out / method
+    try:
         inp = caa_fit_input(m, entry.needs, layers=layers, behavior=behavior, n_fit=n_fit, data_dir=data or default_data_dir(),
                             positive=positive, negative=negative, jac_prompts=jac_prompts, progress=True, multiplier=multiplier,
                             lam=lam, readout=readout, concept=behavior, sae=sae, features=feats)
@@ -493,6 +550,10 @@ def bench(
         n_fit, n_test, sae_tokens = QUICK["n_fit"], QUICK["n_test"], 2048
     else:
         settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed)
+    for value, what in ((n_fit, "--n-fit"), (n_test, "--n-test"), (max_new_tokens, "--max-new-tokens"), (sae_tokens, "--sae-tokens")):
+        pf.check_at_least(value, 1, what)
+    pf.check_model_layers(model, [layer])
+    pf.check_finite(concept_threshold, "--concept-threshold")
     try:  # bad names and missing data fail here, before the model loads
         check_methods(methods)
         load_tasks(tasks, data, n_fit=n_fit, n_test=n_test, seed=seed)
@@ -568,6 +629,7 @@ def probe_train(
         root = data or default_data_dir()
         texts = corpus_prompts(root, exclude=bench_test_prompts(root), limit=limit, seed=seed)
     layers = tuple(layer) if layer else CZAOConfig().layers
+    pf.check_model_layers(model, layers)
     m = _load(model)
     probe, rolls = train_probe(m, c, texts, samples=samples, max_new_tokens=max_new_tokens, perturb_layers=layers,
                                perturb_scale=perturb_scale, recall=recall, seed=seed)
@@ -618,6 +680,17 @@ def sae_train(
     out: Path = typer.Option(DEFAULT_OUT / "sae", help="Folder for the SAE (SAELens format) and stats.json."),
 ) -> None:
     """Train an SAE with SAELens on a corpus of the model's generations and data-set prompts."""
+    from czao_lens.sites import layer_of
+
+    for value, what in ((tokens, "--tokens"), (context_size, "--context-size"), (batch_tokens, "--batch-tokens"), (width, "--width")):
+        pf.check_at_least(value, 1, what)
+    pf.check_at_least(generations, 0, "--generations")
+    pf.check_in(l1, 0, 1e6, "--l1")
+    pf.check_in(lr, 0, 10, "--lr", low_open=True)
+    if layer_of(hook) is not None:
+        pf.check_model_layers(model, [layer_of(hook)], f"layer of --hook {hook}")
+    if text_file is not None and not text_file.is_file():
+        _fail(f"--text-file {text_file} does not exist")
     from czao_lens.sae import build_corpus, check_sae_hook, train_sae
 
     m = _load(model)
@@ -660,6 +733,9 @@ def sae_features(
         _fail("give both --pos-file and --neg-file")
     if k < 1:
         _fail("--k must be >= 1")
+    pf.check_at_least(limit, 1, "--limit")
+    pf.check_at_least(top_tokens, 0, "--top-tokens")
+    pf.check_in(max_freq, 0, 1, "--max-freq", low_open=True)
     s = load_sae(sae)
     if behavior is not None:
         from czao_lens.diagnostics.tracing import load_caa
@@ -685,3 +761,7 @@ def sae_features(
 
 
 app.add_typer(sae_app, name="sae")
+
+
+if __name__ == "__main__":  # python -m czao_lens.cli
+    app()

@@ -21,3 +21,7 @@ class ArtifactError(CzaoLensError, ValueError):
 
 class DiagnosticError(CzaoLensError, ValueError):
     """Bad input to a diagnostic or an SAE: empty prompt set, multi-token answer, unknown hook, bad layer..."""
+
+
+class ArgumentError(CzaoLensError, ValueError):
+    """An argument out of its range (a token count, a prompt, a rank...), caught before any model loads."""

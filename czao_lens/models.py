@@ -109,7 +109,7 @@ def load_model(
         model = _load_local(Path(name).expanduser(), dtype=dtype, rebuild=rebuild_cache, progress=progress)
     else:
         model = _load_official(name, dtype=dtype)
-    model = model.to(device)
+    model = model.to(device, print_details=False)  # TL prints "Moving model to device" otherwise
     model.eval()
     if fast:
         from czao_lens.runtime import accelerate
@@ -412,7 +412,7 @@ def _load_cache(folder: Path, dtype: torch.dtype) -> HookedTransformer:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if [m for m in missing if not m.endswith(("IGNORE", "mask"))] or unexpected:
         raise ModelLoadError(f"cached weights in {folder} do not match the config (missing {missing[:3]})")
-    return model.to(dtype)
+    return model.to(dtype, print_details=False)
 
 
 def _cached(
@@ -443,7 +443,7 @@ def _cached(
         _save_cache(folder, model, source)
     except OSError as exc:
         warnings.warn(f"czao-lens: could not write the model cache {folder}: {exc}")
-    return model.to(dtype)
+    return model.to(dtype, print_details=False)
 
 
 def verify_cache(name: str = DEFAULT_MODEL) -> bool:

@@ -1,14 +1,13 @@
 """Names of intervention sites, defined once: hook names from a layer and a kind, and the layer check.
 
-Hook names come from TransformerLens' ``get_act_name`` so they match the model's ``hook_dict``.
+Hook names come from TransformerLens' ``get_act_name`` so they match the model's ``hook_dict``;
+it is imported on first use so the command line can check layers before torch loads.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Iterable
-
-from transformer_lens.utils import get_act_name
 
 from czao_lens.errors import LayerError
 
@@ -18,6 +17,8 @@ _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 def hook_name(layer: int, kind: str = "resid_pre") -> str:
     """The hook point of ``kind`` in block ``layer``: ``hook_name(12, "resid_post")`` is
     ``"blocks.12.hook_resid_post"``; ``"z"``, ``"k"``, ``"v"`` give the attention hooks."""
+    from transformer_lens.utils import get_act_name
+
     return get_act_name(kind.removeprefix("hook_"), int(layer))
 
 
