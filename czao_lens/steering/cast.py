@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -135,6 +137,8 @@ class CAST(Intervention, SteeringArtifact):
         """Raise if the vector does not fit ``model`` or the condition is read after the steering layers."""
         self.vector.check_model(model)
         check_layers(model, [self.condition.layer])
+        if not math.isfinite(self.multiplier):
+            raise SteeringError(f"CAST multiplier must be finite, got {self.multiplier} (NaN or inf)")
         c = self.condition
         if min(self.vector.layers) < c.layer or (min(self.vector.layers) == c.layer and self.vector.hook != c.hook and self.vector.hook == "resid_pre"):
             raise SteeringError(

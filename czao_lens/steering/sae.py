@@ -20,6 +20,7 @@ comes from ``sae.cfg.metadata.hook_name`` unless given. A ``FeatureBasis`` (``in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -63,6 +64,8 @@ def _check_features(features: Sequence[int], coeffs: Sequence[float] | float, d_
     coeffs = [float(coeffs)] * len(features) if isinstance(coeffs, (int, float)) else [float(c) for c in coeffs]
     if len(coeffs) != len(features):
         raise SteeringError(f"{len(features)} features but {len(coeffs)} coefficients")
+    if not all(math.isfinite(c) for c in coeffs):
+        raise SteeringError(f"SAE feature coefficients must be finite, got {coeffs} (NaN or inf)")
     return features, coeffs
 
 

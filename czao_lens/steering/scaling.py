@@ -66,6 +66,8 @@ class ActivationScaling(Intervention, SteeringArtifact):
     def _hooks(self, model: HookedTransformer, layout: TokenLayout | None, alpha: Tensor) -> list[tuple[str, Callable]]:
         if len(self.sites) != alpha.numel():
             raise SteeringError(f"{len(self.sites)} sites but {alpha.numel()} scalars")
+        if not torch.isfinite(alpha).all():
+            raise SteeringError(f"activation scaling factors must be finite, got {alpha.tolist()} (NaN or inf)")
         out = []
         for i, site in enumerate(self.sites):
             name, head = _parse_site(model, site)

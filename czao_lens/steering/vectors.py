@@ -89,6 +89,9 @@ class SteeringVector(Intervention, SteeringArtifact):
         if self.d_model != model.cfg.d_model:
             raise SteeringError(f"steering vector has width {self.d_model}, the model has d_model {model.cfg.d_model}")
         check_layers(model, self.layers)
+        for l, d in sorted(self.directions.items()):  # wrappers (CAST) add the direction themselves: check here
+            if not torch.isfinite(d).all():
+                raise SteeringError(f"steering vector direction at layer {l} contains NaN or inf")
 
     def to_perturbations(self, scale: float = 1.0, positions: PositionSpec | None = None) -> list[Perturbation]:
         """One :class:`Perturbation` per layer (``scale`` times the direction; default positions: the vector's)."""
