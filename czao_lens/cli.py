@@ -208,6 +208,8 @@ def trace(
     for value, what in ((limit, "--limit"), (window, "--window"), (heatmap_positions, "--heatmap-positions"), (top_k, "--top-k")):
         pf.check_at_least(value, 1, what)
     pf.check_finite(noise, "--noise")
+    if prompts is not None and not prompts.is_file():
+        _fail(f"{prompts} does not exist")
     m = _load(model)
     items, source = _trace_prompts_from(m, prompts, behavior, data, split, limit, chat, corrupt)
     store = ActivationStore(m)
@@ -408,14 +410,9 @@ def _steer_layers(layers_json: Optional[Path], layer: List[int], top_k: int) -> 
     """Layers from ``layers.json`` (written by ``czao-lens trace``: the top-k scores) or ``--layer``."""
     if layers_json is None:
         return list(layer or [10])
-    if not layers_json.exists():
-        _fail(f"{layers_json} does not exist")
-    try:
-        rows = json.loads(layers_json.read_text())["layers"]
-        ranked = sorted(rows, key=lambda r: -float(r["score"]))
-        return sorted(int(r["layer"]) for r in ranked[:top_k])
-    except (KeyError, TypeError, ValueError) as exc:
-        _fail(f"{layers_json} is not a layers.json ({{'layers': [{{'layer', 'score'}}, ...]}}): {exc}")
+    from czao_lens.diagnostics.tracing import load_layers
+
+    return sorted(load_layers(layers_json, top_k))
 
 
 @app.command()
@@ -475,6 +472,12 @@ def steer(
         inp = caa_fit_input(m, entry.needs, layers=layers, behavior=behavior, n_fit=n_fit, data_dir=data or default_data_dir(),
                             positive=positive, negative=negative, jac_prompts=jac_prompts, progress=True, multiplier=multiplier,
                             lam=lam, readout=readout, concept=behavior, sae=sae, features=feats)
+        if inp.items is not None:  # say it when letter balancing (or the data) gives fewer pairs than asked
+            from czao_lens.steering.data import load_ab, selection_note
+
+            note = selection_note(load_ab(behavior, "fit", data_dir=data or default_data_dir()), inp.items, n_fit)
+            if note:
+                typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
         entry.check_input(inp)
         obj = entry.fit(m, inp)
         intervention = entry.strength(obj, inp)
@@ -623,13 +626,13 @@ def probe_train(
         raise ProbeError(f"{c.describe()} is token-level: CZAO scores it exactly from the logits; no probe needed")
     if limit < 2 or samples < 1 or max_new_tokens < 1 or not 0 < recall <= 1:
         _fail("--limit must be >= 2, --samples and --max-new-tokens >= 1, --recall in (0, 1]")
+    layers = tuple(layer) if layer else CZAOConfig().layers
+    pf.check_model_layers(model, layers)
     if prompts is not None:
         texts = _lines(prompts, "prompt")[:limit]
     else:
         root = data or default_data_dir()
         texts = corpus_prompts(root, exclude=bench_test_prompts(root), limit=limit, seed=seed)
-    layers = tuple(layer) if layer else CZAOConfig().layers
-    pf.check_model_layers(model, layers)
     m = _load(model)
     probe, rolls = train_probe(m, c, texts, samples=samples, max_new_tokens=max_new_tokens, perturb_layers=layers,
                                perturb_scale=perturb_scale, recall=recall, seed=seed)

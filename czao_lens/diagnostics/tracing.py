@@ -35,6 +35,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from czao_lens.sites import hook_name, resid_hook
 from czao_lens.diagnostics import DiagnosticError, check_layers, write_json
+from czao_lens.errors import CzaoLensError
 from czao_lens.perturb import add_hook
 from czao_lens.prompts import encode_prompts, format_prompt
 from czao_lens.store import ActivationStore
@@ -180,8 +181,15 @@ def load_caa(data_dir: str | Path, behavior: str, *, split: str = "test", limit:
     if not path.exists():
         have = sorted(p.name for p in (Path(data_dir) / "caa").glob("*")) if (Path(data_dir) / "caa").exists() else []
         raise DiagnosticError(f"{path} not found; behaviours in {data_dir}: {have or 'none (set --data / CZAO_LENS_DATA)'}")
-    items = json.loads(path.read_text())
-    return items[:limit] if limit is not None else items
+    from czao_lens.steering.data import ABItem, read_json_list
+
+    items = read_json_list(path)[:limit] if limit is not None else read_json_list(path)
+    for i, it in enumerate(items):  # fail here, naming the item, rather than deep inside tracing
+        try:
+            ABItem.from_json(it)
+        except CzaoLensError as exc:
+            raise DiagnosticError(f"{path}, item {i}: {exc}") from None
+    return items
 
 
 # ----------------------------------------------------------------------------- results
@@ -271,6 +279,8 @@ def load_layers(path: str | Path, top_k: int | None = None) -> list[int]:
         layers = [int(r["layer"]) for r in rows]
     except FileNotFoundError:
         raise DiagnosticError(f"{path} does not exist; run `czao-lens trace` first") from None
+    except OSError as exc:
+        raise DiagnosticError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise DiagnosticError(f"{path} is not a layers.json file ({exc})") from None
     if top_k is not None:

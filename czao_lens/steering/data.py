@@ -40,6 +40,8 @@ class ABItem:
 
     @classmethod
     def from_json(cls, d: dict) -> "ABItem":
+        if not isinstance(d, dict):
+            raise SteeringDataError(f"an A/B item must be a JSON object, got {type(d).__name__}: {str(d)[:80]!r}")
         try:
             m, n = _letter(d["answer_matching_behavior"]), _letter(d["answer_not_matching_behavior"])
             q = d["question"]
@@ -47,6 +49,8 @@ class ABItem:
             raise SteeringDataError(f"A/B item lacks field {exc}; expected question / answer_matching_behavior / answer_not_matching_behavior") from None
         if m == n:
             raise SteeringDataError(f"A/B item has the same matching and non-matching letter {m!r}")
+        if not isinstance(q, str) or not q.strip():
+            raise SteeringDataError(f"A/B item has an empty or non-text question: {q!r}")
         return cls(q, m, n)
 
     def stem(self) -> str:
@@ -82,10 +86,16 @@ def _subset(items: list, n: int | None, seed: int) -> list:
 
 
 def balance_letters(items: Sequence[ABItem], n: int | None = None, seed: int = 0) -> list[ABItem]:
-    """Equal numbers of items whose matching letter is A and B (``n`` in total, default: as many as possible).
+    """Items whose matching letters are as evenly spread as the data allows (``n`` in total, default: as many
+    as an exact balance allows).
 
     The answer letter is a confound: a set with more "A"-matching items makes the contrastive vector
     partly an "answer A" vector, and makes the mean p(matching) reflect the model's letter bias.
+    Two letters (A/B): exactly as many A- as B-matching items. More letters (multiple-choice items,
+    A to H): an exact balance would keep only (rarest letter's count) x (letters) items, so with ``n``
+    the letters are drawn in turn (round robin) until ``n`` items are chosen; each item still
+    contrasts its matching option with its non-matching one. :func:`selection_note` says why fewer
+    than ``n`` came back.
     """
     groups: dict[str, list[ABItem]] = {}
     for it in items:
@@ -93,13 +103,53 @@ def balance_letters(items: Sequence[ABItem], n: int | None = None, seed: int = 0
     if len(groups) < 2:
         raise SteeringDataError(f"cannot balance letters: every item's matching letter is {next(iter(groups), '?')!r}")
     per = min(len(g) for g in groups.values())
-    if n is not None:
-        if n < len(groups):
-            raise SteeringDataError(f"n={n} is too small to hold each answer letter once")
-        per = min(per, n // len(groups))
+    if n is not None and n < len(groups):
+        raise SteeringDataError(f"n={n} is too small to hold each answer letter once ({len(groups)} letters)")
     rng = random.Random(seed)
-    chosen = {id(x) for g in groups.values() for x in rng.sample(g, per)}
+    if n is None or len(groups) == 2:
+        per = per if n is None else min(per, n // len(groups))
+        chosen = {id(x) for g in groups.values() for x in rng.sample(g, per)}
+    else:
+        pools = [rng.sample(g, len(g)) for _, g in sorted(groups.items())]
+        picked: list[ABItem] = []
+        while len(picked) < n and any(pools):
+            for pool in pools:
+                if pool and len(picked) < n:
+                    picked.append(pool.pop())
+        chosen = {id(x) for x in picked}
     return [it for it in items if id(it) in chosen]  # original order
+
+
+def selection_note(available: Sequence[ABItem], chosen: Sequence[ABItem], asked: int) -> str | None:
+    """Why fewer items than ``asked`` were chosen (``None`` when none are missing): for command output."""
+    if len(chosen) >= asked:
+        return None
+    counts = {}
+    for it in available:
+        counts[it.matching] = counts.get(it.matching, 0) + 1
+    spread = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    if len(available) < asked:
+        why = f"the data holds only {len(available)} items"
+    else:
+        rare = min(counts, key=counts.get)
+        why = (f"an exact A/B letter balance keeps {len(counts)} x {counts[rare]} (the rarer letter {rare!r} has "
+               f"{counts[rare]} items)")
+    return f"using {len(chosen)} of the {asked} items asked for: {why} (matching letters {spread})"
+
+
+def read_json_list(path: Path) -> list:
+    """A data file holding a non-empty JSON list; truncated, non-UTF-8 or other content is a clear error."""
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SteeringDataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise SteeringDataError(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise SteeringDataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(rows, list) or not rows:
+        raise SteeringDataError(f"{path} holds no items (expected a non-empty JSON list, got {type(rows).__name__})")
+    return rows
 
 
 def load_ab(
@@ -122,10 +172,13 @@ def load_ab(
     if not path.exists():
         have = sorted(p.name for p in (root / "caa").iterdir()) if (root / "caa").is_dir() else []
         raise SteeringDataError(f"no CAA data for {behavior!r} at {path}; behaviours found: {have}")
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list) or not rows:
-        raise SteeringDataError(f"{path} holds no items")
-    items = [ABItem.from_json(r) for r in rows]
+    rows = read_json_list(path)
+    items = []
+    for i, r in enumerate(rows):
+        try:
+            items.append(ABItem.from_json(r))
+        except SteeringDataError as exc:
+            raise SteeringDataError(f"{path}, item {i}: {exc}") from None
     if balanced:
         return balance_letters(items, n, seed)
     return _subset(items, n, seed)
@@ -136,8 +189,11 @@ def load_truthfulqa(*, n: int | None = None, seed: int = 0, data_dir: str | Path
     path = resolve_data_dir(data_dir) / "truthfulqa" / "truthful_qa.json"
     if not path.exists():
         raise SteeringDataError(f"no TruthfulQA data at {path}")
-    rows = json.loads(path.read_text())
-    items = [ABItem(r["prompt"].replace("Please help me answer the following question.\n", "", 1), _letter(r["correct"]), _letter(r["incorrect"])) for r in rows]
+    rows = read_json_list(path)
+    try:
+        items = [ABItem(r["prompt"].replace("Please help me answer the following question.\n", "", 1), _letter(r["correct"]), _letter(r["incorrect"])) for r in rows]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SteeringDataError(f"{path}: an item lacks or mistypes {exc} (expected prompt / correct / incorrect)") from None
     return _subset(items, n, seed)
 
 
