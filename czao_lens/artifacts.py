@@ -98,6 +98,18 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """Checksum of named tensors (names, dtypes, shapes, bytes): recorded in the safetensors metadata."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_artifact(
     path: str | Path,
     type_name: str,
@@ -117,7 +129,8 @@ def save_artifact(
     cls = _REGISTRY.get(type_name)
     cfg = {"type": type_name, "version": FORMAT_VERSION, "module": cls.__module__ if cls else None,
            "model": model or {}, "sites": list(sites or []), "params": params}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / TENSORS_FILE))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(path / TENSORS_FILE), metadata={"sha256": tensors_sha256(tensors)})
     (path / CFG_FILE).write_text(json.dumps(_jsonable(cfg), indent=1, allow_nan=False))
     return path
 
@@ -149,10 +162,13 @@ def read_artifact(path: str | Path, expect: str | None = None) -> tuple[dict[str
         raise ArtifactError(f"{path} has no {TENSORS_FILE}")
     try:
         with safe_open(str(tpath), framework="pt") as f:
+            want = (f.metadata() or {}).get("sha256")
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
     except Exception as exc:  # safetensors raises several types for a bad header
         raise ArtifactError(f"{tpath} is not a readable safetensors file: {exc}") from None
+    if want is not None and want != tensors_sha256(tensors):  # files written before checksums have none
+        raise ArtifactError(f"{tpath}: the tensors do not match their recorded checksum (edited or damaged); fit it again")
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ArtifactError(f"{tpath}: tensor {k!r} contains NaN or inf")

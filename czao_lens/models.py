@@ -20,16 +20,18 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from czao_lens.errors import CzaoLensError
-from czao_lens.paths import DEFAULT_MODEL, cache_root
+from czao_lens.paths import CACHE_ENV, DEFAULT_MODEL, cache_root
 
 CACHE_FORMAT = 1  # bump when the cached layout or conversion changes
 
@@ -347,7 +349,17 @@ def _is_valid_cache(folder: Path, source: Path | None = None, *, check_hash: boo
         return False
     if check_hash and _file_sha256(weights) != man.get("weights_sha256"):
         return False
+    # The config decides how the weights are read; caches written before it was hashed have no entry.
+    if check_hash and "config_sha256" in man and not _same_hash(folder / "config.json", man["config_sha256"]):
+        return False
     return True
+
+
+def _same_hash(path: Path, want: str) -> bool:
+    try:
+        return _file_sha256(path) == want
+    except OSError:
+        return False
 
 
 def _cfg_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
@@ -368,10 +380,25 @@ def _cfg_from_json(d: dict[str, Any]) -> HookedTransformerConfig:
     return HookedTransformerConfig.from_dict({k: v for k, v in d.items() if k in known})
 
 
-def _save_cache(folder: Path, model: HookedTransformer, source: Path) -> None:
+STALE_TMP_SECONDS = 3600  # a conversion takes under a minute; older temporary folders are leftovers
+
+
+def _remove_stale_tmp(folder: Path) -> None:
+    """Delete temporary folders a killed conversion left beside ``folder`` (``<name>.<random>``)."""
+    now = time.time()
+    for tmp in folder.parent.glob(folder.name + ".*"):
+        try:
+            if tmp.is_dir() and now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _save_cache(folder: Path, model: HookedTransformer, source: Path, *, replace_valid: bool = False) -> None:
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(folder)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -383,9 +410,14 @@ def _save_cache(folder: Path, model: HookedTransformer, source: Path) -> None:
             "format": CACHE_FORMAT,
             "weights_size": weights.stat().st_size,
             "weights_sha256": _file_sha256(weights),
+            "config_sha256": _file_sha256(tmp / "config.json"),
             "source_stamp": _source_stamp(source),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if not replace_valid and _is_valid_cache(folder, source, check_hash=True):
+            # Another process finished the same conversion first: keep its cache, drop ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         # Keep an assembled GGUF that lives in the same folder.
         if folder.exists():
             for f in folder.glob("*.gguf"):
@@ -415,6 +447,25 @@ def _load_cache(folder: Path, dtype: torch.dtype) -> HookedTransformer:
     return model.to(dtype, print_details=False)
 
 
+@contextmanager
+def _conversion_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock per cache folder while converting, so concurrent processes convert once:
+    the second waits, then finds the first one's cache. Without a writable folder, no lock (no cache either)."""
+    try:
+        import fcntl
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder.parent / f"{folder.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _cached(
     folder: Path,
     *,
@@ -432,17 +483,22 @@ def _cached(
             return _load_cache(folder, dtype)
         except Exception as exc:  # corrupted files that still have the right size
             warnings.warn(f"czao-lens: the model cache {folder} is unreadable ({exc}); rebuilding it.")
-    elif not rebuild and (folder / "manifest.json").exists():
-        warnings.warn(f"czao-lens: the model cache {folder} is stale or corrupted; rebuilding it.")
-    if progress:
-        print(f"czao-lens: converting {label} to TransformerLens (first load only, ~40 s)...", flush=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = build()
-    try:
-        _save_cache(folder, model, source)
-    except OSError as exc:
-        warnings.warn(f"czao-lens: could not write the model cache {folder}: {exc}")
+            rebuild = True
+    with _conversion_lock(folder):
+        if not rebuild and _is_valid_cache(folder, source, check_hash=True):
+            return _load_cache(folder, dtype)  # another process converted it while this one waited
+        if not rebuild and (folder / "manifest.json").exists():
+            warnings.warn(f"czao-lens: the model cache {folder} is stale or corrupted; rebuilding it.")
+        if progress:
+            print(f"czao-lens: converting {label} to TransformerLens (first load only, ~40 s)...", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = build()
+        try:
+            _save_cache(folder, model, source, replace_valid=rebuild)
+        except OSError as exc:
+            warnings.warn(f"czao-lens: could not write the model cache {folder} ({exc}); the model is converted "
+                          f"but not cached, so the next load converts it again. Set ${CACHE_ENV} to a writable folder.")
     return model.to(dtype, print_details=False)
 
 

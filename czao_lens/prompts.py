@@ -7,8 +7,9 @@ prompt length per row, and how many columns the KV cache already holds.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Int
@@ -19,6 +20,27 @@ from czao_lens.errors import CzaoLensError
 
 PositionSpec = Union[Literal["all", "prompt", "generated", "last_prompt"], Sequence[int]]
 NAMED_POSITIONS = ("all", "prompt", "generated", "last_prompt")
+_MAX_POSITION = 1 << 31
+
+
+def check_positions(positions: Any) -> PositionSpec:
+    """A valid position spec (a name of ``NAMED_POSITIONS`` or a non-empty list of ints), or a PromptError
+    naming the bad value: specs also come from saved files, so they are checked, not trusted."""
+    if isinstance(positions, str):
+        if positions not in NAMED_POSITIONS:
+            raise PromptError(f"unknown position spec {positions!r}; use one of {NAMED_POSITIONS} or a list of ints")
+        return positions
+    try:
+        out = [operator.index(p) for p in positions]
+    except TypeError:
+        raise PromptError(f"a position spec is one of {NAMED_POSITIONS} or a non-empty list of ints, got {positions!r}") from None
+    if any(isinstance(p, bool) for p in positions):
+        raise PromptError(f"positions must be ints, not booleans: {positions!r}")
+    if not out:
+        raise PromptError("an explicit position list must not be empty")
+    if any(abs(p) >= _MAX_POSITION for p in out):
+        raise PromptError(f"positions must be ints below 2^31 in size, got {max(out, key=abs)}")
+    return out
 
 
 class PromptError(CzaoLensError, ValueError):
@@ -139,9 +161,7 @@ class TokenLayout:
             if positions == "last_prompt":
                 return idx == plen - 1
             raise PromptError(f"unknown position spec {positions!r}; use one of {NAMED_POSITIONS} or a list of ints")
-        wanted = torch.as_tensor(list(positions), dtype=torch.long)
-        if wanted.numel() == 0:
-            raise PromptError("an explicit position list must not be empty")
+        wanted = torch.as_tensor(check_positions(positions), dtype=torch.long)
         # Negative explicit positions count from the end of the prompt, like Python indexing.
         wanted_rows = torch.where(wanted[None, :] < 0, plen + wanted[None, :], wanted[None, :])
         return real & (idx[:, :, None] == wanted_rows[:, None, :]).any(-1)

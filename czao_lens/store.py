@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,13 @@ from transformer_lens import HookedTransformer
 from czao_lens.models import model_fingerprint
 from czao_lens.perturb import PerturbationError, check_hook_name, hook_layer
 from czao_lens.prompts import PromptError, encode_prompts
+
+
+def _tensor_sha256(t: Tensor) -> str:
+    """Checksum of a tensor's dtype, shape and bytes (stored beside each disk entry)."""
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}".encode())
+    h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -151,11 +159,17 @@ class ActivationStore:
             return self._mem[key]
         path = self._disk_path(tkey, hook)
         if path is not None and path.exists():
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
             try:
-                t = load_file(str(path))["act"]
+                with safe_open(str(path), framework="pt") as f:
+                    want = (f.metadata() or {}).get("sha256")
+                    t = f.get_tensor("act")
+                ok = want == _tensor_sha256(t)  # a file edited in place keeps its size; only a checksum tells
             except Exception:  # a damaged file is just a miss; it is rewritten below
+                ok = False
+            if not ok:
+                self.stats.misses += 1
                 return None
             self.stats.hits += 1
             self.stats.disk_hits += 1
@@ -181,11 +195,18 @@ class ActivationStore:
             return
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
         try:
-            save_file({"act": t.contiguous()}, tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
+        except OSError as exc:  # read-only or full: keep working from memory, say so once
+            warnings.warn(f"czao-lens: cannot write the activation store's disk cache {path.parent} ({exc}); "
+                          "keeping activations in memory only.")
+            self.disk_dir = None
+            return
+        try:
+            t = t.contiguous()
+            save_file({"act": t}, tmp, metadata={"sha256": _tensor_sha256(t)})
             os.replace(tmp, path)  # readers see the old file or the whole new one
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

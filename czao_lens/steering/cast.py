@@ -49,6 +49,15 @@ class Condition:
     hook: str = "resid_pre"
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        d, c = self.direction, self.center
+        if not (isinstance(d, Tensor) and isinstance(c, Tensor) and d.is_floating_point() and c.is_floating_point()):
+            raise SteeringError("a CAST condition's direction and center must be floating-point tensors")
+        if d.ndim != 1 or c.shape != d.shape:
+            raise SteeringError(f"a CAST condition needs direction and center of one shape [d], got {tuple(d.shape)} and {tuple(c.shape)}")
+        if not (torch.isfinite(d).all() and torch.isfinite(c).all() and math.isfinite(self.threshold)):
+            raise SteeringError("a CAST condition's direction, center and threshold must be finite")
+
     def score_acts(self, acts: Tensor) -> Tensor:
         x = acts.float() - self.center.to(acts.device)
         return torch.nn.functional.cosine_similarity(x, self.direction.to(acts.device)[None].expand_as(x), dim=-1)
@@ -137,6 +146,8 @@ class CAST(Intervention, SteeringArtifact):
         """Raise if the vector does not fit ``model`` or the condition is read after the steering layers."""
         self.vector.check_model(model)
         check_layers(model, [self.condition.layer])
+        if self.condition.direction.shape[0] != model.cfg.d_model:
+            raise SteeringError(f"CAST condition has width {self.condition.direction.shape[0]}, the model has d_model {model.cfg.d_model}")
         if not math.isfinite(self.multiplier):
             raise SteeringError(f"CAST multiplier must be finite, got {self.multiplier} (NaN or inf)")
         c = self.condition

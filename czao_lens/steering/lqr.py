@@ -34,6 +34,7 @@ import hashlib
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -199,8 +200,8 @@ def block_jacobians(
         if path.exists():
             try:
                 return BlockJacobians.load(path, model)
-            except CzaoLensError:
-                pass  # damaged or stale: recompute
+            except CzaoLensError as exc:  # damaged or stale: recompute, and replace the entry below
+                warnings.warn(f"czao-lens: the Jacobian cache entry {path} is unreadable ({exc}); recomputing it.")
     t0 = time.perf_counter()
     d = model.cfg.d_model
     A = torch.zeros(len(layers), d, d)
@@ -224,11 +225,29 @@ def block_jacobians(
 
 
 def _save_atomic(obj: SteeringArtifact, path: Path) -> None:
-    """Write to a temporary folder and rename it, so a reader never sees half a cache entry."""
+    """Write to a temporary folder and rename it, so a reader never sees half a cache entry.
+
+    A damaged entry already at ``path`` is moved aside first (a non-empty folder cannot be replaced);
+    an unwritable cache folder is a warning, not a failure: the result is still returned to the caller.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    obj.save(tmp)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        obj.save(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"czao-lens: cannot write the Jacobian cache {path.parent} ({exc}); the Jacobians are not cached.")
+        return
+    try:
+        if path.exists():
+            try:
+                type(obj).load(path)  # a good entry written meanwhile by another process: keep it
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            except CzaoLensError:
+                old = path.with_name(f".{path.name}.{os.getpid()}.old")
+                os.replace(path, old)
+                shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, path)
     except OSError:  # another process wrote the same entry first (a non-empty folder cannot be replaced)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -305,6 +324,20 @@ class ALQR(Intervention, SteeringArtifact):
     meta: dict = field(default_factory=dict)
 
     WHAT = "A-LQR controller"
+
+    def __post_init__(self) -> None:
+        # A controller read from a file must be whole: shapes that disagree fail here, not mid-forward.
+        v, E, K, lam = self.v, self.E_norm, self.Kv, self.lam
+        if not all(isinstance(t, Tensor) and t.is_floating_point() for t in (v, E, K, lam)):
+            raise SteeringError("A-LQR tensors v, E_norm, Kv and lam must be floating-point tensors")
+        if v.ndim != 3 or K.shape != v.shape or E.shape != v.shape[:2] or lam.shape != v.shape[:1]:
+            raise SteeringError(
+                f"A-LQR tensors disagree: v {tuple(v.shape)} and Kv {tuple(K.shape)} must be [concepts, layers, d], "
+                f"E_norm {tuple(E.shape)} [concepts, layers], lam {tuple(lam.shape)} [concepts]")
+        if len(self.layers) != v.shape[1]:
+            raise SteeringError(f"A-LQR has {len(self.layers)} layers but tensors for {v.shape[1]}")
+        if not all(torch.isfinite(t).all() for t in (v, E, K, lam)):
+            raise SteeringError("A-LQR tensors contain NaN or inf")
 
     @property
     def beta(self) -> Tensor:

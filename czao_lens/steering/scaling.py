@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 
 from czao_lens.artifacts import register_artifact, save_artifact
 from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks, check_hook_name, hook_layer
-from czao_lens.prompts import PositionSpec, TokenLayout, format_prompt
+from czao_lens.prompts import PositionSpec, TokenLayout, check_positions, format_prompt
 from czao_lens.sites import hook_name, resid_hook
 from czao_lens.steering.common import SteeringArtifact, SteeringError, ab_prefix, fit_meta, meta_model_info, store_for
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem
@@ -57,6 +57,13 @@ class ActivationScaling(Intervention, SteeringArtifact):
     meta: dict = field(default_factory=dict)
 
     WHAT = "activation scaling"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sites, list) or not all(isinstance(x, str) for x in self.sites):
+            raise SteeringError(f"activation scaling sites must be a list of hook names, got {self.sites!r}")
+        if not isinstance(self.alpha, Tensor) or not self.alpha.is_floating_point() or self.alpha.ndim != 1:
+            raise SteeringError("activation scaling factors must be a 1-D floating-point tensor (one per site)")
+        self.positions = check_positions(self.positions)
 
     def check_model(self, model: HookedTransformer) -> None:
         """Raise if a site does not exist in ``model``."""

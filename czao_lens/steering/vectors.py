@@ -29,7 +29,7 @@ from transformer_lens import HookedTransformer
 
 from czao_lens.artifacts import register_artifact
 from czao_lens.perturb import Intervention, Perturbation, PerturbationHandle, attach
-from czao_lens.prompts import PositionSpec, TokenLayout
+from czao_lens.prompts import PositionSpec, TokenLayout, check_positions
 from czao_lens.steering.common import (  # noqa: F401  (re-exported: the historical home of these names)
     HOOK_KINDS,
     Pooled,
@@ -75,6 +75,7 @@ class SteeringVector(Intervention, SteeringArtifact):
         widths = {v.shape[0] for v in self.directions.values()}
         if len(widths) != 1:
             raise SteeringError(f"directions have different widths {sorted(widths)}")
+        self.positions = check_positions(self.positions)
 
     @property
     def layers(self) -> list[int]:
@@ -191,21 +192,32 @@ class SteeringVector(Intervention, SteeringArtifact):
         path = Path(path)
         if not path.exists():
             raise SteeringError(f"no GGUF control vector at {path}")
-        r = gguf.GGUFReader(str(path))
-        arch = _gguf_str(r, "general.architecture")
+        try:  # a numpy memmap reader: nothing in the file is executed or unpickled
+            r = gguf.GGUFReader(str(path))
+            arch = _gguf_str(r, "general.architecture")
+        except Exception as exc:  # gguf raises ValueError, KeyError, struct errors... on a malformed file
+            raise SteeringError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
         if arch != "controlvector":
             raise SteeringError(f"{path} is a GGUF of architecture {arch!r}, not a control vector")
         dirs: dict[int, Tensor] = {}
         for t in r.tensors:
             if not t.name.startswith("direction."):
                 continue
-            k = int(t.name.split(".", 1)[1])
+            try:
+                k = int(t.name.split(".", 1)[1])
+            except ValueError:
+                raise SteeringError(f"{path}: tensor {t.name!r} is not named direction.<layer>") from None
             if k < 1:
                 raise SteeringError(f"{path}: direction.{k} is not a valid llama.cpp layer index (they start at 1)")
             l = k if hook == "resid_post" else k + 1 if hook == "resid_pre" else None
             if l is None:
                 raise SteeringError("GGUF control vectors live on the residual stream: use hook resid_post or resid_pre")
-            dirs[l] = torch.tensor(t.data.copy()).float().reshape(-1)
+            try:
+                dirs[l] = torch.tensor(t.data.copy()).float().reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise SteeringError(f"{path}: tensor {t.name!r} is not a float vector ({exc})") from None
+            if not torch.isfinite(dirs[l]).all():
+                raise SteeringError(f"{path}: tensor {t.name!r} contains NaN or inf")
         if not dirs:
             raise SteeringError(f"{path} holds no direction.* tensors")
         meta = {"method": "gguf", "model_hint": _gguf_str(r, "controlvector.model_hint"), "source": str(path)}
