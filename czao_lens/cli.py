@@ -48,6 +48,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=_CHATTY)
 
 
+# Typer ships its own copy of click; its UsageError is the base of the public typer.BadParameter.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 class _Commands(TyperGroup):
     """Every command runs inside one handler: a czao-lens error (bad input, missing file, unreachable
     request) is printed as one line with exit code 2; a traceback only with --debug or $CZAO_LENS_DEBUG."""
@@ -59,6 +63,13 @@ class _Commands(TyperGroup):
             if _debug(ctx):
                 raise
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except _UsageError as exc:  # an option that does not parse, a missing one, an unknown command
+            if _debug(ctx) or type(exc).__name__ == "NoArgsIsHelpError" or exc.ctx is None:
+                raise
+            where = exc.ctx.command_path
+            msg = " ".join(exc.format_message().split())
+            typer.secho(f"error: {msg} (see {where} --help)", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
 

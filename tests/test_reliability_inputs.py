@@ -281,6 +281,12 @@ BAD_ARGS = [
     (["sae", "features", "--behavior", "refusal", "--sae", "/tmp"], "--k", "0", "--k"),
     (["probe", "train", "--constraint", '{"type": "no_profanity"}'], "--limit", "1", "--limit"),
     (["probe", "train", "--constraint", '{"type": "no_profanity"}'], "--layer", "30", "30"),
+    # values the option parser itself refuses: also one line, exit 2
+    (["generate", "-p", "hi"], "-n", "abc", "--max-new-tokens"),
+    (["czao", "-p", "hi", "--constraint", SPEC], "--rank", "1.5", "--rank"),
+    (["steer"], "--no-such-option", "1", "--no-such-option"),
+    (["bench"], "--seed", "", "--seed"),
+    ([], "no-such-command", "x", "no-such-command"),
 ]
 
 
@@ -293,11 +299,11 @@ def no_model(monkeypatch):
     monkeypatch.setattr(cli, "_load", refuse)
 
 
-@pytest.mark.parametrize("cmd, opt, value, named", BAD_ARGS, ids=[f"{c[0]} {o} {v!r}" for c, o, v, _ in BAD_ARGS])
+@pytest.mark.parametrize("cmd, opt, value, named", BAD_ARGS, ids=[f"{(c or [''])[0]} {o} {v!r}" for c, o, v, _ in BAD_ARGS])
 def test_bad_cli_argument_exits_2_with_one_line_before_loading(no_model, tmp_path, cmd, opt, value, named):
     TRIED["cli argument"].add(f"{' '.join(cmd)} {opt} {value!r}")
     args = cmd + [opt, value]
-    if "--out" not in args and cmd[0] not in ("sae", "probe", "generate"):
+    if "--out" not in args and cmd and cmd[0] not in ("sae", "probe", "generate"):
         args += ["--out", str(tmp_path / "out")]
     res = runner.invoke(cli.app, args)
     out = res.output.strip()
