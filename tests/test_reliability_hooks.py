@@ -1,4 +1,5 @@
-"""No hook ever leaks: every public API that attaches hooks, with a failure injected at a random point.
+"""No hook ever leaks: every public API that attaches hooks (bench method runs included), with a
+failure injected at a random point.
 
 For each API, hypothesis draws a fault (an exception or a ``KeyboardInterrupt`` raised from inside the
 k-th transformer block call, a constraint or evaluator that raises or returns NaN at its k-th call, a
@@ -26,6 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformer_lens import HookedTransformer
 
+from czao_lens.bench.methods import BenchSettings, choice_scores, czao_run, neutral_kl, static_run
+from czao_lens.bench.tasks import Task
 from czao_lens.constraints import Constraint
 from czao_lens.czao import CZAOConfig, generate_czao, reachability_margin
 from czao_lens.diagnostics.landscape import loss_landscape
@@ -180,6 +183,10 @@ def _constraint(fault):
     return FaultyConstraint(fault=fault)
 
 
+def _task(fault) -> Task:
+    return Task(name="t", kind="generate", description="", instruction="Be kind.", source="", constraint=_constraint(fault))
+
+
 # Each API: a callable (env, fault) that runs it the way a user would, on tiny inputs.
 APIS = {
     "generate+perturbation": lambda e, f: generate(
@@ -204,12 +211,17 @@ APIS = {
     "tracing": lambda e, f: (trace_prompt(e["model"], e["trace"], kinds=("resid", "mlp"), n_samples=2, window=2),
                              rank_layers(e["model"], [e["trace"]], n_samples=2, progress=False)),
     "patching": lambda e, f: activation_patching(e["model"], *e["patch"], kinds=["resid_pre", "z"]),
+    "bench static run": lambda e, f: static_run(
+        e["model"], SteeringVector({1: _delta(e, f)}, "resid_pre", {}), BenchSettings(max_new_tokens=3))("a b c"),
+    "bench czao run": lambda e, f: czao_run(e["model"], _task(f), CZ, BenchSettings(max_new_tokens=2), ActivationStore(e["model"]))("hello"),
+    "bench choice scores": lambda e, f: (choice_scores(e["model"], e["items"], SteeringVector({1: _delta(e, f)}, "resid_pre", {})),
+                                         neutral_kl(e["model"], SteeringVector({1: _delta(e, f)}, "resid_pre", {}))),
     "lyapunov": lambda e, f: (fd_growth(e["model"], "a b c d", n_dirs=2), jacobian_top_singular(e["model"], "a b c d", n_iter=2),
                               lyapunov_spectrum(e["model"], "a b c d", k=2)),
 }
 # APIs whose own input carries a delta (a NaN there must be refused) and those that call an evaluator.
-TAKES_DELTA = {"generate+perturbation", "steering vector", "steering vector ab_probability", "CAST", "activation scaling", "SAE splice"}
-TAKES_EVALUATOR = {"generate_czao", "reachability_margin", "landscape"}
+TAKES_DELTA = {"bench static run", "bench choice scores", "generate+perturbation", "steering vector", "steering vector ab_probability", "CAST", "activation scaling", "SAE splice"}
+TAKES_EVALUATOR = {"bench czao run", "generate_czao", "reachability_margin", "landscape"}
 
 
 def _run(e, name: str, fault: Fault) -> BaseException | None:
