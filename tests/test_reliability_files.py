@@ -165,7 +165,7 @@ def test_mutated_artifacts_load_or_fail_clearly(saved, tiny, tmp_path):
     kinds = sorted(saved)
     tried = set()
 
-    @settings(max_examples=EXAMPLES or 60, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=max(EXAMPLES or 0, 60), deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(kind=st.sampled_from(kinds), m=mutations())
     def check(kind, m):

@@ -35,7 +35,7 @@ runner = CliRunner()
 
 def fuzz(n: int):
     """Hypothesis settings: ``n`` examples in CI (or $CZAO_LENS_HYPOTHESIS_EXAMPLES), reproducible."""
-    return settings(max_examples=EXAMPLES or n, deadline=None, derandomize=True, database=None,
+    return settings(max_examples=max(EXAMPLES or 0, n), deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
 
