@@ -220,7 +220,11 @@ class SteeringVector(Intervention, SteeringArtifact):
                 raise SteeringError(f"{path}: tensor {t.name!r} contains NaN or inf")
         if not dirs:
             raise SteeringError(f"{path} holds no direction.* tensors")
-        meta = {"method": "gguf", "model_hint": _gguf_str(r, "controlvector.model_hint"), "source": str(path)}
+        try:
+            hint = _gguf_str(r, "controlvector.model_hint")
+        except (UnicodeDecodeError, IndexError, ValueError):
+            hint = None  # an unreadable hint is only metadata
+        meta = {"method": "gguf", "model_hint": hint, "source": str(path)}
         vec = cls(dirs, hook, meta)
         if model is not None:
             vec.check_model(model)
