@@ -564,7 +564,7 @@ def bench(
         n_fit, n_test, sae_tokens = QUICK["n_fit"], QUICK["n_test"], 2048
     else:
         settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed)
-    for value, what in ((n_fit, "--n-fit"), (n_test, "--n-test"), (max_new_tokens, "--max-new-tokens"), (sae_tokens, "--sae-tokens")):
+    for value, what in ((max_new_tokens, "--max-new-tokens"), (sae_tokens, "--sae-tokens")):  # n_fit/n_test: load_tasks
         pf.check_at_least(value, 1, what)
     pf.check_model_layers(model, [layer])
     pf.check_finite(concept_threshold, "--concept-threshold")
