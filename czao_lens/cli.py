@@ -353,9 +353,45 @@ def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, c
     return rows
 
 
+# Scale-out options (czao --prompts; see docs/scaling.md). No Ray import unless --workers/--ray-address is given.
+_WORKERS_HELP = "Ray actors, each with its own model copy (0: run in this process). Starts a local Ray unless --ray-address / $RAY_ADDRESS names a cluster."
+_ADDRESS_HELP = "An existing Ray cluster (host:port or ray://host:port); default $RAY_ADDRESS."
+
+
+def _backend(workers: int, ray_address: Optional[str], num_cpus: float, num_gpus: float, threads: int):
+    from czao_lens.distributed import Backend
+
+    return Backend.from_options(workers, ray_address, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads)
+
+
+def run_czao_file(model: str, prompts: Path, spec: str, cfg, *, max_new_tokens: int, chat: bool, seed: int, out: Path,
+                  backend) -> None:
+    """CZAO over a prompt file, one row per prompt, on the chosen backend; resumable into the same --out."""
+    from czao_lens.czao_file import CZAOFileJob, read_prompt_file
+    from czao_lens.distributed import RESULTS, STREAM, run_items
+
+    items = read_prompt_file(prompts)  # a missing or empty file fails here, before any model loads
+    text = Path(spec).read_text(encoding="utf-8") if not spec.lstrip().startswith(("{", "[")) else spec
+    job = CZAOFileJob(model, text, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed)
+    try:
+        rep = run_items(job, items, out, backend)
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: the finished rows are in {out / STREAM}; rerun the same command to finish the rest",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    s = json.loads((out / "summary.json").read_text())
+    sat = "n/a" if s["satisfied"] is None else f"{s['satisfied']:.0%}"
+    typer.echo(f"{rep.total} prompts ({rep.skipped} already done, {rep.ran} run on {rep.backend}): satisfied {sat}, "
+               f"{s['failures']} failed, {rep.wall_seconds:.1f} s")
+    for key, err in list(s["failed"].items())[:5]:
+        typer.secho(f"  {key}: {err}", fg=typer.colors.YELLOW)
+    typer.echo(f"saved {out / RESULTS}, {out / 'summary.json'}")
+
+
 @app.command()
 def czao(
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for several."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text; repeat for several."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help='Prompt file: JSONL ({"id"?, "prompt"} per line) or one prompt per line; one result row per prompt in OUT/results.jsonl.'),
     constraint: str = typer.Option(..., help='Constraint spec: inline JSON (e.g. \'{"type": "avoid_tokens", "words": ["blue"]}\') or a .json file.'),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
     layer: Optional[List[int]] = typer.Option(None, "--layer", help="Layer(s) R; repeat. " + _CFG_HELP),
@@ -372,10 +408,18 @@ def czao(
     chat: bool = typer.Option(True),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "czao"),
+    workers: int = typer.Option(0, help="With --prompts: " + _WORKERS_HELP),
+    ray_address: Optional[str] = typer.Option(None, help="With --prompts: " + _ADDRESS_HELP),
+    num_cpus: float = typer.Option(1.0, help="CPUs per Ray actor."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (1: one model copy per GPU)."),
+    threads: int = typer.Option(1, help="Torch threads per Ray actor."),
 ) -> None:
-    """Generate with CZAO next to unsteered generation; write text, telemetry and a summary."""
+    """Generate with CZAO next to unsteered generation; write text, telemetry and a summary.
+    With --prompts FILE: CZAO only, one row per prompt, optionally on Ray workers (docs/scaling.md)."""
     from czao_lens.czao import CZAOConfig
 
+    if (not prompt) == (prompts is None):
+        _fail("give --prompt TEXT (repeatable) or --prompts FILE, not both")
     pf.check_prompts(prompt)
     pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")
     pf.check_at_least(top_k, 1, "--top-k")
@@ -384,6 +428,10 @@ def czao(
                               n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, seed=seed))
     pf.check_model_layers(model, cfg.layers)
     pf.check_rank(model, cfg.rank)
+    if prompts is not None:
+        run_czao_file(model, prompts, constraint, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out,
+                      backend=_backend(workers, ray_address, num_cpus, num_gpus, threads))
+        return
     m = _load(model)
     run_czao_side_by_side(m, prompt, c, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out)
 

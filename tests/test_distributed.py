@@ -1,0 +1,194 @@
+"""Scale-out: the same rows in-process and on Ray workers, a killed worker, Ctrl-C then resume, bad input.
+
+One local Ray (2 CPUs) and one pool of 2 actors (each its own SmolLM2 copy, 1 torch thread) serve the
+whole module; CZAO runs 4 tokens per prompt with a token-level constraint so items take about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from czao_lens.cli import app
+from czao_lens.czao import CZAOConfig
+from czao_lens.czao_file import CZAOFileJob, read_prompt_file
+from czao_lens.distributed import (
+    RESULTS,
+    STREAM,
+    Backend,
+    DistributedError,
+    WorkerPool,
+    check_reachable,
+    read_rows,
+    run_items,
+    without_timings,
+)
+
+pytestmark = pytest.mark.real
+
+MODEL = "smollm2-135m-instruct"
+SPEC = json.dumps({"type": "avoid_tokens", "words": ["blue"]})
+PROMPTS = [
+    {"id": "sky", "prompt": "What color is the sky on a clear day? Answer in one word."},
+    {"id": "flag", "prompt": "What are the three colors of the American flag?"},
+    {"prompt": "What color is the ocean?"},
+    {"id": "jeans", "prompt": "What color are most jeans?"},
+]
+
+
+def _job(seed: int = 0) -> CZAOFileJob:
+    return CZAOFileJob(MODEL, SPEC, CZAOConfig(layers=(12,)), max_new_tokens=4, chat=True, seed=seed)
+
+
+def _rows(folder) -> list[dict]:
+    return [without_timings(json.loads(line)) for line in (folder / RESULTS).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(smol, prompt_file, tmp_path_factory):
+    """The in-process run every Ray run is compared with."""
+    out = tmp_path_factory.mktemp("inproc")
+    rep = run_items(_job(), read_prompt_file(prompt_file), out, model=smol, progress=False)
+    assert rep.ran == 4 and rep.failures == 0
+    return _rows(out)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    import ray  # installed by `make test` ([ray] extra): a missing Ray fails here, it does not skip
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    p = WorkerPool(Backend(workers=2, threads=1), MODEL)
+    yield p
+    p.close()
+    ray.shutdown()
+
+
+def test_importing_czao_lens_never_imports_ray():
+    code = "import sys, czao_lens, czao_lens.distributed, czao_lens.czao_file, czao_lens.cli; print('ray' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_ray_workers_give_the_in_process_rows(pool, prompt_file, reference, tmp_path):
+    rep = run_items(_job(), read_prompt_file(prompt_file), tmp_path, pool=pool, progress=False)
+    assert rep.backend.startswith("ray") and rep.ran == 4 and rep.failures == 0
+    workers = {json.loads(line)["timing"]["worker"] for line in (tmp_path / STREAM).read_text().splitlines()}
+    assert len(workers) == 2  # both actors ran items
+    rows = _rows(tmp_path)
+    assert [r["key"] for r in rows] == ["sky", "flag", "line00003", "jeans"]  # the file's order, not completion order
+    assert rows == reference
+    assert any(r["summary"]["tokens"] == 4 for r in rows) and all(r["text"] for r in rows)
+
+
+def test_a_killed_worker_has_its_items_rerun_elsewhere_once(pool, prompt_file, reference, tmp_path):
+    import ray
+
+    killed = []
+
+    def kill_one(row):
+        if not killed:  # after the first row: kill an actor that still has items to run
+            killed.append(pool.actors[0])
+            ray.kill(pool.actors[0])
+
+    rep = run_items(_job(), read_prompt_file(prompt_file), tmp_path, pool=pool, progress=False, on_row=kill_one)
+    assert killed and rep.workers_lost >= 1 and rep.retried >= 1
+    assert not any(a is killed[0] for a in pool.actors) and len(pool.actors) == 2  # replaced
+    streamed = [json.loads(line)["key"] for line in (tmp_path / STREAM).read_text().splitlines()]
+    assert sorted(streamed) == sorted(r["key"] for r in reference)  # every item exactly once
+    assert _rows(tmp_path) == reference
+
+
+def test_an_interrupted_run_resumes_with_only_the_missing_items(pool, prompt_file, reference, tmp_path):
+    seen = []
+
+    def ctrl_c_after_two(row):
+        seen.append(row["key"])
+        if len(seen) == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    items = read_prompt_file(prompt_file)
+    with pytest.raises(KeyboardInterrupt):
+        run_items(_job(), items, tmp_path, pool=pool, progress=False, on_row=ctrl_c_after_two)
+    assert [r["key"] for r in read_rows(tmp_path / STREAM)] == seen
+    assert not (tmp_path / RESULTS).exists()
+    with open(tmp_path / STREAM, "a") as fh:  # a crash mid-write leaves a torn line: it is cut, not trusted
+        fh.write('{"key": "jeans", "text": "Blu')
+    rep = run_items(_job(), items, tmp_path, pool=pool, progress=False)
+    assert rep.skipped == 2 and sorted(rep.keys_run) == sorted(set(r["key"] for r in reference) - set(seen))
+    assert _rows(tmp_path) == reference
+    assert len(read_rows(tmp_path / STREAM)) == 4
+
+
+def test_a_rerun_with_other_settings_is_refused(prompt_file, tmp_path, smol):
+    items = read_prompt_file(prompt_file)[:1]
+    run_items(_job(seed=0), items, tmp_path, model=smol, progress=False)
+    with pytest.raises(DistributedError, match="other settings.*seed"):
+        run_items(_job(seed=1), items, tmp_path, model=smol, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_ray_address_fails_in_seconds(prompt_file, tmp_path, monkeypatch):
+    port = _free_port()  # nothing listens there
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(app, ["czao", "--prompts", str(prompt_file), "--constraint", SPEC,
+                                 "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "a")])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "cannot reach the Ray cluster" in r.output, r.output
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # the environment variable alone selects the cluster
+    r = CliRunner().invoke(app, ["czao", "--prompts", str(prompt_file), "--constraint", SPEC, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "cannot reach the Ray cluster" in r.output, r.output
+    assert time.perf_counter() - t0 < 20
+    with socket.socket() as silent:  # accepts the connection but never answers: bounded by the timeout, no hang
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        t0 = time.perf_counter()
+        with pytest.raises(DistributedError, match="no answer within 1 s"):
+            check_reachable(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
+        assert time.perf_counter() - t0 < 5
+
+
+def test_a_bad_line_is_a_failure_row_and_the_run_goes_on(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "ok", "prompt": "What color is grass?"}\n{"prompt": "broken\n{"id": "e", "prompt": "  "}\n')
+    r = CliRunner().invoke(app, ["czao", "--prompts", str(path), "--constraint", SPEC, "-n", "3", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    rows = {row["key"]: row for row in map(json.loads, (tmp_path / "o" / RESULTS).read_text().splitlines())}
+    assert list(rows) == ["ok", "line00002", "e"]
+    assert rows["ok"]["text"] and "error" not in rows["ok"] and rows["ok"]["summary"]["tokens"] == 3
+    assert "invalid JSON" in rows["line00002"]["error"] and "empty 'prompt'" in rows["e"]["error"]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["prompts"] == 3 and summary["failures"] == 2
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_prompt_file_is_one_line_and_exit_2_before_the_model_loads(tmp_path, text):
+    path = tmp_path / "empty.txt"
+    path.write_text(text)
+    r = CliRunner().invoke(app, ["czao", "--prompts", str(path), "--constraint", SPEC, "--model", "/no/such/model.gguf",
+                                 "--out", str(tmp_path / "o")])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "is empty" in r.output, r.output
+
+
+def test_prompt_and_prompts_are_exclusive(prompt_file):
+    r = CliRunner().invoke(app, ["czao", "-p", "hi", "--prompts", str(prompt_file), "--constraint", SPEC])
+    assert r.exit_code == 2 and "not both" in r.output
