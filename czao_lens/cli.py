@@ -597,6 +597,11 @@ def bench(
     quick: bool = typer.Option(False, help="A few items and one setting per method: checks the harness end to end (CI)."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "bench"),
+    workers: int = typer.Option(0, help="Run each task on a Ray actor: " + _WORKERS_HELP + " A rerun into the same --out skips finished tasks."),
+    ray_address: Optional[str] = typer.Option(None, help=_ADDRESS_HELP),
+    num_cpus: float = typer.Option(1.0, help="CPUs per Ray actor."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (1: one model copy per GPU)."),
+    threads: int = typer.Option(1, help="Torch threads per Ray actor."),
 ) -> None:
     """Every steering method on every task, same prompts, seeds, budget and evaluators; writes
     results.jsonl (per item), summary.json, report.md and report.html (plots)."""
@@ -629,13 +634,18 @@ def bench(
             sae = load_sae(sae_path)
         except SAEError as exc:
             _fail(str(exc))
+    backend = _backend(workers, ray_address, num_cpus, num_gpus, threads)
     m = _load(model)
     try:
         summary = run_bench(m, data=data, out=out, tasks=tasks, methods=methods, n_fit=n_fit,
                             n_test=n_test, settings=settings, sae=sae, sae_tokens=sae_tokens,
-                            concept_threshold=concept_threshold)
+                            concept_threshold=concept_threshold, backend=backend, model_name=model)
     except BenchError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: finished tasks are in {out / 'tasks'} (Ray runs); rerun the same command to finish",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     typer.echo((out / "report.md").read_text())
     failed = [f"{t}/{m_}" for t, v in summary["tasks"].items() for m_, s in v["methods"].items() if "failed" in s]
     if failed:

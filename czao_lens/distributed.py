@@ -41,7 +41,8 @@ STREAM = "stream.jsonl"
 RESULTS = "results.jsonl"
 RUN = "run.json"
 JOB = "job.json"
-TIMING_KEYS = frozenset({"seconds", "timing"})  # what differs between two runs of the same seeds
+# What differs between two runs of the same seeds: wall-clock fields (the bench's fit_seconds and wall_ratio too).
+TIMING_KEYS = frozenset({"seconds", "timing", "fit_seconds", "wall_ratio"})
 
 
 class DistributedError(CzaoLensError, RuntimeError):
@@ -197,6 +198,10 @@ class _Worker:
         self.name = name
         self.model = load_model(model_name, device=device, progress=False)
         self.states: dict[str, Any] = {}
+
+    def ready(self) -> str:
+        """Answers once the constructor (the model load) is done."""
+        return self.name
 
     def run(self, token: str, job: ItemJob, key: str, payload) -> dict:
         if token not in self.states:
@@ -386,7 +391,8 @@ class WorkerPool:
             try:
                 ray.init(**kw)
             except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-                raise DistributedError(f"could not start or join Ray ({backend.address or 'local'}): {exc}") from None
+                hint = " (a cluster with token auth also needs RAY_AUTH_MODE=token and its token here: docs/scaling.md)" if backend.address else ""
+                raise DistributedError(f"could not start or join Ray ({backend.address or 'local'}): {exc}{hint}") from None
             self.started_here = True
         self.init_seconds = time.perf_counter() - t0
         n = backend.workers or self._room(ray.cluster_resources())
@@ -419,6 +425,12 @@ class WorkerPool:
             if self._budget > 0:
                 self._budget -= 1
                 self.actors.append(self._spawn())
+
+    def wait_ready(self) -> float:
+        """Block until every actor has loaded its model; returns the seconds waited."""
+        t0 = time.perf_counter()
+        _import_ray().get([a.ready.remote() for a in self.actors])
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         ray = _import_ray()

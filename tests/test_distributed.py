@@ -16,6 +16,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from czao_lens.bench import QUICK, run_bench
 from czao_lens.cli import app
 from czao_lens.czao import CZAOConfig
 from czao_lens.czao_file import CZAOFileJob, read_prompt_file
@@ -30,6 +31,7 @@ from czao_lens.distributed import (
     run_items,
     without_timings,
 )
+from czao_lens.paths import default_data_dir
 
 pytestmark = pytest.mark.real
 
@@ -78,9 +80,14 @@ def pool():
 
 
 def test_importing_czao_lens_never_imports_ray():
-    code = "import sys, czao_lens, czao_lens.distributed, czao_lens.czao_file, czao_lens.cli; print('ray' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.stdout.strip() == "False", r.stderr[-2000:]
+    mods = "czao_lens, czao_lens.distributed, czao_lens.czao_file, czao_lens.bench, czao_lens.cli"
+    if "ray" not in sys.modules:  # nothing in this session imported Ray yet: check here (a subprocess costs ~15 s)
+        exec(f"import {mods}")
+        assert "ray" not in sys.modules
+    else:
+        code = f"import sys, {mods}; print('ray' in sys.modules)"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.stdout.strip() == "False", r.stderr[-2000:]
 
 
 def test_ray_workers_give_the_in_process_rows(pool, prompt_file, reference, tmp_path):
@@ -131,6 +138,22 @@ def test_an_interrupted_run_resumes_with_only_the_missing_items(pool, prompt_fil
     assert rep.skipped == 2 and sorted(rep.keys_run) == sorted(set(r["key"] for r in reference) - set(seen))
     assert _rows(tmp_path) == reference
     assert len(read_rows(tmp_path / STREAM)) == 4
+
+
+def test_a_bench_task_on_ray_gives_the_in_process_files(pool, smol, tmp_path):
+    """Fitting (CAA) and scoring of a task on a worker: the same rows and summary as in-process."""
+    kw = dict(data=default_data_dir(), tasks=["refusal"], methods=["unsteered", "caa"],
+              n_fit=QUICK["n_fit"], n_test=QUICK["n_test"], settings=QUICK["settings"], progress=False)
+    local = run_bench(smol, out=tmp_path / "in", **kw)
+    remote = run_bench(smol, out=tmp_path / "ray", pool=pool, **kw)
+    rows = {k: [without_timings(json.loads(x)) for x in (tmp_path / k / "results.jsonl").read_text().splitlines()]
+            for k in ("in", "ray")}
+    assert len(rows["in"]) == 2 * QUICK["n_test"] and rows["in"] == rows["ray"]
+    same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (local, remote)]  # NaN-safe
+    assert same[0] == same[1]
+    assert remote["run"]["resources"]["distributed"]["backend"].startswith("ray")
+    assert "failed" not in local["tasks"]["refusal"]["methods"]["caa"]  # a fitted method, not only references
+    assert (tmp_path / "ray" / "report.md").read_text().count("|") > 10
 
 
 def test_a_rerun_with_other_settings_is_refused(prompt_file, tmp_path, smol):

@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,6 +47,7 @@ from czao_lens.bench.methods import (
 from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, mean, paired_diff_ci, unsteered_logprobs
 from czao_lens.bench.tasks import TASK_NAMES, BenchError, Task, load_tasks
 from czao_lens.czao import CZAOConfig
+from czao_lens.distributed import RESULTS, Backend, ItemJob, WorkerPool, read_rows, run_items
 from czao_lens.prompts import format_prompt
 from czao_lens.sites import check_layers, resid_hook
 from czao_lens.steering.evaluate import NEUTRAL_PROMPTS, last_logits
@@ -293,6 +294,110 @@ def check_bench_layers(model: HookedTransformer, s: BenchSettings) -> None:
         raise BenchError(f"layer {s.layer} / condition layer {s.condition_layer} do not fit a {model.cfg.n_layers}-layer model: {why}")
 
 
+def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
+             res: _Resources, reference: torch.Tensor, *, progress: bool = True,
+             write: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+    """One task: fit every method on its fit split, score every fitted method on its test items.
+    Returns the rows (``write`` sees each as it is produced) and the task's summary entry."""
+    write = write or (lambda row: None)
+    bar = tqdm(total=len(task.test), desc=task.name, unit="item", disable=not progress)
+    rows: list[dict] = []
+    if task.kind == "generate":
+        fitted, errors, info = fit_generate(model, task, methods, s, store, res, bar)
+        for i, prompt in enumerate(task.test):
+            czao_passes = None
+            for f in fitted.values():
+                bar.set_postfix_str(f.name)
+                kw = {"n": matched_n(czao_passes)} if f.name == "bestofn" and czao_passes else {}
+                rows.append(_row_generate(model, task, i, prompt, f, **kw))
+                if f.name == "czao" and "error" not in rows[-1]:
+                    czao_passes = rows[-1]["passes_per_token"]
+                write(rows[-1])
+            bar.update(1)
+    else:
+        fitted, errors, info = fit_choice(model, task, methods, s, store, res, reference, bar)
+        for f in fitted.values():
+            bar.set_postfix_str(f.name)
+            rows += _rows_choice(model, task, f, reference)
+        for r in rows:
+            write(r)
+        bar.update(len(task.test))
+    bar.close()
+    for m, e in errors.items():
+        tqdm.write(f"[{task.name}] {m} could not be fitted: {e}")
+    entry = {
+        "kind": task.kind, "description": task.description, "source": task.source, "n_fit": len(task.fit),
+        "n_test": len(task.test), "second_evaluator": task.second_name,
+        "not_applicable": {m: "scores fixed answers: nothing is generated to select or constrain"
+                           for m in methods if task.kind == "choice" and m in GENERATE_ONLY},
+        "fit_info": info, "methods": summarise(task, rows, fitted, errors, s.seed),
+    }
+    return rows, entry
+
+
+def _test_prompts(task_list: Sequence[Task]) -> set[str]:
+    """Every task's test prompts: the SAE trained here never sees them."""
+    return {p if isinstance(p, str) else p.question for t in task_list for p in t.test}
+
+
+@dataclass
+class BenchTaskJob(ItemJob):
+    """One bench task per item, on a Ray worker: the same fit and scoring as in-process
+    (:func:`run_task`); SAE and A-LQR Jacobians are built once per worker and shared by its tasks."""
+
+    model_name: str
+    data: str
+    out: str
+    tasks: list[str]
+    methods: list[str]
+    n_fit: int
+    n_test: int
+    settings: BenchSettings
+    sae: Any
+    sae_tokens: int
+    concept_threshold: float
+    exclude: list[str]
+
+    def setup(self, model) -> Any:
+        import os
+
+        s, data = self.settings, Path(self.data)
+        tasks = {t.name: t for t in load_tasks(self.tasks, data, n_fit=self.n_fit, n_test=self.n_test, seed=s.seed,
+                                                  concept_threshold=self.concept_threshold)}
+        # each worker's own SAE folder: two workers training at once must not write the same files
+        res = _Resources(model, s, data, Path(self.out) / f"worker-{os.getpid()}", self.sae, self.sae_tokens,
+                         set(self.exclude), progress=False)
+        reference = last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+        return tasks, ActivationStore(model), res, reference
+
+    def run(self, model, state: Any, key: str, payload: Any) -> dict:
+        tasks, store, res, reference = state
+        rows, entry = run_task(model, tasks[key], self.methods, self.settings, store, res, reference, progress=False)
+        return {"rows": rows, "summary": entry, "resources": dict(res.info)}
+
+    def describe(self) -> dict:
+        return {"job": "bench", "model": self.model_name, "data": self.data, "tasks": self.tasks, "methods": self.methods, "n_fit": self.n_fit,
+                "n_test": self.n_test, "settings": asdict(self.settings), "sae_tokens": self.sae_tokens,
+                "sae": "given" if self.sae is not None else "trained here", "concept_threshold": self.concept_threshold}
+
+
+def _run_tasks_distributed(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path,
+                           backend: Backend | None, pool: WorkerPool | None, progress: bool) -> tuple[list[dict], dict, dict]:
+    """Tasks as items of :func:`run_items` (resumable in ``out/tasks``); rows and summaries in task order."""
+    rep = run_items(job, [(t.name, None) for t in task_list], out / "tasks", backend, pool=pool, progress=progress)
+    rows: list[dict] = []
+    entries: dict[str, Any] = {}
+    info: dict[str, Any] = {"distributed": {k: v for k, v in rep.to_dict().items() if k != "keys_run"}}
+    for r in read_rows(out / "tasks" / RESULTS):
+        if "error" in r:  # the task itself raised (not one method or item): reported, the other tasks stand
+            info.setdefault("failed_tasks", {})[r["key"]] = r["error"]
+            continue
+        rows += r["rows"]
+        entries[r["key"]] = r["summary"]
+        info.setdefault("workers", {})[r["key"]] = r["resources"]
+    return rows, entries, info
+
+
 def run_bench(
     model: HookedTransformer,
     *,
@@ -307,11 +412,18 @@ def run_bench(
     sae_tokens: int = 100_000,
     concept_threshold: float = 0.3,
     progress: bool = True,
+    backend: Backend | None = None,
+    pool: WorkerPool | None = None,
+    model_name: str | None = None,
 ) -> dict:
     """Run the benchmark and write results.jsonl, summary.json, report.md and report.html to ``out``.
 
     ``sae`` is an SAELens SAE at ``blocks.{layer-1}.hook_resid_post``; when None, one is trained on
-    the data folder's texts (the test prompts left out) with ``sae_tokens`` tokens.
+    the data folder's texts (the test prompts left out) with ``sae_tokens`` tokens. With a Ray
+    ``backend`` (or an open ``pool``) each task runs on a worker (:class:`BenchTaskJob`), rows come
+    back per task and a rerun into the same ``out`` skips finished tasks; the files are the same
+    as in-process apart from timings. ``model`` is then used only for the layer check, and workers load
+    ``model_name`` (default: ``model.cfg.model_name``, right for the embedded models).
     """
     from czao_lens.bench.report import write_report
 
@@ -321,58 +433,36 @@ def run_bench(
     data, out = Path(data), Path(out)
     task_list = load_tasks(list(tasks), data, n_fit=n_fit, n_test=n_test, seed=s.seed, concept_threshold=concept_threshold)
     out.mkdir(parents=True, exist_ok=True)
-    store = ActivationStore(model)
-    exclude = {p if isinstance(p, str) else p.question for t in task_list for p in t.test}
-    res = _Resources(model, s, data, out, sae, sae_tokens, exclude, progress)
-    reference = last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+    exclude = _test_prompts(task_list)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_start = time.perf_counter()
     summary: dict[str, Any] = {"tasks": {}, "fit": {}}
-    with open(out / "results.jsonl", "w") as fh:
-        for task in task_list:
-            bar = tqdm(total=len(task.test), desc=task.name, unit="item", disable=not progress)
-            if task.kind == "generate":
-                fitted, errors, info = fit_generate(model, task, methods, s, store, res, bar)
-                rows = []
-                for i, prompt in enumerate(task.test):
-                    czao_passes = None
-                    for f in fitted.values():
-                        bar.set_postfix_str(f.name)
-                        kw = {"n": matched_n(czao_passes)} if f.name == "bestofn" and czao_passes else {}
-                        rows.append(_row_generate(model, task, i, prompt, f, **kw))
-                        if f.name == "czao" and "error" not in rows[-1]:
-                            czao_passes = rows[-1]["passes_per_token"]
-                        fh.write(json.dumps(rows[-1]) + "\n")
-                    fh.flush()
-                    bar.update(1)
-            else:
-                fitted, errors, info = fit_choice(model, task, methods, s, store, res, reference, bar)
-                rows = []
-                for f in fitted.values():
-                    bar.set_postfix_str(f.name)
-                    rows += _rows_choice(model, task, f, reference)
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
+    if pool is not None or (backend is not None and backend.uses_ray):
+        name = pool.model_name if pool is not None else (model_name or model.cfg.model_name)
+        job = BenchTaskJob(name, str(data), str(out), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_tokens, concept_threshold,
+                           sorted(exclude))
+        rows, summary["tasks"], resources = _run_tasks_distributed(model, task_list, job, out, backend, pool, progress)
+        with open(out / "results.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        threads = backend.threads if backend is not None else pool.backend.threads
+    else:
+        store = ActivationStore(model)
+        res = _Resources(model, s, data, out, sae, sae_tokens, exclude, progress)
+        reference = last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+        with open(out / "results.jsonl", "w") as fh:
+            def write(row: dict) -> None:
+                fh.write(json.dumps(row) + "\n")
                 fh.flush()
-                bar.update(len(task.test))
-            bar.close()
-            for m, e in errors.items():
-                tqdm.write(f"[{task.name}] {m} could not be fitted: {e}")
-            summary["tasks"][task.name] = {
-                "kind": task.kind, "description": task.description, "source": task.source, "n_fit": len(task.fit),
-                "n_test": len(task.test), "second_evaluator": task.second_name,
-                "not_applicable": {m: "scores fixed answers: nothing is generated to select or constrain"
-                                   for m in methods if task.kind == "choice" and m in GENERATE_ONLY},
-                "fit_info": info, "methods": summarise(task, rows, fitted, errors, s.seed),
-            }
+
+            for task in task_list:
+                _, summary["tasks"][task.name] = run_task(model, task, methods, s, store, res, reference,
+                                                          progress=progress, write=write)
+        resources, threads = res.info, torch.get_num_threads()
     summary["run"] = {
         "started": started, "seconds": time.perf_counter() - t_start, "model": model.cfg.model_name,
         "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "data": str(data),
-        "threads": torch.get_num_threads(), "resources": res.info, "concept_threshold": concept_threshold,
+        "threads": threads, "resources": resources, "concept_threshold": concept_threshold,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     write_report(summary, out)
     return summary
-
-
-
