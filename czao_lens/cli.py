@@ -99,6 +99,17 @@ def _load(model_name: str):
     return load_model(model_name)
 
 
+# Scale-out options (czao --prompts, bench, trace; see docs/scaling.md). No Ray import unless --workers/--ray-address is given.
+_WORKERS_HELP = "Ray actors, each with its own model copy (0: run in this process). Starts a local Ray unless --ray-address / $RAY_ADDRESS names a cluster."
+_ADDRESS_HELP = "An existing Ray cluster (host:port or ray://host:port); default $RAY_ADDRESS."
+
+
+def _backend(workers: int, ray_address: Optional[str], num_cpus: float, num_gpus: float, threads: int):
+    from czao_lens.distributed import Backend
+
+    return Backend.from_options(workers, ray_address, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads)
+
+
 @app.command()
 def models(verify: bool = typer.Option(False, help="Load each installed model and check its cache checksum.")) -> None:
     """List the embedded models, whether they are installed and cached, and optionally verify them."""
@@ -150,9 +161,9 @@ def generate(
 # ----------------------------------------------------------------------------- diagnostics (issue 3)
 
 
-def _trace_prompts_from(m, prompts_file, behavior, data, split, limit, chat, corrupt):
-    """Trace prompts from a JSON/text file or a CAA behaviour (shared by `trace`)."""
-    from czao_lens.diagnostics.tracing import caa_prompt, load_caa, make_prompt
+def _trace_items_from(prompts_file, behavior, data, split, limit) -> tuple[list[dict], dict]:
+    """Trace items (dicts) from a JSON/text file or a CAA behaviour, read before any model loads."""
+    from czao_lens.diagnostics.tracing import load_caa
 
     if (prompts_file is None) == (behavior is None):
         _fail("give exactly one of --prompts FILE or --behavior NAME")
@@ -179,15 +190,7 @@ def _trace_prompts_from(m, prompts_file, behavior, data, split, limit, chat, cor
         source = {"prompts": str(prompts_file)}
     if not items:
         _fail("empty prompt set: no prompts to trace")
-    out = []
-    for it in items:
-        if "question" in it or "correct" in it:
-            out.append(caa_prompt(m, it, chat=chat, corrupt=corrupt))
-        else:
-            if not all(k in it for k in ("prompt", "subject", "answer")):
-                _fail("each prompt needs 'prompt', 'subject' and 'answer' (or CAA A/B fields)")
-            out.append(make_prompt(m, it["prompt"], it["subject"], it["answer"], it.get("other"), chat=chat))
-    return out, source
+    return items, source
 
 
 @app.command()
@@ -208,9 +211,14 @@ def trace(
     top_k: int = typer.Option(5, help="Layers to print."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "trace", help="Folder for layers.json, heatmaps and traces."),
+    workers: int = typer.Option(0, help="Trace the prompts on Ray actors: " + _WORKERS_HELP + " Rows in OUT/prompts, resumable."),
+    ray_address: Optional[str] = typer.Option(None, help=_ADDRESS_HELP),
+    num_cpus: float = typer.Option(1.0, help="CPUs per Ray actor."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per Ray actor."),
+    threads: int = typer.Option(1, help="Torch threads per Ray actor."),
 ) -> None:
     """Causal tracing (ROME): rank layers for steering; write layers.json and token x layer heatmaps."""
-    from czao_lens.diagnostics.tracing import KINDS, rank_layers, trace_prompt
+    from czao_lens.diagnostics.tracing import KINDS, rank_layers, trace_item, trace_prompt
     from czao_lens.plots import layer_scores_figure, save_figure, trace_heatmap
     from czao_lens.store import ActivationStore
 
@@ -221,11 +229,20 @@ def trace(
     pf.check_finite(noise, "--noise")
     if prompts is not None and not prompts.is_file():
         _fail(f"{prompts} does not exist")
+    raw, source = _trace_items_from(prompts, behavior, data, split, limit)
+    source = {**source, "n_samples": n_samples, "noise": noise, "seed": seed}
+    backend = _backend(workers, ray_address, num_cpus, num_gpus, threads)
+    ranking = _trace_on_workers(model, raw, source, backend, chat=chat, corrupt=corrupt, position=position,
+                                n_samples=n_samples, noise=noise, window=window, seed=seed, out=out) if backend.uses_ray else None
     m = _load(model)
-    items, source = _trace_prompts_from(m, prompts, behavior, data, split, limit, chat, corrupt)
+    # With workers, this process traces only the heatmap's prompt.
+    items = [trace_item(m, it, chat=chat, corrupt=corrupt) for it in (raw[:1] if ranking is not None else raw)]
     store = ActivationStore(m)
-    ranking = rank_layers(m, items, store=store, position=position, n_samples=n_samples, noise_scale=noise,
-                          seed=seed, source={**source, "n_samples": n_samples, "noise": noise, "seed": seed})
+    if ranking is not None:
+        ranking.model = m.cfg.model_name
+    else:
+        ranking = rank_layers(m, items, store=store, position=position, n_samples=n_samples, noise_scale=noise,
+                              seed=seed, source=source)
     heat = trace_prompt(m, items[0], store=store, kinds=KINDS, positions=heatmap_positions,
                         n_samples=n_samples, noise_scale=noise, window=window, seed=seed, progress=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +255,28 @@ def trace(
     best = ", ".join(f"{r['layer']} ({r['score']:.3f})" for r in ranking.layers()[:top_k])
     typer.echo(f"top layers: {best}")
     typer.echo(f"saved {out / 'layers.json'} and heatmaps in {out}")
+
+
+def _trace_on_workers(model: str, raw: list[dict], source: dict, backend, *, chat: bool, corrupt: str, position: str,
+                      n_samples: int, noise: float, window: int, seed: int, out: Path):
+    """Trace each item on a Ray worker (rows in OUT/prompts), then rank layers over the items that traced."""
+    from czao_lens.diagnostics.tracing import TraceJob, ranking_from_effects
+    from czao_lens.distributed import RESULTS, read_rows, run_items
+
+    if position not in ("subject_last", "last"):
+        _fail(f"position must be 'subject_last' or 'last', got {position!r}")
+    job = TraceJob(model, chat=chat, corrupt=corrupt, position=position, n_samples=n_samples, noise_scale=noise,
+                   window=window, seed=seed)
+    run_items(job, [(f"item{i:05d}", it) for i, it in enumerate(raw)], out / "prompts", backend)
+    rows = read_rows(out / "prompts" / RESULTS)
+    bad = [r for r in rows if "error" in r]
+    for r in bad[:5]:
+        typer.secho(f"  {r['key']}: {r['error']}", fg=typer.colors.YELLOW)
+    good = [r for r in rows if "error" not in r]
+    if not good:
+        _fail(f"no item could be traced ({len(bad)} failures; see {out / 'prompts' / RESULTS})")
+    return ranking_from_effects(model, good[0]["n_layers"], [(r["total_effect"], r["effects"]) for r in good],
+                                kinds=("resid",), position=position, source={**source, "failed_items": len(bad)})
 
 
 @app.command()
@@ -351,17 +390,6 @@ def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, c
     path.write_text(json.dumps(rows, indent=1))
     typer.echo(f"\nsaved {path} and telemetry_*.html in {out}")
     return rows
-
-
-# Scale-out options (czao --prompts; see docs/scaling.md). No Ray import unless --workers/--ray-address is given.
-_WORKERS_HELP = "Ray actors, each with its own model copy (0: run in this process). Starts a local Ray unless --ray-address / $RAY_ADDRESS names a cluster."
-_ADDRESS_HELP = "An existing Ray cluster (host:port or ray://host:port); default $RAY_ADDRESS."
-
-
-def _backend(workers: int, ray_address: Optional[str], num_cpus: float, num_gpus: float, threads: int):
-    from czao_lens.distributed import Backend
-
-    return Backend.from_options(workers, ray_address, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads)
 
 
 def run_czao_file(model: str, prompts: Path, spec: str, cfg, *, max_new_tokens: int, chat: bool, seed: int, out: Path,

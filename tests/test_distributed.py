@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from czao_lens.bench import QUICK, run_bench
@@ -31,6 +32,7 @@ from czao_lens.distributed import (
     run_items,
     without_timings,
 )
+from czao_lens.diagnostics.tracing import TraceJob, load_caa, rank_layers, ranking_from_effects, trace_item
 from czao_lens.paths import default_data_dir
 
 pytestmark = pytest.mark.real
@@ -154,6 +156,18 @@ def test_a_bench_task_on_ray_gives_the_in_process_files(pool, smol, tmp_path):
     assert remote["run"]["resources"]["distributed"]["backend"].startswith("ray")
     assert "failed" not in local["tasks"]["refusal"]["methods"]["caa"]  # a fitted method, not only references
     assert (tmp_path / "ray" / "report.md").read_text().count("|") > 10
+
+
+def test_tracing_items_on_ray_ranks_layers_as_in_process(pool, smol, tmp_path):
+    items = load_caa(default_data_dir(), "refusal", split="test", limit=2)
+    local = rank_layers(smol, [trace_item(smol, it) for it in items], n_samples=1, progress=False)
+    run_items(TraceJob(MODEL, n_samples=1), [(f"item{i:05d}", it) for i, it in enumerate(items)], tmp_path, pool=pool,
+              progress=False)
+    rows = read_rows(tmp_path / RESULTS)
+    assert [r["key"] for r in rows] == ["item00000", "item00001"] and not any("error" in r for r in rows)
+    remote = ranking_from_effects(MODEL, smol.cfg.n_layers, [(r["total_effect"], r["effects"]) for r in rows],
+                                  kinds=("resid",), position="subject_last")
+    assert torch.equal(local.scores["resid"], remote.scores["resid"]) and local.top(3) == remote.top(3)
 
 
 def test_a_rerun_with_other_settings_is_refused(prompt_file, tmp_path, smol):

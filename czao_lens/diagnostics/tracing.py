@@ -35,6 +35,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from czao_lens.sites import hook_name, resid_hook
 from czao_lens.diagnostics import DiagnosticError, check_layers, write_json
+from czao_lens.distributed import ItemJob
 from czao_lens.errors import CzaoLensError
 from czao_lens.perturb import add_hook
 from czao_lens.prompts import encode_prompts, format_prompt
@@ -467,6 +468,33 @@ def trace_prompt(
     )
 
 
+def _scored_position(store: ActivationStore, pr: TracePrompt, position: str) -> int:
+    return pr.span[1] - 1 if position == "subject_last" else len(store.tokenize([pr.text])[0]) - 1
+
+
+def _check_position(position: str) -> None:
+    if position not in ("subject_last", "last"):
+        raise DiagnosticError(f"position must be 'subject_last' or 'last', got {position!r}")
+
+
+def ranking_from_effects(model_name: str, n_layers: int, effects: Sequence[tuple[float, dict[str, Any]]], *,
+                         kinds: Sequence[str], position: str, source: dict[str, Any] | None = None,
+                         traces: list[PromptTrace] | None = None) -> LayerRanking:
+    """Aggregate per-prompt (total effect, {kind: per-layer effect}) in prompt order into a ranking:
+    score(l) = sum_p sign(TE_p) IE_p(l) / sum_p |TE_p|."""
+    num = {k: torch.zeros(n_layers) for k in kinds}
+    den = 0.0
+    for te, eff in effects:
+        sign = 1.0 if te >= 0 else -1.0
+        for k in kinds:
+            num[k] += sign * torch.as_tensor(eff[k], dtype=torch.float32)
+        den += abs(te)
+    if den == 0:
+        raise DiagnosticError("the corruption changed nothing (total effect 0 on every prompt)")
+    return LayerRanking(model=model_name, scores={k: v / den for k, v in num.items()}, n_prompts=len(effects),
+                        position=position, source=dict(source or {}), traces=list(traces or []))
+
+
 def rank_layers(
     model: HookedTransformer,
     prompts: Sequence[TracePrompt],
@@ -491,25 +519,55 @@ def rank_layers(
     prompts = list(prompts)
     if not prompts:
         raise DiagnosticError("empty prompt set: tracing needs at least one prompt")
-    if position not in ("subject_last", "last"):
-        raise DiagnosticError(f"position must be 'subject_last' or 'last', got {position!r}")
+    _check_position(position)
     store = store if store is not None else ActivationStore(model)
-    L = model.cfg.n_layers
-    num = {k: torch.zeros(L) for k in kinds}
-    den = 0.0
-    traces = []
+    effects, traces = [], []
     for pr in tqdm(prompts, desc="tracing prompts", disable=not progress):
-        p = pr.span[1] - 1 if position == "subject_last" else len(store.tokenize([pr.text])[0]) - 1
-        tr = trace_prompt(model, pr, store=store, kinds=kinds, positions=[p], n_samples=n_samples,
-                          noise_scale=noise_scale, window=window, seed=seed)
-        sign = 1.0 if tr.total_effect >= 0 else -1.0
-        for k in kinds:
-            num[k] += sign * tr.effects[k][0]
-        den += abs(tr.total_effect)
+        tr = trace_prompt(model, pr, store=store, kinds=kinds, positions=[_scored_position(store, pr, position)],
+                          n_samples=n_samples, noise_scale=noise_scale, window=window, seed=seed)
+        effects.append((tr.total_effect, {k: tr.effects[k][0] for k in kinds}))
         if keep_traces:
             traces.append(tr)
-    if den == 0:
-        raise DiagnosticError("the corruption changed nothing (total effect 0 on every prompt)")
     name = getattr(model.cfg, "model_name", "model")
-    return LayerRanking(model=name, scores={k: v / den for k, v in num.items()}, n_prompts=len(prompts),
-                        position=position, source=dict(source or {}), traces=traces)
+    return ranking_from_effects(name, model.cfg.n_layers, effects, kinds=kinds, position=position, source=source,
+                                traces=traces)
+
+
+def trace_item(model: HookedTransformer, item: dict, *, chat: bool = True, corrupt: str = "question") -> TracePrompt:
+    """A trace prompt from one data item: a CAA A/B item, or ``{prompt, subject, answer[, other]}``."""
+    if "question" in item or "correct" in item:
+        return caa_prompt(model, item, chat=chat, corrupt=corrupt)
+    if not all(k in item for k in ("prompt", "subject", "answer")):
+        raise DiagnosticError("each prompt needs 'prompt', 'subject' and 'answer' (or CAA A/B fields)")
+    return make_prompt(model, item["prompt"], item["subject"], item["answer"], item.get("other"), chat=chat)
+
+
+@dataclass
+class TraceJob(ItemJob):
+    """Causal tracing of one data item per call (the per-prompt part of :func:`rank_layers`), for
+    :func:`czao_lens.distributed.run_items`; :func:`ranking_from_effects` aggregates the rows."""
+
+    model_name: str
+    chat: bool = True
+    corrupt: str = "question"
+    position: str = "subject_last"
+    kinds: tuple[str, ...] = ("resid",)
+    n_samples: int = 5
+    noise_scale: float = 3.0
+    window: int = 10
+    seed: int = 0
+
+    def setup(self, model) -> Any:
+        return ActivationStore(model)
+
+    def run(self, model, state: Any, key: str, payload: dict) -> dict:
+        pr = trace_item(model, payload, chat=self.chat, corrupt=self.corrupt)
+        tr = trace_prompt(model, pr, store=state, kinds=self.kinds, positions=[_scored_position(state, pr, self.position)],
+                          n_samples=self.n_samples, noise_scale=self.noise_scale, window=self.window, seed=self.seed)
+        return {"label": pr.label, "total_effect": tr.total_effect, "effects": {k: tr.effects[k][0].tolist() for k in self.kinds},
+                "n_layers": model.cfg.n_layers}
+
+    def describe(self) -> dict:
+        return {"job": "trace", "model": self.model_name, "chat": self.chat, "corrupt": self.corrupt,
+                "position": self.position, "kinds": list(self.kinds), "n_samples": self.n_samples,
+                "noise_scale": self.noise_scale, "window": self.window, "seed": self.seed}
