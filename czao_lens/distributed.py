@@ -450,7 +450,7 @@ class WorkerPool:
 def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: Callable[[dict], None],
              report: RunReport) -> None:
     """Feed items to the pool's actors, one in flight per actor (``ray.wait`` on the in-flight calls);
-    the item of an actor that died is re-queued (bounded) and the actor replaced."""
+    the item of an actor that died (or could not start) is re-queued (bounded) and the actor replaced."""
     ray = _import_ray()
     from ray.exceptions import RayActorError, RayError
 
@@ -465,6 +465,7 @@ def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: 
     inflight: dict[Any, tuple[Any, str, Any, int]] = {}
     busy: set[int] = set()
     done: set[str] = set()
+    last_death = "no worker answered"
     while queue or inflight:
         for a in pool.actors:
             if queue and id(a) not in busy:
@@ -472,7 +473,7 @@ def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: 
                 inflight[a.run.remote(token, job_ref, k, p)] = (a, k, p, att)
                 busy.add(id(a))
         if not inflight:
-            raise DistributedError("every Ray worker died and the replacement budget is spent")
+            raise DistributedError(f"every Ray worker died and the replacement budget is spent (last: {last_death})")
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
         if ready and report.first_row_seconds is None:
             report.first_row_seconds = time.perf_counter() - t0 + pool.init_seconds
@@ -481,9 +482,8 @@ def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: 
             busy.discard(id(a))
             try:
                 row = ray.get(ref)
-            except RayActorError as exc:
-                if getattr(exc, "actor_init_failed", False):
-                    raise DistributedError(f"a worker could not start (loading {pool.model_name!r}): {exc}") from None
+            except RayActorError as exc:  # died mid-run, or could not start (e.g. out of memory loading the model)
+                last_death = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 pool.replace(a)
                 if att < pool.backend.max_retries:
                     report.retried += 1
