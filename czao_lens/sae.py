@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import tempfile
 import time
 import warnings
@@ -365,7 +366,13 @@ def train_sae(
     with _quiet(progress):
         runner = LanguageModelSAETrainingRunner(cfg, override_dataset=ds, override_model=model)
         init = sae_stats(model, runner.sae, eval_texts, hook_name=hook_name, max_tokens=4096)
-        trained = runner.run()
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            trained = runner.run()
+        finally:  # SAELens installs its own Ctrl-C handler and leaves it: give the caller's back
+            for sig, h in handlers.items():
+                if h is not None:
+                    signal.signal(sig, h)
         trained.save_inference_model(str(out))
         sae = SAE.load_from_disk(str(out), device=str(model.cfg.device or "cpu"))
     seconds = time.perf_counter() - t0

@@ -38,6 +38,13 @@ def trained(tiny, tmp_path_factory):
     return sae, stats, out
 
 
+def test_training_gives_back_the_callers_ctrl_c_handler(trained):
+    """SAELens installs its own SIGINT handler while training; afterwards Ctrl-C must be the caller's again."""
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_train_gives_loadable_saelens_sae_that_learned(trained, tiny):
     sae, stats, out = trained
     assert (out / "cfg.json").exists() and (out / "sae_weights.safetensors").exists()
