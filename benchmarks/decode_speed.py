@@ -27,17 +27,10 @@ warnings.filterwarnings("ignore")
 
 
 def load_hf(name: str = "smollm2-135m-instruct"):
-    """The reference: transformers dequantises the embedded model's GGUF to fp32."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """The reference: transformers' own model dequantised from the embedded GGUF to fp32 (cached)."""
+    from czao_lens.models import load_hf_reference
 
-    from czao_lens.models import EMBEDDED, embedded_gguf_path
-
-    hf_logging.set_verbosity_error()
-    gguf = embedded_gguf_path(EMBEDDED[name])  # a clear install hint when the package is missing
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.eval()
-    return model
+    return load_hf_reference(name)
 
 
 def hf_decoder(hf, ids: torch.Tensor, n: int, pad: int) -> Callable[[], list[int]]:

@@ -205,6 +205,49 @@ def _load_embedded(spec: EmbeddedModel, *, dtype: torch.dtype, rebuild: bool, pr
     return model
 
 
+def load_hf_reference(name: str = DEFAULT_MODEL, *, progress: bool = True) -> Any:
+    """HF transformers' own model for an embedded GGUF, dequantised to fp32: the parity reference.
+
+    Parity tests and the decode benchmark compare against it. Dequantising takes 20 s (SmolLM2) to
+    over 100 s (Gemma-3-270m on a loaded machine), so the dequantised weights are cached in
+    ``<cache>/<name>-hf`` with the same manifest as the TL conversion (source stamp + SHA-256) and
+    read back bit for bit in seconds.
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    spec = EMBEDDED.get(name)
+    if spec is None:
+        raise ModelLoadError(f"No embedded model '{name}'; the embedded models are {', '.join(EMBEDDED)}.")
+    gguf = embedded_gguf_path(spec)
+    folder = cache_root() / f"{spec.name}-hf"
+    hf_logging.set_verbosity_error()
+    if _is_valid_cache(folder, gguf, check_hash=True):
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    if progress:
+        print(f"czao-lens: dequantising {spec.name} with transformers (first time only)...", flush=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    if hasattr(hf.config, "quantization_config"):  # the weights are plain fp32 from here on
+        del hf.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        save_model(hf, str(tmp / "model.safetensors"))  # tied embeddings are stored once
+        hf.config.save_pretrained(str(tmp))
+        weights = tmp / "model.safetensors"
+        manifest = {"format": CACHE_FORMAT, "weights_size": weights.stat().st_size,
+                    "weights_sha256": _file_sha256(weights), "source_stamp": _source_stamp(gguf)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.chmod(0o755)
+        os.replace(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"czao-lens: could not cache the HF reference in {folder}: {exc}")
+    return hf
+
+
 # ----------------------------------------------------------------------------- local paths
 
 

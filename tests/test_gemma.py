@@ -34,18 +34,16 @@ TOL = 1e-3  # log-probability, over the whole 262k vocabulary
 def gemma():
     """Gemma-3-270m through the czao-lens runtime, loaded once for this module."""
     torch.manual_seed(0)
-    return models.load_model(NAME, progress=False)
+    t = time.perf_counter()
+    model = models.load_model(NAME, progress=False)
+    model._test_load_seconds = time.perf_counter() - t  # read by the loading test
+    return model
 
 
 @pytest.fixture(scope="module")
 def gemma_hf():
-    """The reference: HF transformers' Gemma3ForCausalLM dequantised from the same GGUF (fp32)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    gguf = models.embedded_gguf_path(models.EMBEDDED[NAME])
-    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    """The reference: HF transformers' Gemma3ForCausalLM dequantised from the same GGUF (fp32, cached)."""
+    return models.load_hf_reference(NAME, progress=False)
 
 
 def _lp(x: torch.Tensor) -> torch.Tensor:
@@ -63,21 +61,27 @@ def long_prompt(model, n_tokens: int) -> torch.Tensor:
     return ids
 
 
+def tl_logits(model, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at the ``keep`` positions only (the final norm is per position)."""
+    resid = model(ids, stop_at_layer=model.cfg.n_layers)
+    return model.unembed(model.ln_final(resid[:, keep]))
+
+
 # ----------------------------------------------------------------------------- loading
 
 
-def test_loads_offline_from_the_verified_cache_fast(gemma):
+def test_loads_offline_from_the_verified_cache(gemma):
     cfg = gemma.cfg
     assert (cfg.n_layers, cfg.d_model, cfg.d_vocab, cfg.window_size) == (18, 640, 262144, 512)
     assert cfg.attn_types.count("global") == 3 and cfg.attn_types[5] == "global"
-    assert models.verify_cache(NAME)
-    t = time.perf_counter()
-    again = models.load_model(NAME, progress=False)
-    seconds = time.perf_counter() - t
-    # A performance figure, not a pass/fail speed assertion: reload times live in docs/models.md.
-    print(f"gemma_reload_seconds={seconds:.2f}")
-    assert models.model_fingerprint(again) == models.model_fingerprint(gemma)
-    del again
+    assert cfg.use_qk_norm and cfg.use_normalization_before_and_after and cfg.default_prepend_bos
+    # The fixture's load was a cache hit (the conversion takes minutes, and writes this manifest).
+    assert models._is_valid_cache(models.cache_root() / NAME)
+    # A figure, not a speed assertion (the machine is shared): docs/models.md has the measured ones.
+    print(f"gemma_load_seconds={gemma._test_load_seconds:.2f}")
+    from czao_lens.runtime import fast_path_report
+
+    assert fast_path_report(gemma).startswith("all "), fast_path_report(gemma)
 
 
 def test_bos_is_prepended_once(gemma):
@@ -98,3 +102,160 @@ def test_logprobs_match_hf_on_short_prompts(gemma, gemma_hf):
         with torch.no_grad():
             diff = (_lp(gemma_hf(ids).logits) - _lp(gemma(ids))).abs().max().item()
         assert diff < TOL, (p, diff)
+
+
+def test_logprobs_match_hf_past_the_sliding_window(gemma, gemma_hf):
+    """A 560-token prompt: local layers must stop seeing tokens 512 back while global ones keep them.
+
+    Without the window the positions past 512 differ by tens of nats (checked below), so this
+    really tests the local/global split and both rotary bases.
+    """
+    ids = long_prompt(gemma, 560)
+    keep = torch.cat([torch.arange(0, 500, 10), torch.arange(500, 560)])  # 262k-wide rows are costly
+    with torch.no_grad():
+        ref = _lp(gemma_hf(ids, logits_to_keep=keep).logits)
+        got = _lp(tl_logits(gemma, ids, keep))
+        diff = (ref - got).abs().max(-1).values[0]
+        early, late = diff[keep < 512].max().item(), diff[keep >= 512].max().item()
+        print(f"gemma_parity_long_before_window={early:.2e} gemma_parity_long_after_window={late:.2e}")
+        assert early < TOL and late < TOL
+        window = gemma.cfg.window_size
+        try:
+            gemma.cfg.window_size = 10**6  # every layer global: positions past 512 see too much
+            no_window = _lp(tl_logits(gemma, ids, keep[-1:]))
+        finally:
+            gemma.cfg.window_size = window
+    assert (no_window[0, -1] - got[0, -1]).abs().max() > 1.0
+
+
+def test_kv_cache_decoding_across_the_window_and_batched_candidates(gemma, gemma_hf):
+    """The decode loop: prefill 505 tokens, then teacher-force tokens across position 512 with the
+    forward split at a layer (stop_at_layer / start_at_layer on the KV cache) and, at each step,
+    three candidates evaluated on the frozen prefix (zero, and two perturbations of resid_pre)."""
+    ids = long_prompt(gemma, 516)
+    L, n_steps = 7, 10
+    hook = f"blocks.{L}.hook_resid_pre"
+    g = torch.Generator().manual_seed(0)
+    unit = torch.randn(n_steps, 3, gemma.cfg.d_model, generator=g)
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    unit[:, 0] = 0.0  # candidate 0 is the unperturbed position
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Teacher:
+        """A controller that only records: unperturbed logits and candidate logits at each step."""
+
+        start_layer = L
+        read_hooks = ()
+
+        def __call__(self, step):
+            size = 0.5 * step.resid[0].norm()  # half the residual norm: a clearly visible push
+            cand, _ = step.evaluate({hook: (unit[step.index] * size)[None]})
+            seen.append((step.logits[0], cand[0]))
+            nxt = ids[0, 506 + step.index]
+            step.logit_bias = torch.full_like(step.logits, -1e9)
+            step.logit_bias[:, nxt] = 0.0  # teacher forcing through the decode loop's own sampling
+            return None
+
+    enc = pad_left([ids[0, :506].tolist()], pad_id=0)
+    res = generate_tokens(gemma, enc, ["long"], max_new_tokens=n_steps, controller=Teacher(), stop_at_eos=False)
+    assert res.new_tokens[0] == ids[0, 506:].tolist()
+    with torch.no_grad():
+        ref = _lp(gemma_hf(ids, logits_to_keep=torch.arange(505, 515)).logits[0])
+        for t, (logits, cand) in enumerate(seen):
+            assert (_lp(logits) - ref[t]).abs().max() < TOL, t
+            assert (_lp(cand[0]) - ref[t]).abs().max() < TOL, t  # the zero candidate
+        # Perturbed candidates against HF with the same delta added to the input of decoder layer L
+        # (TL's resid_pre L is HF's hidden_states[L]) at the current position, full forward, no cache.
+        t = n_steps - 1
+        pos = 505 + t
+        resid = gemma(ids[:, : pos + 1], stop_at_layer=L)[0, -1]
+        for c in (1, 2):
+            d = unit[t, c] * 0.5 * resid.norm()
+
+            def pre(module, args, kwargs, d=d):
+                h = args[0].clone() if args else kwargs["hidden_states"].clone()
+                h[:, pos] += d
+                if args:
+                    return (h, *args[1:]), kwargs
+                kwargs["hidden_states"] = h
+                return args, kwargs
+
+            handle = gemma_hf.model.layers[L].register_forward_pre_hook(pre, with_kwargs=True)
+            try:
+                hf_c = _lp(gemma_hf(ids[:, : pos + 1], logits_to_keep=1).logits[0, -1])
+            finally:
+                handle.remove()
+            got = _lp(seen[t][1][c])
+            assert (got - hf_c).abs().max() < TOL, c
+            assert (got - ref[t]).abs().max() > 10 * TOL  # the perturbation really moved the output
+
+
+def test_start_and_stop_at_layer_match_hf(gemma, gemma_hf):
+    ids = gemma.to_tokens(SHORT[0])
+    with torch.no_grad():
+        ref = gemma_hf(ids, output_hidden_states=True)
+        for layer in (1, 5, 6, 17):  # a local layer, the first global one, the local after it, the last
+            resid = gemma(ids, stop_at_layer=layer)
+            # HF's hidden_states[l] is the input of decoder layer l, like TL's resid_pre l.
+            rel = (resid - ref.hidden_states[layer]).norm(dim=-1) / ref.hidden_states[layer].norm(dim=-1)
+            assert rel.max() < 1e-4, (layer, rel.max())
+            out = gemma(resid, start_at_layer=layer)
+            assert (_lp(out) - _lp(ref.logits)).abs().max() < TOL, layer
+
+
+# ----------------------------------------------------------------------------- every feature, tiny sizes
+
+
+def test_tracing_restores_the_fact(gemma):
+    from czao_lens.diagnostics.tracing import make_prompt, trace_prompt
+
+    pr = make_prompt(gemma, "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris")
+    tr = trace_prompt(gemma, pr, kinds=["resid"], positions="key", layers=[0, 9, 17], n_samples=2)
+    assert tr.clean > 0.2 and tr.corrupted < 0.5 * tr.clean  # the noise destroys the fact
+    last = tr.effect_at("resid", -1)
+    assert last[-1] > 0.5 * tr.total_effect  # restoring the last token late brings the answer back
+    assert abs(float(last[0])) < 0.05 * tr.total_effect  # its own embedding was never corrupted
+
+
+def test_patching_moves_the_answer_between_two_prompts(gemma):
+    from czao_lens.diagnostics.patching import activation_patching
+    from czao_lens.diagnostics.tracing import Target, single_token_id
+    from czao_lens.store import ActivationStore
+
+    store = ActivationStore(gemma)
+    a, b = store.tokenize(["The capital of France is"])[0], store.tokenize(["The capital of Italy is"])[0]
+    assert len(a) == len(b) and a[0] == gemma.tokenizer.bos_token_id
+    target = Target(single_token_id(gemma, " Paris"), single_token_id(gemma, " Rome"))
+    res = activation_patching(gemma, a, b, target, kinds=["resid_pre"], layers=[0, 17], store=store)
+    e = res.effects["resid_pre"]
+    assert res.clean > res.corrupted
+    diff_pos = [i for i, (x, y) in enumerate(zip(a, b)) if x != y][0]
+    assert e[0, diff_pos].item() == pytest.approx(1.0, abs=1e-3)
+    assert e[1, -1].item() > 0.8 and abs(e[0, -1].item()) < 0.05
+
+
+def test_lyapunov_finite_differences_and_jacobian_agree(gemma):
+    from czao_lens.diagnostics.lyapunov import fd_growth, jacobian_top_singular
+    from czao_lens.store import ActivationStore
+
+    store = ActivationStore(gemma)
+    prompts = ["The capital of France is"]
+    jac = jacobian_top_singular(gemma, prompts, layers=[3, 6], n_iter=4, store=store)
+    assert jac.summary["max_rel_diff_fd_vs_jvp"] < 1e-2
+    fd = fd_growth(gemma, prompts, l0=3, l1=7, n_dirs=3, store=store)
+    for i, l in enumerate([3, 6]):  # random directions never stretch more than the top singular one
+        assert fd.curves["fd_log_growth"][l - 3] <= jac.curves["log_sigma_max"][i] + 1e-3
+
+
+def test_short_sae_training_learns(gemma, tmp_path):
+    from czao_lens.sae import train_sae
+
+    texts = [f"Sample {i}: the {w} walked to the {p} and talked about {t}."
+             for i, (w, p, t) in enumerate((w, p, t) for w in ("cat", "teacher", "robot") for p in ("market", "river")
+                                           for t in ("rain", "music", "bread"))]
+    sae, stats = train_sae(gemma, "blocks.6.hook_resid_post", texts=texts, width=256, training_tokens=1536,
+                           train_batch_size_tokens=128, context_size=24, lr=3e-3, l1_coefficient=0.3,
+                           progress=False, out_dir=tmp_path / "sae", seed=0)
+    assert sae.cfg.d_in == 640 and list(sae.cfg.metadata.seqpos_slice) == [1, None]  # BOS never trains it
+    assert stats["mse_per_token"] < 0.75 * stats["init"]["mse_per_token"]
+    assert stats["explained_variance"] > stats["init"]["explained_variance"] + 0.1
