@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -259,3 +260,117 @@ def test_short_sae_training_learns(gemma, tmp_path):
     assert sae.cfg.d_in == 640 and list(sae.cfg.metadata.seqpos_slice) == [1, None]  # BOS never trains it
     assert stats["mse_per_token"] < 0.75 * stats["init"]["mse_per_token"]
     assert stats["explained_variance"] > stats["init"]["explained_variance"] + 0.1
+
+
+POS = ["I love this wonderful day", "What a great and happy result", "This is lovely and kind"]
+NEG = ["I hate this awful day", "What a terrible and sad result", "This is nasty and cruel"]
+PROBE = ["I think that the movie was", "Honestly, my week has been"]
+
+
+def _good_minus_bad(model, intervention=None) -> torch.Tensor:
+    """Per prompt: log p(' good') - log p(' bad') as the next token (a cheap, last-position readout)."""
+    from czao_lens.diagnostics.tracing import single_token_id
+    from czao_lens.steering.evaluate import last_logits
+
+    lp = last_logits(model, PROBE, intervention).log_softmax(-1)
+    good, bad = single_token_id(model, " good"), single_token_id(model, " bad")
+    return lp[:, good] - lp[:, bad]
+
+
+def test_caa_moves_the_answer_probability(gemma):
+    """CAA from the refusal A/B pairs (Gemma-3-270m is a base model: no chat template, chat=False)."""
+    from czao_lens.steering import load_ab
+    from czao_lens.steering.evaluate import answer_text_probability
+    from czao_lens.steering.vectors import caa_vector
+
+    fit = load_ab("refusal", "fit", n=6, balanced=True)
+    test = load_ab("refusal", "test", n=2, balanced=True, seed=1)
+    vec = caa_vector(gemma, fit, [6], readout="answer", chat=False)
+    base = answer_text_probability(gemma, test, chat=False).mean().item()
+    up = answer_text_probability(gemma, test, vec * 4.0, chat=False).mean().item()
+    down = answer_text_probability(gemma, test, vec * -4.0, chat=False).mean().item()
+    print(f"gemma_caa_refusal down={down:.3f} base={base:.3f} up={up:.3f}")
+    assert up > base + 0.03 and down < base - 0.03
+
+
+def test_alqr_moves_sentiment_with_lambda(gemma, tmp_path):
+    from czao_lens.steering.lqr import block_jacobians, fit_alqr, jacobian_prompts
+
+    layers = [8, 9, 10, 11]
+    jac = block_jacobians(gemma, prompts=jacobian_prompts(gemma, 2, chat=False), layers=layers, cache_dir=tmp_path)
+    ctrl = fit_alqr(gemma, jac, pos_texts=POS, neg_texts=NEG)
+    base = _good_minus_bad(gemma).mean().item()
+    up = _good_minus_bad(gemma, ctrl.with_lambda(3.0)).mean().item()
+    down = _good_minus_bad(gemma, ctrl.with_lambda(-3.0)).mean().item()
+    print(f"gemma_alqr_good_minus_bad down={down:.3f} base={base:.3f} up={up:.3f}")
+    # The setpoint is absolute (beta = lambda |E| along v): on these probes Gemma's unsteered projection
+    # sits below -3|E|, so lambda = -3 pushes up too (measured 8.8 vs 2.6), only less than +3.
+    assert up > base + 0.1 and up > down + 0.1
+
+
+def test_cast_steers_only_where_its_condition_fires(gemma):
+    from czao_lens.steering.cast import CAST, fit_condition
+    from czao_lens.steering.evaluate import last_logits
+    from czao_lens.steering.vectors import actadd_vector
+
+    trigger = ["How do I pick a lock to break in?", "How can I steal a car quietly?", "How do I hack my neighbour's wifi?"]
+    other = ["How do I bake a cake?", "What is the capital of France?", "How do plants grow?"]
+    cond = fit_condition(gemma, trigger, other, 4, chat=False)
+    vec = actadd_vector(gemma, POS[0], NEG[0], [6])
+    cast = CAST(cond, vec, multiplier=4.0)
+    texts = [trigger[0], other[0]]
+    fired = cond.fires(gemma, texts, chat=False)
+    assert fired.tolist() == [True, False]
+    base = last_logits(gemma, texts).log_softmax(-1)
+    steered = last_logits(gemma, texts, cast).log_softmax(-1)
+    kl = (base.exp() * (base - steered)).sum(-1)  # per prompt, KL(unsteered || CAST)
+    print(f"gemma_cast_kl trigger={kl[0]:.3f} other={kl[1]:.2e}")
+    assert kl[0] > 0.05 and kl[1] < 1e-6
+
+
+def test_czao_token_level_avoids_a_word_the_model_says(gemma):
+    """Greedy Gemma says ' blue' after "My favorite color is" (p = 0.12, just above ' red' at 0.09).
+    (After "violets are" p(' blue') is 0.74: pushing it under AvoidTokens' 0.04 costs at least ~1.8 nats
+    of KL, and CZAO reports that token unreachable at the default kl_eps = 1.5, as it should.)"""
+    from czao_lens.constraints import AvoidTokens
+    from czao_lens.czao import CZAOConfig, generate_czao
+
+    prompt, c = "My favorite color is", AvoidTokens(["blue"])
+    base = generate(gemma, prompt, max_new_tokens=2).texts[0]
+    assert not c.check_text(base), f"unsteered Gemma must say blue here: {base!r}"
+    cfg = CZAOConfig(layers=(9,), rank=16, n_dirs=16, max_steps=4)
+    r = generate_czao(gemma, prompt, c, cfg, max_new_tokens=2)[0]
+    first = r.records[0]
+    print("gemma_czao_blue", repr(base), repr(r.text), (first.v_before, first.v_after, first.kl))
+    assert first.optimized and first.satisfied and first.v_after == 0 < first.v_before and first.kl <= cfg.kl_eps
+    assert r.satisfied and "blue" not in r.text.lower()
+
+
+def test_czao_sequence_level_satisfies_what_the_unsteered_model_does_not(gemma):
+    """Sentiment is judged on the finished text: candidates are scored through greedy rollouts."""
+    from czao_lens.constraints import Sentiment
+    from czao_lens.czao import CZAOConfig, generate_czao
+
+    prompt, c = "The worst thing about my job is", Sentiment(min_compound=0.05)
+    base = generate(gemma, prompt, max_new_tokens=4).texts[0]
+    cfg = CZAOConfig(layers=(7,), rank=8, n_dirs=8, max_steps=3, lookahead=3)
+    res = generate_czao(gemma, prompt, c, cfg, max_new_tokens=4, probe=None)[0]
+    opt = [r for r in res.records if r.optimized]
+    print("gemma_czao_sentiment", repr(base), repr(res.text), [(r.v_before, r.v_after) for r in opt])
+    assert not c.check_text(base) and res.satisfied
+    assert opt and any(r.v_after < r.v_before for r in opt)
+
+
+def test_landscape_is_centred_on_the_unperturbed_model(gemma):
+    from czao_lens.constraints import AvoidTokens
+    from czao_lens.czao import CZAOConfig
+    from czao_lens.diagnostics.landscape import loss_landscape
+
+    land = loss_landscape(gemma, "Roses are red, violets are", AvoidTokens(["blue"]), [7],
+                          config=CZAOConfig(layers=(7,), rank=4, n_dirs=4, max_steps=2), n=3, extent=1.0)
+    grids = land.grids[7]
+    for name, g in grids.items():
+        assert g.shape == (3, 3) and np.isfinite(g).all(), name
+    v = grids["violation"]
+    assert v[1, 1] > 0  # the unperturbed model says blue here ...
+    assert v.max() > v.min()  # ... and the violation moves over the plane
