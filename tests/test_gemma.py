@@ -62,6 +62,18 @@ def long_prompt(model, n_tokens: int) -> torch.Tensor:
     return ids
 
 
+LONG = 560
+KEEP = torch.cat([torch.arange(0, 500, 10), torch.arange(500, LONG)])  # 262k-wide rows are costly
+
+
+@pytest.fixture(scope="module")
+def long_ref(gemma, gemma_hf):
+    """A 560-token prose prompt and HF's log-probs at the KEEP positions (one HF forward, shared)."""
+    ids = long_prompt(gemma, LONG)
+    with torch.no_grad():
+        return ids, _lp(gemma_hf(ids, logits_to_keep=KEEP).logits[0])
+
+
 def tl_logits(model, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Logits at the ``keep`` positions only (the final norm is per position)."""
     resid = model(ids, stop_at_layer=model.cfg.n_layers)
@@ -105,42 +117,40 @@ def test_logprobs_match_hf_on_short_prompts(gemma, gemma_hf):
         assert diff < TOL, (p, diff)
 
 
-def test_logprobs_match_hf_past_the_sliding_window(gemma, gemma_hf):
+def test_logprobs_match_hf_past_the_sliding_window(gemma, long_ref):
     """A 560-token prompt: local layers must stop seeing tokens 512 back while global ones keep them.
 
     Without the window the positions past 512 differ by tens of nats (checked below), so this
     really tests the local/global split and both rotary bases.
     """
-    ids = long_prompt(gemma, 560)
-    keep = torch.cat([torch.arange(0, 500, 10), torch.arange(500, 560)])  # 262k-wide rows are costly
+    ids, ref = long_ref
     with torch.no_grad():
-        ref = _lp(gemma_hf(ids, logits_to_keep=keep).logits)
-        got = _lp(tl_logits(gemma, ids, keep))
-        diff = (ref - got).abs().max(-1).values[0]
-        early, late = diff[keep < 512].max().item(), diff[keep >= 512].max().item()
+        got = _lp(tl_logits(gemma, ids, KEEP))[0]
+        diff = (ref - got).abs().max(-1).values
+        early, late = diff[KEEP < 512].max().item(), diff[KEEP >= 512].max().item()
         print(f"gemma_parity_long_before_window={early:.2e} gemma_parity_long_after_window={late:.2e}")
         assert early < TOL and late < TOL
         window = gemma.cfg.window_size
         try:
             gemma.cfg.window_size = 10**6  # every layer global: positions past 512 see too much
-            no_window = _lp(tl_logits(gemma, ids, keep[-1:]))
+            no_window = _lp(tl_logits(gemma, ids, KEEP[-1:]))[0, -1]
         finally:
             gemma.cfg.window_size = window
-    assert (no_window[0, -1] - got[0, -1]).abs().max() > 1.0
+    assert (no_window - got[-1]).abs().max() > 1.0
 
 
-def test_kv_cache_decoding_across_the_window_and_batched_candidates(gemma, gemma_hf):
+def test_kv_cache_decoding_across_the_window_and_batched_candidates(gemma, gemma_hf, long_ref):
     """The decode loop: prefill 505 tokens, then teacher-force tokens across position 512 with the
     forward split at a layer (stop_at_layer / start_at_layer on the KV cache) and, at each step,
-    three candidates evaluated on the frozen prefix (zero, and two perturbations of resid_pre)."""
-    ids = long_prompt(gemma, 516)
+    two candidates evaluated on the frozen prefix (zero, and a push of half the residual's norm)."""
+    ids, ref_all = long_ref
+    ref = ref_all[(KEEP >= 505) & (KEEP < 515)]  # HF log-probs at positions 505..514
     L, n_steps = 7, 10
     hook = f"blocks.{L}.hook_resid_pre"
-    g = torch.Generator().manual_seed(0)
-    unit = torch.randn(n_steps, 3, gemma.cfg.d_model, generator=g)
+    unit = torch.randn(n_steps, 2, gemma.cfg.d_model, generator=torch.Generator().manual_seed(0))
     unit = unit / unit.norm(dim=-1, keepdim=True)
     unit[:, 0] = 0.0  # candidate 0 is the unperturbed position
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     class Teacher:
         """A controller that only records: unperturbed logits and candidate logits at each step."""
@@ -149,46 +159,40 @@ def test_kv_cache_decoding_across_the_window_and_batched_candidates(gemma, gemma
         read_hooks = ()
 
         def __call__(self, step):
-            size = 0.5 * step.resid[0].norm()  # half the residual norm: a clearly visible push
+            size = 0.5 * step.resid[0].norm()
             cand, _ = step.evaluate({hook: (unit[step.index] * size)[None]})
-            seen.append((step.logits[0], cand[0]))
-            nxt = ids[0, 506 + step.index]
+            seen.append((step.logits[0], cand[0], size))
             step.logit_bias = torch.full_like(step.logits, -1e9)
-            step.logit_bias[:, nxt] = 0.0  # teacher forcing through the decode loop's own sampling
+            step.logit_bias[:, ids[0, 506 + step.index]] = 0.0  # teacher forcing through the loop's sampling
             return None
 
     enc = pad_left([ids[0, :506].tolist()], pad_id=0)
     res = generate_tokens(gemma, enc, ["long"], max_new_tokens=n_steps, controller=Teacher(), stop_at_eos=False)
-    assert res.new_tokens[0] == ids[0, 506:].tolist()
-    with torch.no_grad():
-        ref = _lp(gemma_hf(ids, logits_to_keep=torch.arange(505, 515)).logits[0])
-        for t, (logits, cand) in enumerate(seen):
-            assert (_lp(logits) - ref[t]).abs().max() < TOL, t
-            assert (_lp(cand[0]) - ref[t]).abs().max() < TOL, t  # the zero candidate
-        # Perturbed candidates against HF with the same delta added to the input of decoder layer L
-        # (TL's resid_pre L is HF's hidden_states[L]) at the current position, full forward, no cache.
-        t = n_steps - 1
-        pos = 505 + t
-        resid = gemma(ids[:, : pos + 1], stop_at_layer=L)[0, -1]
-        for c in (1, 2):
-            d = unit[t, c] * 0.5 * resid.norm()
+    assert res.new_tokens[0] == ids[0, 506:516].tolist()
+    for t, (logits, cand, _) in enumerate(seen):
+        assert (_lp(logits) - ref[t]).abs().max() < TOL, t
+        assert (_lp(cand[0]) - ref[t]).abs().max() < TOL, t  # the zero candidate
+    # The perturbed candidate of the last step (position 514) against HF with the same delta added to
+    # the input of decoder layer L (TL's resid_pre L is HF's hidden_states[L]): full forward, no cache.
+    t, pos = n_steps - 1, 505 + n_steps - 1
+    d = unit[t, 1] * seen[t][2]
 
-            def pre(module, args, kwargs, d=d):
-                h = args[0].clone() if args else kwargs["hidden_states"].clone()
-                h[:, pos] += d
-                if args:
-                    return (h, *args[1:]), kwargs
-                kwargs["hidden_states"] = h
-                return args, kwargs
+    def pre(module, args, kwargs):
+        h = (args[0] if args else kwargs["hidden_states"]).clone()
+        h[:, pos] += d
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
 
-            handle = gemma_hf.model.layers[L].register_forward_pre_hook(pre, with_kwargs=True)
-            try:
-                hf_c = _lp(gemma_hf(ids[:, : pos + 1], logits_to_keep=1).logits[0, -1])
-            finally:
-                handle.remove()
-            got = _lp(seen[t][1][c])
-            assert (got - hf_c).abs().max() < TOL, c
-            assert (got - ref[t]).abs().max() > 10 * TOL  # the perturbation really moved the output
+    handle = gemma_hf.model.layers[L].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            hf_c = _lp(gemma_hf(ids[:, : pos + 1], logits_to_keep=1).logits[0, -1])
+    finally:
+        handle.remove()
+    got = _lp(seen[t][1][1])
+    assert (got - hf_c).abs().max() < TOL
+    assert (got - ref[t]).abs().max() > 10 * TOL  # the perturbation really moved the output
 
 
 def test_start_and_stop_at_layer_match_hf(gemma, gemma_hf):
@@ -296,8 +300,8 @@ def test_caa_moves_the_answer_probability(gemma):
 def test_alqr_moves_sentiment_with_lambda(gemma, tmp_path):
     from czao_lens.steering.lqr import block_jacobians, fit_alqr, jacobian_prompts
 
-    layers = [8, 9, 10, 11]
-    jac = block_jacobians(gemma, prompts=jacobian_prompts(gemma, 2, chat=False), layers=layers, cache_dir=tmp_path)
+    layers = [8, 9, 10]
+    jac = block_jacobians(gemma, prompts=jacobian_prompts(gemma, 1, chat=False), layers=layers, cache_dir=tmp_path)
     ctrl = fit_alqr(gemma, jac, pos_texts=POS, neg_texts=NEG)
     base = _good_minus_bad(gemma).mean().item()
     up = _good_minus_bad(gemma, ctrl.with_lambda(3.0)).mean().item()
@@ -367,7 +371,7 @@ def test_landscape_is_centred_on_the_unperturbed_model(gemma):
     from czao_lens.diagnostics.landscape import loss_landscape
 
     land = loss_landscape(gemma, "Roses are red, violets are", AvoidTokens(["blue"]), [7],
-                          config=CZAOConfig(layers=(7,), rank=4, n_dirs=4, max_steps=2), n=3, extent=1.0)
+                          config=CZAOConfig(layers=(7,), rank=4, n_dirs=2, max_steps=1), n=3, extent=1.0)
     grids = land.grids[7]
     for name, g in grids.items():
         assert g.shape == (3, 3) and np.isfinite(g).all(), name
