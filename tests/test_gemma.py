@@ -222,6 +222,26 @@ def test_tracing_restores_the_fact(gemma):
     assert abs(float(last[0])) < 0.05 * tr.total_effect  # its own embedding was never corrupted
 
 
+def test_trace_cli_on_gemma(gemma, tmp_path, monkeypatch):
+    """`czao-lens trace --model gemma-3-270m --no-chat`: the CLI path (model load patched to the fixture)."""
+    from typer.testing import CliRunner
+
+    import czao_lens.cli as cli
+
+    asked = []
+    monkeypatch.setattr(cli, "_load", lambda name: asked.append(name) or gemma)
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([{"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower",
+                              "answer": " Paris", "other": " London"}]))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli.app, ["trace", "--model", NAME, "--no-chat", "--prompts", str(f), "--n-samples", "1",
+                                     "--window", "2", "--heatmap-positions", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert asked == [NAME]
+    ranked = json.loads((out / "layers.json").read_text())
+    assert "top layers:" in r.output and ranked
+
+
 def test_patching_moves_the_answer_between_two_prompts(gemma):
     from czao_lens.diagnostics.patching import activation_patching
     from czao_lens.diagnostics.tracing import Target, single_token_id
