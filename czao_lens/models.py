@@ -476,14 +476,10 @@ def _save_cache(folder: Path, model: HookedTransformer, source: Path, *, replace
 
 def _load_cache(folder: Path, dtype: torch.dtype) -> HookedTransformer:
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     cfg = _cfg_from_json(json.loads((folder / "config.json").read_text()))
     cfg.init_weights = False  # weights come from the file; random init would cost seconds
-    # TL's set_tokenizer reloads any tokenizer not made with add_bos_token=True (get_tokenizer_with_bos);
-    # loading it that way once halves the tokenizer cost (Gemma's 262k-entry tokenizer takes seconds).
-    # BOS placement stays TL's and prompts.encode_prompts' decision (cfg.default_prepend_bos).
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), add_bos_token=True)
+    tokenizer = _load_tokenizer(folder / "tokenizer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="left")
@@ -511,6 +507,25 @@ def _conversion_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _load_tokenizer(folder: Path):
+    """The cached tokenizer, loaded the cheap way (Gemma's 262k vocabulary made it most of a reload).
+
+    * ``add_bos_token=True``: TL's ``set_tokenizer`` reloads any tokenizer made without it
+      (``get_tokenizer_with_bos``); BOS placement stays ``cfg.default_prepend_bos``'s decision.
+    * The saved ``tokenizer.json`` is the whole pipeline, added tokens included. The generic
+      ``TokenizersBackend`` reads it directly (``GemmaTokenizer`` rebuilds 262k entries and 515k merges
+      in Python), and an empty ``added_tokens_decoder`` skips transformers' second, legacy parse of
+      the 33 MB file for added tokens: 2.6x faster for Gemma, 1.6x for SmolLM2 (measured 2026-12-07),
+      with encodings, special tokens, added tokens and chat template equal to AutoTokenizer's.
+    """
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if (folder / "tokenizer.json").exists():
+        return TokenizersBackend.from_pretrained(str(folder), add_bos_token=True, added_tokens_decoder={})
+    return AutoTokenizer.from_pretrained(str(folder), add_bos_token=True)
 
 
 def _to_dtype(model: HookedTransformer, dtype: torch.dtype) -> HookedTransformer:
