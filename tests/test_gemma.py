@@ -31,13 +31,16 @@ SHORT = [
 TOL = 1e-3  # log-probability, over the whole 262k vocabulary
 
 
+LOAD_SECONDS: list[float] = []  # the fixture's load time, printed by the loading test
+
+
 @pytest.fixture(scope="module")
 def gemma():
     """Gemma-3-270m through the czao-lens runtime, loaded once for this module."""
     torch.manual_seed(0)
     t = time.perf_counter()
     model = models.load_model(NAME, progress=False)
-    model._test_load_seconds = time.perf_counter() - t  # read by the loading test
+    LOAD_SECONDS.append(time.perf_counter() - t)
     return model
 
 
@@ -88,10 +91,10 @@ def test_loads_offline_from_the_verified_cache(gemma):
     assert (cfg.n_layers, cfg.d_model, cfg.d_vocab, cfg.window_size) == (18, 640, 262144, 512)
     assert cfg.attn_types.count("global") == 3 and cfg.attn_types[5] == "global"
     assert cfg.use_qk_norm and cfg.use_normalization_before_and_after and cfg.default_prepend_bos
-    # The fixture's load was a cache hit (the conversion takes minutes, and writes this manifest).
+    # The conversion is cached with its manifest (the first load converts for ~100 s, later ones read it).
     assert models._is_valid_cache(models.cache_root() / NAME)
     # A figure, not a speed assertion (the machine is shared): docs/models.md has the measured ones.
-    print(f"gemma_load_seconds={gemma._test_load_seconds:.2f}")
+    print(f"gemma_load_seconds={LOAD_SECONDS[0]:.2f}")
     from czao_lens.runtime import fast_path_report
 
     assert fast_path_report(gemma).startswith("all "), fast_path_report(gemma)
