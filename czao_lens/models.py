@@ -226,26 +226,29 @@ def load_hf_reference(name: str = DEFAULT_MODEL, *, progress: bool = True) -> An
     hf_logging.set_verbosity_error()
     if _is_valid_cache(folder, gguf, check_hash=True):
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    if progress:
-        print(f"czao-lens: dequantising {spec.name} with transformers (first time only)...", flush=True)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    if hasattr(hf.config, "quantization_config"):  # the weights are plain fp32 from here on
-        del hf.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        save_model(hf, str(tmp / "model.safetensors"))  # tied embeddings are stored once
-        hf.config.save_pretrained(str(tmp))
-        weights = tmp / "model.safetensors"
-        manifest = {"format": CACHE_FORMAT, "weights_size": weights.stat().st_size,
-                    "weights_sha256": _file_sha256(weights), "source_stamp": _source_stamp(gguf)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.chmod(0o755)
-        os.replace(tmp, folder)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        warnings.warn(f"czao-lens: could not cache the HF reference in {folder}: {exc}")
+    with _conversion_lock(folder):  # concurrent processes dequantise once
+        if _is_valid_cache(folder, gguf, check_hash=True):
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        if progress:
+            print(f"czao-lens: dequantising {spec.name} with transformers (first time only)...", flush=True)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+        if hasattr(hf.config, "quantization_config"):  # the weights are plain fp32 from here on
+            del hf.config.quantization_config
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        try:
+            save_model(hf, str(tmp / "model.safetensors"))  # tied embeddings are stored once
+            hf.config.save_pretrained(str(tmp))
+            weights = tmp / "model.safetensors"
+            manifest = {"format": CACHE_FORMAT, "weights_size": weights.stat().st_size,
+                        "weights_sha256": _file_sha256(weights), "source_stamp": _source_stamp(gguf)}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.chmod(0o755)
+            os.replace(tmp, folder)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            warnings.warn(f"czao-lens: could not cache the HF reference in {folder}: {exc}")
     return hf
 
 
