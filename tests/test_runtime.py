@@ -27,6 +27,14 @@ FLAVOURS = {
         normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True,
         act_fn="silu", final_rms=True,
     ),
+    # Gemma 3 flavour: per-head q/k norms, norms after attention and MLP, one KV head, local
+    # (sliding-window 4) and global layers with their own rotary bases, gated GELU-tanh MLP.
+    "gemma3-like": dict(
+        normalization_type="RMSPre", positional_embedding_type="rotary", n_key_value_heads=1,
+        gated_mlp=True, act_fn="gelu_pytorch_tanh", final_rms=True, use_qk_norm=True,
+        use_normalization_before_and_after=True, use_local_attn=True, attn_types=["local", "global", "local"],
+        window_size=4, rotary_base_local=100, original_architecture="Gemma3ForCausalLM",
+    ),
     # GPT-2 flavour: LayerNorm, learned positions, ungated MLP (stock components stay stock).
     "gpt2-like": dict(normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new"),
 }
@@ -113,7 +121,7 @@ def test_logits_batch_left_padding(flavour):
         assert_close(stock(tokens), fast(tokens))  # no mask at all
 
 
-@pytest.mark.parametrize("flavour", ["llama-gqa-rmspre", "llama-mha-rms"])
+@pytest.mark.parametrize("flavour", ["llama-gqa-rmspre", "llama-mha-rms", "gemma3-like"])
 def test_kv_cached_decoding_matches_stock_and_full_forward(flavour):
     stock, fast = pair(flavour)
     tokens, mask = padded_batch()
@@ -165,6 +173,23 @@ def test_frozen_expanded_cache_candidates():
     assert results[1][1].shape == (n_cand, 1, 97)
 
 
+def test_gemma3_like_takes_the_fast_path(monkeypatch):
+    """q/k norms, post norms and local/global windows are specialised, not handed back to stock TL."""
+    from transformer_lens.components import GroupedQueryAttention, TransformerBlock
+
+    stock, fast = pair("gemma3-like")
+    calls = []
+    for cls in (GroupedQueryAttention, TransformerBlock):
+        orig = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _o=orig, **k: calls.append(type(self)) or _o(self, *a, **k))
+    tokens, mask = padded_batch()
+    with torch.no_grad():
+        fast(tokens, attention_mask=mask)
+        assert calls == []
+        stock(tokens, attention_mask=mask)
+    assert len(calls) == 6  # the probe does see stock forwards: 3 blocks + 3 attention layers
+
+
 def test_start_and_stop_at_layer():
     stock, fast = pair()
     tokens, mask = padded_batch()
@@ -189,7 +214,7 @@ def test_model_generate_matches():
 # ----------------------------------------------------------------------------- hooks
 
 
-@pytest.mark.parametrize("flavour", ["llama-gqa-rmspre", "gpt2-like"])
+@pytest.mark.parametrize("flavour", ["llama-gqa-rmspre", "gemma3-like", "gpt2-like"])
 def test_run_with_cache_every_hook_matches(flavour):
     stock, fast = pair(flavour)
     tokens, mask = padded_batch()
