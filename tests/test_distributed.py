@@ -55,6 +55,16 @@ def _rows(folder) -> list[dict]:
     return [without_timings(json.loads(line)) for line in (folder / RESULTS).read_text().splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The Ray actors run one torch thread; the in-process arm must too, or float reductions split
+    differently across threads and the rows differ in their last bits (CI runs with 2 threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
