@@ -43,7 +43,7 @@ from czao_lens.bench.metrics import fluency, unsteered_logprobs  # noqa: E402
 from czao_lens.czao import CZAOConfig, generate_czao  # noqa: E402
 from czao_lens.generate import generate  # noqa: E402
 from czao_lens.guided import generate_guided  # noqa: E402
-from czao_lens.probes import ValueProbe, collect_rollouts, corpus_prompts, train_probe  # noqa: E402
+from czao_lens.probes import ValueProbe, collect_rollouts, corpus_prompts, rollout_residuals, train_probe  # noqa: E402
 from czao_lens.store import ActivationStore  # noqa: E402
 
 BANNED = [
@@ -269,8 +269,9 @@ def load_probes(model, data: Path, args) -> dict[str, ValueProbe]:
         prompts = corpus_prompts(data, exclude=exclude, limit=args.probe_prompts, seed=args.seed)
         rolls = collect_rollouts(model, prompts, samples=3, max_new_tokens=args.max_new_tokens,
                                  perturb_layers=tuple(args.layer or (12,)), seed=args.seed)
+        res = rollout_residuals(model, rolls)  # shared by every constraint's contrastive direction
         for kind, c in missing:
-            out[kind], _ = train_probe(model, c, rolls, save=False)
+            out[kind], _ = train_probe(model, c, rolls, save=False, residuals=res)
             out[kind].save(args.probes / kind)
     elif missing:
         print(f"no value probe for {', '.join(k for k, _ in missing)} in {args.probes}: rollout scoring "

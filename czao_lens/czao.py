@@ -43,7 +43,7 @@ from czao_lens.generate import DecodeStep, StepDeltas, check_sampling, generate_
 from czao_lens.probes import ValueProbe, probe_for
 from czao_lens.prompts import EncodedPrompts, encode_prompts
 from czao_lens.seeds import Directions, seed_directions, seeded
-from czao_lens.sites import resid_hook
+from czao_lens.sites import check_layers, resid_hook
 from czao_lens.store import ActivationStore
 from czao_lens.subspace import Subspace, SubspaceError, activation_basis, random_basis
 from czao_lens.zo import diagonal_curvature, line_search_candidates, spsa_candidates, spsa_gradient
@@ -862,12 +862,18 @@ def generate_czao(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     store = store or ActivationStore(model)
     value = resolve_probe(model, constraint, config, probe)
+    # The seed directions depend on the constraint and the layers only: found once for all prompts.
+    seeds = directions
+    if seeds is None and config.seed_direction:
+        layers = subspace.layers if subspace is not None else check_layers(
+            model.cfg.n_layers, sorted(set(config.layers)), "layer in R", SubspaceError)
+        seeds = seed_directions(model, constraint, value, layers)
     results = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo: lo + batch_size]
         enc = encode_prompts(model, chunk, chat=chat)
         ctls = [_row_controller(model, constraint, config, enc, b, prompt, subspace=subspace, store=store,
-                                value=value, directions=directions, document=document, predictor=predictor,
+                                value=value, seeds=seeds, document=document, predictor=predictor,
                                 max_new_tokens=max_new_tokens)
                 for b, prompt in enumerate(chunk)]
         t0 = time.perf_counter()
@@ -894,14 +900,11 @@ def generate_czao(
 
 def _row_controller(
     model: HookedTransformer, constraint: Constraint, config: CZAOConfig, enc: EncodedPrompts, b: int, prompt: str, *,
-    subspace: Subspace | None, store: ActivationStore, value: ValueProbe | None, directions: Directions | None,
+    subspace: Subspace | None, store: ActivationStore, value: ValueProbe | None, seeds: Directions | None,
     document: str | None, predictor: ZPredictor | None, max_new_tokens: int,
 ) -> CZAOController:
     """The controller of row ``b``: its own subspace (seeded when there is a direction) and state."""
     sub = subspace or build_subspace(model, _prompt_ids(enc, b), config, store=store)
-    seeds = directions
-    if seeds is None and config.seed_direction:
-        seeds = seed_directions(model, constraint, value, sub.layers)
     seed_z = None
     if seeds is not None:
         sub, seed_z = seeded(sub, seeds, seed=config.seed)

@@ -481,17 +481,19 @@ def train_probe(
     prompts: "Sequence[str] | Rollouts",
     *,
     save: bool = True,
+    residuals: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[ValueProbe, Rollouts]:
-    """Collect rollouts (or reuse ``Rollouts`` collected for another constraint), label them, fit,
-    and (by default) store the probe where :func:`find_probe` looks."""
+    """Collect rollouts (or reuse ``Rollouts`` collected for another constraint, with their
+    :func:`rollout_residuals` so that no forward is repeated), label them, fit, and (by default)
+    store the probe where :func:`find_probe` looks."""
     fit_kw = {k: kwargs.pop(k) for k in ("l2", "recall", "folds") if k in kwargs}
     if constraint.level != "sequence":  # before any rollout is collected
         raise ProbeError(f"{constraint.describe()} is token-level: CZAO scores it exactly from logits, no probe needed")
     rollouts = prompts if isinstance(prompts, Rollouts) else collect_rollouts(model, prompts, **kwargs)
     data = rollouts.labelled(constraint, model.tokenizer)
     probe = fit_probe(model, constraint, data, hook=kwargs.get("hook"), seed=kwargs.get("seed", 0), **fit_kw)
-    probe.directions = contrastive_directions(model, data, chat=kwargs.get("chat", False),
+    probe.directions = contrastive_directions(model, data, residuals=residuals, chat=kwargs.get("chat", False),
                                               progress=kwargs.get("progress", True))
     if save:
         probe.save(probe_path(model, constraint, kwargs.get("hook")))
