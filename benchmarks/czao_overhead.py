@@ -21,7 +21,7 @@ Prints a table per type, then, as its last lines (name=value, every ratio measur
 (perplexity under the unsteered model of CZAO's text over that of the unsteered text).
 
     python benchmarks/czao_overhead.py [--n 8] [--max-new-tokens 24] [--data ../shared/data] [--out runs/bench_czao]
-        [--probes runs/probes | --no-probes] [--train-probes] [--budget 6]
+        [--probes runs/probes | --no-probes] [--train-probes] [--budget 6] [--repair 0]
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--hold", action="store_true", help="CZAOConfig.hold: re-apply the last feasible z")
     ap.add_argument("--no-seed", action="store_true", help="no seed direction (SPSA from scratch), to measure what it buys")
     ap.add_argument("--guided-k", type=int, default=4, help="top-k of probe-guided decoding (the output-space reference)")
+    ap.add_argument("--repair", type=int, default=None, help="CZAOConfig.repair: rows per verified-repair round (0: off)")
     ap.add_argument("--budget", default=None,
                     help="CZAO's per-prompt budget in row passes per token, or 'none' (default: CZAOConfig's)")
     args = ap.parse_args()
@@ -104,6 +105,7 @@ def main() -> None:
     store = ActivationStore(model)
     cfg = CZAOConfig(layers=tuple(args.layer or (12,)), seed=args.seed, seed_direction=not args.no_seed, hold=args.hold,
                      **({} if args.accept is None else {"probe_accept": args.accept}),
+                     **({} if args.repair is None else {"repair": args.repair}),
                      **({} if args.budget is None else {"budget": None if args.budget == "none" else float(args.budget)}))
     generate(model, "warm up", max_new_tokens=4)
     probes = {} if args.no_probes else load_probes(model, data, args)
@@ -151,7 +153,7 @@ def main() -> None:
                 "probe": kind in probes, "bestofn_n": n, "bestofn_ok": bon_ok, "bestofn_s": t_bon,
                 "ppl_unsteered": ppl["unsteered"], "ppl_czao": ppl["czao"],
                 "prompt_overhead": (tc / max(len(res.tokens), 1)) / (tb / max(len(base.new_tokens[0]), 1)),
-                "seed_direction": cfg.seed_direction,
+                "seed_direction": cfg.seed_direction, "repair": res.repair,
                 **({} if guided is None else {
                     "guided": guided.text, "guided_ok": guided.satisfied, "guided_s": t_guided,
                     "guided_tokens": len(guided.tokens), "guided_row_passes_per_token": guided.summary()["row_passes_per_token"]}),
@@ -189,6 +191,10 @@ def main() -> None:
             "guided_row_passes_per_token": statistics.fmean(r["guided_row_passes_per_token"] for r in gd) if gd else nan,
             "guided_wallclock_ratio": (sum(r["guided_s"] for r in gd) / max(sum(r["guided_tokens"] for r in gd), 1))
             / (sum(r["unsteered_s"] for r in gd) / max(sum(r["unsteered_tokens"] for r in gd), 1)) if gd else nan,
+            "repair_share": sum(r.get("repair") is not None for r in rs) / len(rs),
+            "repaired_share": sum(bool((r.get("repair") or {}).get("repaired")) for r in rs) / len(rs),
+            "repair_masked_row_share": sum((r.get("repair") or {}).get("masked", 0) for r in rs)
+            / max(sum((r.get("repair") or {}).get("candidates", 0) for r in rs), 1),
             "p95_prompt_overhead": quantile([r["prompt_overhead"] for r in rs], 0.95),
             "ppl_ratio": statistics.fmean(r["ppl_czao"] for r in rs if r["ppl_czao"] == r["ppl_czao"])
             / statistics.fmean(r["ppl_unsteered"] for r in rs if r["ppl_unsteered"] == r["ppl_unsteered"]),
@@ -204,7 +210,8 @@ def main() -> None:
     cols = ["prompts", "unsteered_satisfaction", "czao_satisfaction", "bestofn_satisfaction", "unreachable_share",
             "satisfaction_reachable", "mean_kl_optimized", "median_steps", "max_steps", "passes_per_token",
             "row_passes_per_token", "wallclock_ratio", "p95_prompt_overhead", "ppl_ratio", "guided_satisfaction",
-            "czao_satisfaction_guided_prompts", "guided_row_passes_per_token", "guided_wallclock_ratio"]
+            "czao_satisfaction_guided_prompts", "guided_row_passes_per_token", "guided_wallclock_ratio",
+            "repair_share", "repaired_share"]
     print("\n| type | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for k, s in table.items():
@@ -225,6 +232,9 @@ def main() -> None:
     print(f"czao_probe_overruled_share={a['probe_overruled_share']:.4f}")
     print(f"czao_screen_miss_rate={a['screen_miss_rate']:.4f}")
     print(f"czao_share_tokens_optimised={a['share_tokens_optimised']:.4f}")
+    print(f"czao_repair_share={a['repair_share']:.4f}  (prompts whose finished text failed and went through repair)")
+    print(f"czao_repaired_share={a['repaired_share']:.4f}  (prompts whose repaired text the evaluator accepted)")
+    print(f"czao_repair_masked_row_share={a['repair_masked_row_share']:.4f}  (repair rows that needed the mask)")
     print(f"guided_satisfaction={a['guided_satisfaction']:.4f}  (probe-guided top-{args.guided_k}, on the {a['guided_prompts']} sequence-level prompts)")
     print(f"czao_satisfaction_guided_prompts={a['czao_satisfaction_guided_prompts']:.4f}")
     print(f"guided_row_passes_per_token={a['guided_row_passes_per_token']:.4f}")

@@ -432,6 +432,7 @@ def czao(
     kl_eps: Optional[float] = typer.Option(None, help=_CFG_HELP),
     lookahead: Optional[int] = typer.Option(None, help="Rollout tokens per candidate for sequence-level constraints. " + _CFG_HELP),
     fallback: Optional[str] = typer.Option(None, help="flag, relax or mask. " + _CFG_HELP),
+    repair: Optional[int] = typer.Option(None, help="Sequence level: rows per verified-repair round when the finished text fails (0: off; docs/czao.md). " + _CFG_HELP),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
     chat: bool = typer.Option(True),
     seed: int = typer.Option(0),
@@ -453,7 +454,8 @@ def czao(
     pf.check_at_least(top_k, 1, "--top-k")
     c = _constraint_from(constraint)
     cfg = CZAOConfig(**_given(layers=_czao_layers(layer, layers_json, top_k), rank=rank, basis=basis, max_steps=max_steps,
-                              n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, seed=seed))
+                              n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, repair=repair,
+                              seed=seed))
     pf.check_model_layers(model, cfg.layers)
     pf.check_rank(model, cfg.rank)
     if prompts is not None:

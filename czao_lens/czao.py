@@ -39,9 +39,10 @@ from transformer_lens import HookedTransformer
 from czao_lens.artifacts import Artifact, model_info, register_artifact
 from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
 from czao_lens.errors import ArtifactError, CzaoLensError
-from czao_lens.generate import DecodeStep, StepDeltas, check_sampling, generate_tokens
+from czao_lens.generate import DecodeStep, StepDeltas, check_sampling, generate_tokens, stop_token_ids
 from czao_lens.probes import ValueProbe, probe_for
 from czao_lens.prompts import EncodedPrompts, encode_prompts
+from czao_lens.repair import RepairRecord, Trace, repair
 from czao_lens.seeds import Directions, seed_directions, seeded
 from czao_lens.sites import check_layers, resid_hook
 from czao_lens.store import ActivationStore
@@ -84,6 +85,8 @@ class CZAOConfig:
     budget: float | None = 10.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
     seed_direction: bool = True  # try a line along the constraint's known good direction before SPSA (czao_lens.seeds)
     hold: bool = False  # keep applying the last feasible z on tokens that need no search, while its KL stays <= eps
+    repair: int = 4  # sequence level: rows per verified-repair round when the finished text fails (0: off; czao_lens.repair)
+    repair_rounds: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +106,8 @@ class CZAOConfig:
             raise CZAOError("max_norm must be >= 0")
         if self.probe_accept is not None and not 0.0 <= self.probe_accept < 1.0:
             raise CZAOError(f"probe_accept must be in [0, 1) or None, got {self.probe_accept}")
+        if self.repair < 0 or self.repair_rounds < 1:
+            raise CZAOError(f"repair must be >= 0 and repair_rounds >= 1, got {self.repair} and {self.repair_rounds}")
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget >= 1.0):
             raise CZAOError(f"budget must be >= 1 (row passes per token, unsteered = 1) or None, got {self.budget}")
 
@@ -165,6 +170,7 @@ class CZAOResult:
     step_logprobs: Float[Tensor, "n_new vocab"] | None = field(default=None, repr=False)  # with keep_logprobs
     pairs: DistillPairs | None = field(default=None, repr=False)
     probe: "ViolationProbe | None" = field(default=None, repr=False)
+    repair: dict[str, Any] | None = None  # RepairRecord.to_dict() when the text went through verified repair
 
     _NOT_JSON = ("step_logprobs", "pairs", "probe")
 
@@ -173,6 +179,7 @@ class CZAOResult:
         opt = [r for r in self.records if r.optimized]
         steps = [r.steps for r in opt]
         n = max(len(self.records), 1)
+        rep = self.repair or {}
         return {
             "satisfied": self.satisfied,
             "unreachable": self.unreachable,
@@ -181,8 +188,11 @@ class CZAOResult:
             "unreachable_tokens": sum(r.unreachable for r in self.records),
             "median_steps": statistics.median(steps) if steps else 0,
             "max_steps": max(steps) if steps else 0,
-            "passes_per_token": sum(r.passes for r in self.records) / n,
-            "row_passes_per_token": sum(r.row_passes for r in self.records) / n,
+            # Repair's forwards are batched over its rows: one pass per step, its rows in row passes.
+            "passes_per_token": (sum(r.passes for r in self.records) + rep.get("row_passes", 0.0) / max(rep.get("candidates", 1), 1)) / n,
+            "row_passes_per_token": (sum(r.row_passes for r in self.records) + rep.get("row_passes", 0.0)) / n,
+            "repair_rounds": rep.get("rounds", 0),
+            "repaired": bool(rep.get("repaired", False)),
             "screened_tokens": sum(r.p_violation is not None and not r.optimized and not r.over_budget for r in self.records),
             "over_budget_tokens": sum(r.over_budget for r in self.records),
             "held_tokens": sum(r.held for r in self.records),
@@ -212,7 +222,8 @@ class CZAOResult:
     def from_dict(cls, d: dict[str, Any]) -> "CZAOResult":
         """Rebuild a result from :meth:`to_dict` (without log-probs, pairs or probe)."""
         try:
-            kw = {f.name: d[f.name] for f in fields(cls) if f.name not in cls._NOT_JSON}
+            kw = {f.name: d[f.name] for f in fields(cls) if f.name not in cls._NOT_JSON and f.name != "repair"}
+            kw["repair"] = d.get("repair")
             kw["records"] = [TokenRecord(**r) for r in d["records"]]
         except (KeyError, TypeError) as exc:
             raise ArtifactError(f"not a CZAO result record: {exc!r}") from None
@@ -868,6 +879,9 @@ def generate_czao(
         layers = subspace.layers if subspace is not None else check_layers(
             model.cfg.n_layers, sorted(set(config.layers)), "layer in R", SubspaceError)
         seeds = seed_directions(model, constraint, value, layers)
+    # Verified repair rewinds a finished greedy row through the run's KV cache (sequence level only).
+    repairs = bool(config.repair) and constraint.level == "sequence" and greedy
+    stops = stop_token_ids(model)
     results = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo: lo + batch_size]
@@ -880,22 +894,52 @@ def generate_czao(
         gen = generate_tokens(model, enc, chunk, max_new_tokens=max_new_tokens, greedy=greedy,
                               temperature=temperature, top_p=top_p, seed=seed,
                               controller=ctls[0] if len(ctls) == 1 else BatchedCZAO(ctls), progress=progress,
-                              keep_logprobs=keep_logprobs, config={"chat": chat, "system_prompt": None})
+                              keep_logprobs=keep_logprobs, config={"chat": chat, "system_prompt": None},
+                              keep_cache=repairs)
         seconds = (time.perf_counter() - t0) / len(chunk)
         for b, (prompt, ctl) in enumerate(zip(chunk, ctls)):
-            text = gen.texts[b]
-            try:
-                ok = bool(constraint.check_text(text, replace(ctl.context, generated=text)))
-            except Exception as exc:
-                raise CZAOError(f"constraint {constraint.describe()} raised in its final check: {exc!r}") from exc
+            text, tokens, rec = gen.texts[b], gen.new_tokens[b], None
+            ok = _final_check(constraint, ctl.context, text)
+            if repairs and not ok and tokens and ctl.spent < ctl.cap:
+                fixed, rec = _repair_row(model, constraint, config, ctl, enc, gen, b, seed=seed)
+                if fixed is not None:
+                    tokens = fixed
+                    text = model.tokenizer.decode([i for i in fixed if i not in stops], skip_special_tokens=False)
+                    ok = _final_check(constraint, ctl.context, text)
+                seconds_b = seconds + rec.seconds
+            else:
+                seconds_b = seconds
             results.append(CZAOResult(
-                prompt=prompt, text=text, tokens=gen.new_tokens[b], records=ctl.records, satisfied=ok,
-                unreachable=any(r.unreachable for r in ctl.records), seconds=seconds,
+                prompt=prompt, text=text, tokens=tokens, records=ctl.records, satisfied=ok,
+                unreachable=any(r.unreachable for r in ctl.records), seconds=seconds_b,
                 config=asdict(config), constraint=constraint.describe(),
-                step_logprobs=gen.step_logprobs[b] if keep_logprobs else None,
-                pairs=ctl.pairs(), probe=ctl.probe,
+                step_logprobs=gen.step_logprobs[b] if keep_logprobs and rec is None else None,
+                pairs=ctl.pairs(), probe=ctl.probe, repair=rec.to_dict() if rec is not None else None,
             ))
     return results
+
+
+def _final_check(constraint: Constraint, context: Context, text: str) -> bool:
+    try:
+        return bool(constraint.check_text(text, replace(context, generated=text)))
+    except Exception as exc:
+        raise CZAOError(f"constraint {constraint.describe()} raised in its final check: {exc!r}") from exc
+
+
+def _repair_row(
+    model: HookedTransformer, constraint: Constraint, config: CZAOConfig, ctl: CZAOController, enc: EncodedPrompts,
+    gen: Any, b: int, *, seed: int,
+) -> tuple[list[int] | None, RepairRecord]:
+    """Verified repair of row ``b`` (:mod:`czao_lens.repair`) at the first layer of its R, within what
+    is left of the prompt's budget."""
+    new = torch.tensor(gen.new_tokens[b], dtype=torch.long)
+    trace = Trace(torch.cat([enc.tokens[b], new]), torch.cat([enc.attention_mask[b], torch.ones_like(new)]),
+                  len(new), gen.cache, b)
+    layer = ctl.subspace.start_layer
+    return repair(model, constraint, replace(ctl.context, generated=""), trace, layer=layer,
+                  scale=ctl.subspace.scales[layer], k=config.repair, rounds=config.repair_rounds,
+                  kl_eps=config.kl_eps, seed=seed,
+                  budget=None if math.isinf(ctl.cap) else ctl.cap - ctl.spent)
 
 
 def _row_controller(

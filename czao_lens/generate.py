@@ -269,6 +269,8 @@ class GenerationResult:
     config: dict[str, Any] = field(default_factory=dict)
     # With keep_logprobs: per row, the log-probs each new token was drawn from, [n_new, vocab].
     step_logprobs: list[Tensor] | None = field(default=None, repr=False)
+    # With keep_cache: the KV cache at the end (what was fed, steered K/V included), for continuing.
+    cache: TransformerLensKeyValueCache | None = field(default=None, repr=False)
 
     @property
     def tokens_per_second(self) -> float:
@@ -278,6 +280,7 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("step_logprobs")  # tensors stay out of the JSON record
+        d.pop("cache")
         return d
 
     def save(self, path: str | Path) -> Path:
@@ -387,9 +390,14 @@ def generate_tokens(
     progress: bool = False,
     config: dict[str, Any] | None = None,
     keep_logprobs: bool = False,
+    past: TransformerLensKeyValueCache | None = None,
+    keep_cache: bool = False,
 ) -> GenerationResult:
     """:func:`generate` on already encoded prompts. ``keep_logprobs`` keeps the distribution each new
-    token was drawn from (after interventions and logit bias), for KL and fluency measurements."""
+    token was drawn from (after interventions and logit bias), for KL and fluency measurements.
+
+    ``past`` continues from a KV cache that already holds every token but the last (e.g. a prefix
+    cut from an earlier run's ``keep_cache`` result, :func:`prefix_cache`): no prefill is run."""
     check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
     device = model.cfg.device or "cpu"
     n_layers = model.cfg.n_layers
@@ -404,8 +412,13 @@ def generate_tokens(
     stops = stop_token_ids(model) if stop_at_eos else set()
     tokens = enc.tokens.to(device)
     batch = tokens.shape[0]
-    st = _DecodeState(model, TransformerLensKeyValueCache.init_cache(model.cfg, device, batch), enc.layout(),
-                      tokens, tokens[:, -1], torch.zeros(batch, dtype=torch.bool), {})
+    if past is not None:
+        have = past.previous_attention_mask.shape
+        if have != (batch, tokens.shape[1] - 1):
+            raise GenerationError(f"past cache covers {tuple(have)} (rows, positions); these tokens need "
+                                  f"({batch}, {tokens.shape[1] - 1}): every token but the last")
+    cache0 = past if past is not None else TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+    st = _DecodeState(model, cache0, enc.layout(), tokens, tokens[:, -1], torch.zeros(batch, dtype=torch.bool), {})
     finished = st.finished
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     kept: list[list[Tensor]] = [[] for _ in range(batch)]
@@ -417,7 +430,7 @@ def generate_tokens(
         if controller is not None:
             removers = [add_hook(model.hook_dict[n], _capture(st.read_store, n)) for n in controller.read_hooks]
         # Prefill all but the last prompt token; the loop feeds the last one as step 0's current token.
-        if tokens.shape[1] > 1:
+        if tokens.shape[1] > 1 and past is None:
             model(tokens[:, :-1], attention_mask=enc.attention_mask[:, :-1].to(device), past_kv_cache=st.cache, return_type=None)
         st.layout.offset = tokens.shape[1] - 1
         bar = tqdm(range(max_new_tokens), disable=not progress, desc="generate", unit="tok")
@@ -452,7 +465,25 @@ def generate_tokens(
         config={"max_new_tokens": max_new_tokens, "greedy": greedy, "temperature": temperature,
                 "top_p": top_p, "seed": seed, **(config or {})},
         step_logprobs=[torch.stack(k) if k else torch.zeros(0, logits.shape[-1]) for k in kept] if keep_logprobs else None,
+        cache=st.cache if keep_cache else None,
     )
+
+
+def prefix_cache(
+    cache: TransformerLensKeyValueCache, row: int, length: int, copies: int
+) -> TransformerLensKeyValueCache:
+    """Row ``row`` of ``cache`` cut to its first ``length`` positions, repeated ``copies`` times (views,
+    no copy: the decode loop's appends rebind, so ``cache`` itself is never changed)."""
+    if not 0 <= row < cache.previous_attention_mask.shape[0] or not 0 <= length <= cache.previous_attention_mask.shape[1]:
+        raise GenerationError(f"no row {row} / length {length} in a cache of shape {tuple(cache.previous_attention_mask.shape)}")
+    sl = slice(row, row + 1)
+
+    def cut(t: Tensor) -> Tensor:
+        t = t[sl, :length]
+        return t.expand(copies, *t.shape[1:])
+
+    entries = [TransformerLensKeyValueCacheEntry(cut(e.past_keys), cut(e.past_values)) for e in cache.entries]
+    return TransformerLensKeyValueCache(entries, cut(cache.previous_attention_mask))
 
 
 @dataclass
