@@ -181,8 +181,9 @@ def main() -> None:
             "row_passes_per_token": statistics.fmean(r["row_passes_per_token"] for r in rs),
             "bestofn_satisfaction": sum(r["bestofn_ok"] for r in rs) / len(rs),
             "probe_overruled_share": mean_of([float(r["probe_overruled"]) for r in rs if r.get("probe_overruled") is not None]),
-            # Screening misses: tokens the probe let through unoptimised, in texts the evaluator rejects.
-            "screen_miss_rate": sum(r["screened_tokens"] for r in rs if r["probe"] and not r["czao_ok"])
+            # Screening misses: tokens the probe let through unoptimised, in texts the evaluator rejects
+            # (before repair: a text that went through repair was rejected).
+            "screen_miss_rate": sum(r["screened_tokens"] for r in rs if r["probe"] and (not r["czao_ok"] or r.get("repair")))
             / max(sum(r["screened_tokens"] for r in rs if r["probe"]), 1),
             "share_tokens_optimised": sum(len(r["steps"]) for r in rs) / max(sum(r["czao_tokens"] for r in rs), 1),
             "guided_prompts": len(gd),

@@ -209,7 +209,8 @@ class CZAOResult:
         if last is None:
             return None  # no value probe ran
         predicted_ok = (not last.optimized and not last.over_budget and last.v_before == 0) or (last.optimized and last.satisfied)
-        return bool(predicted_ok and not self.satisfied)
+        # Repair runs only on a text the evaluator rejected: judge the probe on that text.
+        return bool(predicted_ok and (self.repair is not None or not self.satisfied))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record: every field but the tensors, plus ``summary``."""
@@ -899,11 +900,12 @@ def generate_czao(
         seconds = (time.perf_counter() - t0) / len(chunk)
         for b, (prompt, ctl) in enumerate(zip(chunk, ctls)):
             text, tokens, rec = gen.texts[b], gen.new_tokens[b], None
+            lps = gen.step_logprobs[b] if keep_logprobs else None
             ok = _final_check(constraint, ctl.context, text)
             if repairs and not ok and tokens and ctl.spent < ctl.cap:
-                fixed, rec = _repair_row(model, constraint, config, ctl, enc, gen, b, seed=seed)
+                fixed, fixed_lps, rec = _repair_row(model, constraint, config, ctl, enc, gen, b, seed=seed)
                 if fixed is not None:
-                    tokens = fixed
+                    tokens, lps = fixed, fixed_lps
                     text = model.tokenizer.decode([i for i in fixed if i not in stops], skip_special_tokens=False)
                     ok = _final_check(constraint, ctl.context, text)
                 seconds_b = seconds + rec.seconds
@@ -913,7 +915,7 @@ def generate_czao(
                 prompt=prompt, text=text, tokens=tokens, records=ctl.records, satisfied=ok,
                 unreachable=any(r.unreachable for r in ctl.records), seconds=seconds_b,
                 config=asdict(config), constraint=constraint.describe(),
-                step_logprobs=gen.step_logprobs[b] if keep_logprobs and rec is None else None,
+                step_logprobs=lps,
                 pairs=ctl.pairs(), probe=ctl.probe, repair=rec.to_dict() if rec is not None else None,
             ))
     return results
@@ -929,12 +931,12 @@ def _final_check(constraint: Constraint, context: Context, text: str) -> bool:
 def _repair_row(
     model: HookedTransformer, constraint: Constraint, config: CZAOConfig, ctl: CZAOController, enc: EncodedPrompts,
     gen: Any, b: int, *, seed: int,
-) -> tuple[list[int] | None, RepairRecord]:
+) -> tuple[list[int] | None, Tensor | None, RepairRecord]:
     """Verified repair of row ``b`` (:mod:`czao_lens.repair`) at the first layer of its R, within what
     is left of the prompt's budget."""
     new = torch.tensor(gen.new_tokens[b], dtype=torch.long)
     trace = Trace(torch.cat([enc.tokens[b], new]), torch.cat([enc.attention_mask[b], torch.ones_like(new)]),
-                  len(new), gen.cache, b)
+                  len(new), gen.cache, b, gen.step_logprobs[b] if gen.step_logprobs is not None else None)
     layer = ctl.subspace.start_layer
     return repair(model, constraint, replace(ctl.context, generated=""), trace, layer=layer,
                   scale=ctl.subspace.scales[layer], k=config.repair, rounds=config.repair_rounds,

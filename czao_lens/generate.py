@@ -13,9 +13,10 @@ prompt token at step 0, then each generated token.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -278,10 +279,8 @@ class GenerationResult:
         return n / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("step_logprobs")  # tensors stay out of the JSON record
-        d.pop("cache")
-        return d
+        # Tensors (log-probs, the cache) stay out of the JSON record, and are not deep-copied first.
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("step_logprobs", "cache")}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

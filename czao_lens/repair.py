@@ -70,6 +70,7 @@ class Trace:
     n_new: int
     cache: TransformerLensKeyValueCache
     row: int
+    logprobs: Float[Tensor, "n_new vocab"] | None = None  # kept when the caller measures KL / fluency
 
     @property
     def new(self) -> list[int]:
@@ -152,9 +153,10 @@ def repair(
     kl_eps: float = 1.5,
     seed: int = 0,
     budget: float | None = None,
-) -> tuple[list[int] | None, RepairRecord]:
+) -> tuple[list[int] | None, Tensor | None, RepairRecord]:
     """Repair one finished row (see the module docstring). Returns the accepted new tokens (``None``
-    when no row was accepted) and the record. ``budget`` (row passes) stops new rounds once spent."""
+    when no row was accepted), their next-token log-probs when the trace has them, and the record.
+    ``budget`` (row passes) stops new rounds once spent."""
     if k < 1 or rounds < 1:
         raise RepairError(f"repair needs k >= 1 and rounds >= 1, got k={k}, rounds={rounds}")
     rec = RepairRecord()
@@ -173,8 +175,11 @@ def repair(
             ctl = AwayController(model, layer, scale, new[t0], radii, kl_eps)
             enc = EncodedPrompts(tokens=ids[None].expand(k, -1).clone(), attention_mask=mask[None].expand(k, -1).clone(),
                                  prompt_lens=torch.full((k,), int(mask.sum()), dtype=torch.long))
+            keep = trace.logprobs is not None
             gen = generate_tokens(model, enc, [""] * k, max_new_tokens=trace.n_new - t0, seed=seed, controller=ctl,
-                                  past=prefix_cache(trace.cache, trace.row, cut - 1, k), keep_cache=True)
+                                  past=prefix_cache(trace.cache, trace.row, cut - 1, k), keep_cache=True,
+                                  keep_logprobs=keep)
+            lps = [torch.cat([trace.logprobs[:t0], g]) for g in gen.step_logprobs] if keep else [None] * k
             rec.candidates += k
             rec.masked += ctl.masked
             rec.row_passes += k * sum(c["row_passes"] for c in gen.cost)
@@ -182,12 +187,13 @@ def repair(
             for j, text in enumerate(texts):
                 if constraint.check_text(text, replace(context, generated=text)):
                     rec.chosen, rec.repaired = j, True
-                    return new[:t0] + gen.new_tokens[j], rec
+                    return new[:t0] + gen.new_tokens[j], lps[j], rec
             # None accepted: the next round rewinds the least violating row.
             j = int(constraint.violation_texts(texts, context).argmin())
             cont = torch.tensor(gen.new_tokens[j], dtype=torch.long)
-            trace = Trace(torch.cat([ids, cont]), torch.cat([mask, torch.ones_like(cont)]), t0 + len(cont), gen.cache, j)
-        return None, rec
+            trace = Trace(torch.cat([ids, cont]), torch.cat([mask, torch.ones_like(cont)]), t0 + len(cont), gen.cache, j,
+                          lps[j])
+        return None, None, rec
     finally:
         rec.seconds = time.perf_counter() - t_start
 

@@ -58,7 +58,7 @@ def test_repair_rewinds_to_the_broken_token_and_keeps_only_accepted_text(tiny):
         tr = _trace(enc, gen, b)
         t0 = first_violation(c, _ctx(tiny), tiny.tokenizer, tr.new)
         assert t0 <= 2  # the word is there by the third token at the latest
-        fixed, rec = repair(tiny, c, _ctx(tiny), tr, layer=1, scale=1.0, k=3, rounds=2)
+        fixed, _, rec = repair(tiny, c, _ctx(tiny), tr, layer=1, scale=1.0, k=3, rounds=2)
         assert _no_hooks(tiny)
         assert rec.positions[0] == t0 and rec.candidates == 3 * rec.rounds and rec.row_passes > 0
         if fixed is None:
@@ -80,8 +80,9 @@ def test_repair_in_generate_czao_is_verified_and_counted(tiny):
     c = _broken_word(tiny, gen.new_tokens[0])
     # |z| capped at 0: the per-token search cannot move anything, so only repair can mend the text.
     cfg = CZAOConfig(layers=(1,), rank=4, max_steps=1, value_probe=False, budget=None, max_norm=0.0)
-    off = generate_czao(tiny, PROMPTS[:1], c, CZAOConfig(**{**cfg.__dict__, "repair": 0}), max_new_tokens=8)[0]
-    on = generate_czao(tiny, PROMPTS[:1], c, cfg, max_new_tokens=8)[0]
+    off = generate_czao(tiny, PROMPTS[:1], c, CZAOConfig(**{**cfg.__dict__, "repair": 0}), max_new_tokens=8,
+                        keep_logprobs=True)[0]
+    on = generate_czao(tiny, PROMPTS[:1], c, cfg, max_new_tokens=8, keep_logprobs=True)[0]
     assert _no_hooks(tiny)
     assert not off.satisfied and off.repair is None  # the constraint was built so that the text breaks it
     assert on.repair is not None and on.satisfied == on.repair["repaired"]
@@ -89,6 +90,12 @@ def test_repair_in_generate_czao_is_verified_and_counted(tiny):
     s_on, s_off = on.summary(), off.summary()
     assert s_on["row_passes_per_token"] > s_off["row_passes_per_token"]  # repair's rows are paid for
     assert not on.repair["repaired"] or on.text != off.text
+    # The distributions the kept tokens came from follow the repair: the run's up to the rewind.
+    t0 = on.repair["positions"][0]
+    assert on.step_logprobs.shape[0] == len(on.tokens)
+    assert torch.allclose(on.step_logprobs[:t0], off.step_logprobs[:t0])
+    picked = on.step_logprobs[torch.arange(len(on.tokens)), torch.tensor(on.tokens)]
+    assert torch.isfinite(picked).all()
 
 
 def test_a_failing_evaluator_inside_repair_leaves_no_hook(tiny):
@@ -141,7 +148,7 @@ def test_repair_raises_sentiment_satisfaction_on_the_real_model(smol):
     after = list(before)
     for b, ok in enumerate(before):
         if not ok:
-            fixed, rec = repair(smol, c, Context(prompt=NEGATIVE[b], tokenizer=smol.tokenizer), _trace(enc, gen, b),
+            fixed, _, rec = repair(smol, c, Context(prompt=NEGATIVE[b], tokenizer=smol.tokenizer), _trace(enc, gen, b),
                                 layer=12, scale=scale, k=4, rounds=2)
             assert _no_hooks(smol) and rec.repaired == (fixed is not None)
             if fixed is not None:  # nothing the evaluator rejected is ever returned
