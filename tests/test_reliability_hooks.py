@@ -93,6 +93,15 @@ class FaultyConstraint(Constraint):
         return False
 
 
+class FaultySequence(FaultyConstraint):
+    """The same on whole texts: sequence level, so CZAO's verified repair runs on every prompt."""
+
+    level = "sequence"
+
+    def violation_texts(self, texts, context=None):
+        return self.violation_logits(torch.zeros(len(texts), 1), context)
+
+
 @contextmanager
 def block_fault(model: HookedTransformer, fault: Fault):
     """Make the ``fault.at``-th call of any transformer block raise (restored on exit)."""
@@ -177,6 +186,7 @@ def _value(fault: Fault, value: float) -> float:
 
 
 CZ = CZAOConfig(layers=(1,), rank=4, max_steps=2, n_dirs=2)
+CZ_UNCAPPED = CZAOConfig(layers=(1,), rank=4, max_steps=2, n_dirs=2, budget=None)  # repair is never skipped for budget
 
 
 def _constraint(fault):
@@ -206,6 +216,8 @@ APIS = {
     "SAE splice": lambda e, f: generate_steered(
         e["model"], "a b c", SAESplice(e["sae"], [3], _value(f, 2.0)), chat=False, max_new_tokens=3),
     "generate_czao": lambda e, f: generate_czao(e["model"], "hello", _constraint(f), CZ, max_new_tokens=2, probe=None),
+    "generate_czao with verified repair": lambda e, f: generate_czao(
+        e["model"], "hello", FaultySequence(fault=f), CZ_UNCAPPED, max_new_tokens=2, probe=None),
     "reachability_margin": lambda e, f: reachability_margin(e["model"], "hello", _constraint(f), CZ, iters=2),
     "landscape": lambda e, f: loss_landscape(e["model"], "hello", _constraint(f), [1], config=CZ, n=3),
     "tracing": lambda e, f: (trace_prompt(e["model"], e["trace"], kinds=("resid", "mlp"), n_samples=2, window=2),
@@ -221,7 +233,7 @@ APIS = {
 }
 # APIs whose own input carries a delta (a NaN there must be refused) and those that call an evaluator.
 TAKES_DELTA = {"bench static run", "bench choice scores", "generate+perturbation", "steering vector", "steering vector ab_probability", "CAST", "activation scaling", "SAE splice"}
-TAKES_EVALUATOR = {"bench czao run", "generate_czao", "reachability_margin", "landscape"}
+TAKES_EVALUATOR = {"bench czao run", "generate_czao", "generate_czao with verified repair", "reachability_margin", "landscape"}
 
 
 def _run(e, name: str, fault: Fault) -> BaseException | None:
