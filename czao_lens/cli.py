@@ -625,6 +625,7 @@ def bench(
     sae_tokens: int = typer.Option(100_000, help="Training tokens when the SAE is trained here."),
     concept_threshold: float = typer.Option(0.3, help="MiniLM similarity bound of the concept task."),
     quick: bool = typer.Option(False, help="A few items and one setting per method: checks the harness end to end (CI)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template for the prompting method, the choice tasks and the neutral/Jacobian prompts (generation tasks always continue the raw text). Default: auto, the template when the tokenizer has one (SmolLM2 yes, Gemma-3-270m no)."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "bench"),
     workers: int = typer.Option(0, help="Run each task on a Ray actor: " + _WORKERS_HELP + " A rerun into the same --out skips finished tasks."),
@@ -643,13 +644,14 @@ def bench(
     tasks, methods = list(task or TASK_NAMES), list(method or METHODS)
     data = data or default_data_dir()
     if quick:
-        settings = replace(QUICK["settings"], layer=layer, seed=seed)
+        settings = replace(QUICK["settings"], layer=layer, seed=seed, chat=chat)
         n_fit, n_test, sae_tokens = QUICK["n_fit"], QUICK["n_test"], 2048
     else:
-        settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed)
+        settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed, chat=chat)
     for value, what in ((max_new_tokens, "--max-new-tokens"), (sae_tokens, "--sae-tokens")):  # n_fit/n_test: load_tasks
         pf.check_at_least(value, 1, what)
     pf.check_model_layers(model, [layer])
+    pf.check_chat(model, chat)  # when the cached tokenizer says so; else run_bench refuses right after the load
     pf.check_finite(concept_threshold, "--concept-threshold")
     try:  # bad names and missing data fail here, before the model loads
         check_methods(methods)

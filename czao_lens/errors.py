@@ -25,3 +25,9 @@ class DiagnosticError(CzaoLensError, ValueError):
 
 class ArgumentError(CzaoLensError, ValueError):
     """An argument out of its range (a token count, a prompt, a rank...), caught before any model loads."""
+
+
+def no_chat_template(name: str) -> str:
+    """The one-line refusal of chat formatting on a model without a chat template (said the same way
+    before the model loads, from its cached tokenizer files, and after)."""
+    return f"{name} has no chat template (a base model): use --no-chat / chat=False, or leave the chat option on auto"

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from czao_lens.errors import ArgumentError
+from czao_lens.errors import ArgumentError, no_chat_template
 from czao_lens.paths import cache_root
 from czao_lens.sites import check_layers
 
@@ -34,6 +34,29 @@ def model_dims(name_or_path: str) -> dict[str, int] | None:
         if dims["n_layers"] > 0 and dims["d_model"] > 0:
             return dims
     return None
+
+
+def chat_template_known(name_or_path: str) -> bool | None:
+    """Whether the model ships a chat template, read from its cached (or local Hugging Face) tokenizer
+    files without loading it; ``None`` when there are none yet (the check then waits for the load)."""
+    name = str(name_or_path).strip()
+    folders = [cache_root() / name / "tokenizer"] if name and "/" not in name else []
+    local = Path(name).expanduser()
+    if name and local.is_dir():
+        folders.append(local)
+    for folder in folders:
+        try:
+            cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return (folder / "chat_template.jinja").is_file() or bool(isinstance(cfg, dict) and cfg.get("chat_template"))
+    return None
+
+
+def check_chat(model: str, chat: bool | None) -> None:
+    """``--chat`` on a model known (before loading) to have no chat template is refused."""
+    if chat and chat_template_known(model) is False:
+        raise ArgumentError(no_chat_template(model))
 
 
 def check_model_layers(model: str, layers: Iterable[int] | None, what: str = "--layer") -> None:

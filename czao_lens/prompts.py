@@ -16,7 +16,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.errors import CzaoLensError
+from czao_lens.errors import CzaoLensError, no_chat_template
 
 PositionSpec = Union[Literal["all", "prompt", "generated", "last_prompt"], Sequence[int]]
 NAMED_POSITIONS = ("all", "prompt", "generated", "last_prompt")
@@ -63,15 +63,31 @@ class EncodedPrompts:
         return TokenLayout(prompt_lens=self.prompt_lens, pad=self.pad)
 
 
+def has_chat_template(model: HookedTransformer) -> bool:
+    """Whether the model's tokenizer ships a chat template (instruct models do; Gemma-3-270m's GGUF does not)."""
+    return getattr(model.tokenizer, "chat_template", None) is not None
+
+
+def resolve_chat(model: HookedTransformer, chat: bool | None) -> bool:
+    """The chat policy: ``None`` (auto) formats with the chat template when the tokenizer has one and
+    gives base models their raw text; ``True`` on a model without a template is refused."""
+    if chat is None:
+        return has_chat_template(model)
+    if chat and not has_chat_template(model):
+        raise PromptError(no_chat_template(model.cfg.model_name))
+    return bool(chat)
+
+
 def format_prompt(model: HookedTransformer, prompt: str, *, chat: bool, system_prompt: str | None = None) -> str:
-    """Return the text the model sees: the chat template applied when ``chat`` is set."""
+    """Return the text the model sees: the chat template applied when ``chat`` is set. Without it a
+    system prompt is plain text before the prompt (a base model reads an instruction as text)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptError("empty prompt: every prompt needs at least one non-space character")
     if not chat:
-        return prompt
+        return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
     tok = model.tokenizer
-    if getattr(tok, "chat_template", None) is None:
-        raise PromptError(f"{model.cfg.model_name} has no chat template; call with chat=False")
+    if not has_chat_template(model):
+        raise PromptError(no_chat_template(model.cfg.model_name))
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -94,15 +110,18 @@ def encode_prompts(
     if tok is None:
         raise PromptError("the model has no tokenizer; pass token ids instead")
     texts = [format_prompt(model, p, chat=chat, system_prompt=system_prompt) for p in prompts]
-    # A chat template already holds its special tokens; otherwise BOS follows the model's default.
-    add_bos = bool(model.cfg.default_prepend_bos) and tok.bos_token_id is not None
-    rows: list[list[int]] = []
-    for text in texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if add_bos and (not ids or ids[0] != tok.bos_token_id):
-            ids = [tok.bos_token_id] + ids
-        rows.append(ids)
-    return pad_left(rows, pad_id=pad_token_id(model))
+    return pad_left([text_ids(model, t) for t in texts], pad_id=pad_token_id(model))
+
+
+def text_ids(model: HookedTransformer, text: str) -> list[int]:
+    """The token ids of an already formatted text as every forward sees them: BOS first when the model's
+    config prepends it (Gemma), unless the text already starts with it (a chat template's own BOS).
+    Positions counted on the text (where an answer starts) must be counted on these ids."""
+    tok = model.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if model.cfg.default_prepend_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
+    return ids
 
 
 def pad_token_id(model: HookedTransformer) -> int:

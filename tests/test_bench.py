@@ -28,6 +28,7 @@ def test_bench_quick_runs_end_to_end(smol, tmp_path):
     res = runner.invoke(app, ["bench", "--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["chat"] is True  # auto: SmolLM2-Instruct has a chat template
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert set(summary["tasks"]) == {"profanity", "sentiment", "concept", "refusal", "sycophancy", "truthfulness"}
     for name, t in summary["tasks"].items():
@@ -158,10 +159,10 @@ def test_a_method_failing_on_one_item_is_recorded_and_the_run_goes_on(smol, tmp_
     monkeypatch.setattr(harness, "static_run", flaky)
     real_scores = harness.choice_scores
 
-    def flaky_scores(model, items, factory=None, system_prompt=None):
+    def flaky_scores(model, items, factory=None, system_prompt=None, *, chat):
         if system_prompt is not None and any(it == bad_item for it in items):
             raise RuntimeError("boom on one item")
-        return real_scores(model, items, factory, system_prompt)
+        return real_scores(model, items, factory, system_prompt, chat=chat)
 
     bad_item = load_task("refusal", DATA, n_fit=4, n_test=3).test[2]
     monkeypatch.setattr(harness, "choice_scores", flaky_scores)

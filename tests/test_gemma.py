@@ -401,3 +401,150 @@ def test_landscape_is_centred_on_the_unperturbed_model(gemma):
     v = grids["violation"]
     assert v[1, 1] > 0  # the unperturbed model says blue here ...
     assert v.max() > v.min()  # ... and the violation moves over the plane
+
+
+# ----------------------------------------------------------------------------- the bench on a base model
+
+# The quick bench on Gemma, restricted to fit CI's budget (the unrestricted quick run, six tasks x ten
+# methods, took over 10 min at load ~6; with CZAO added this subset took 333 s at load 8): one generation
+# and one choice task, the references, and the steering methods fitted from each kind of data (CAA:
+# labelled samples / A/B items; A-LQR: Jacobians + A/B items with chat=False). Every bench path that
+# formats or tokenises prompts still runs: contrast sampling, tuning, the prompting method's instruction
+# as plain text, choice scoring, the neutral-KL reference and the Jacobian prompts. CZAO, the SAE and
+# CAST on Gemma have their own tests above; in the bench they take prompts the same way.
+QUICK_TASKS = ("sentiment", "refusal")
+QUICK_METHODS = ("unsteered", "prompting", "caa", "lqr")
+
+
+def _first_real_tokens(tokens: torch.Tensor, pad: int) -> list[int]:
+    """The first non-padding token of each row (left padding)."""
+    out = []
+    for row in tokens.tolist():
+        real = [t for t in row if t != pad]
+        out.append(real[0] if real else pad)
+    return out
+
+
+def test_bench_quick_on_gemma_chat_auto_and_bos_everywhere(gemma, tmp_path, monkeypatch):
+    """`czao-lens bench --model gemma-3-270m --quick` (restricted: see QUICK_TASKS) with the chat option on
+    auto: the base model gets raw text, summary.json says so, and every forward that starts a sequence
+    (prompts, fit texts, choice items, neutral prompts, Jacobian prompts) starts with BOS."""
+    from typer.testing import CliRunner
+
+    import czao_lens.cli as cli
+    from czao_lens.prompts import pad_token_id
+
+    monkeypatch.setattr(cli, "_load", lambda name: gemma)
+    bos, pad = gemma.tokenizer.bos_token_id, pad_token_id(gemma)
+    starts: list[int] = []
+
+    def record(module, args):  # tokens [batch, pos] of every forward through the embedding
+        toks = args[0]
+        if toks.ndim == 2 and toks.shape[1] > 1:  # a sequence start (KV-cached decode steps are 1 token)
+            starts.extend(_first_real_tokens(toks, pad))
+
+    handle = gemma.embed.register_forward_pre_hook(record)
+    try:
+        out = tmp_path / "bench"
+        args = ["bench", "--model", NAME, "--quick", "--out", str(out)]
+        for t in QUICK_TASKS:
+            args += ["--task", t]
+        for m in QUICK_METHODS:
+            args += ["--method", m]
+        t0 = time.perf_counter()
+        r = CliRunner().invoke(cli.app, args)
+        print(f"gemma_quick_bench_seconds={time.perf_counter() - t0:.1f}")
+    finally:
+        handle.remove()
+    assert r.exit_code == 0, r.output
+    assert starts and all(t == bos for t in starts), f"{sum(t != bos for t in starts)} of {len(starts)} sequences lack BOS"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["chat"] is False and summary["run"]["settings"]["chat"] is False
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for name in QUICK_TASKS:
+        ms = summary["tasks"][name]["methods"]
+        assert set(ms) == set(QUICK_METHODS)
+        assert not [m for m, s in ms.items() if "failed" in s], ms
+    assert rows and all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    gen = [r for r in rows if r["task"] == "sentiment"]
+    assert all(r["text"].strip() for r in gen)
+    # Gemma continues in English: most characters of the greedy continuations are ASCII letters or spaces.
+    text = "".join(r["text"] for r in gen if r["method"] == "unsteered")
+    assert sum(c.isascii() and (c.isalpha() or c.isspace()) for c in text) > 0.7 * len(text), text
+
+
+def test_bench_refuses_chat_on_gemma(gemma, tmp_path, monkeypatch):
+    """`--chat` on a model without a chat template: one line, exit 2, before the model loads (the cached
+    tokenizer says so), and from run_bench right after a load when it could not be known before."""
+    from typer.testing import CliRunner
+
+    import czao_lens.cli as cli
+    from czao_lens import preflight
+    from czao_lens.bench import BenchError, BenchSettings, run_bench
+    from czao_lens.paths import default_data_dir
+
+    def no_load(name):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    r = CliRunner().invoke(cli.app, ["bench", "--model", NAME, "--chat", "--quick", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines() == [f"error: {NAME} has no chat template (a base model): use --no-chat / "
+                                             "chat=False, or leave the chat option on auto"]
+    assert preflight.chat_template_known(NAME) is False
+    assert preflight.chat_template_known("smollm2-135m-instruct") is True
+    assert preflight.chat_template_known("no-such-model") is None
+    with pytest.raises(BenchError, match="no chat template"):
+        run_bench(gemma, data=default_data_dir(), out=tmp_path / "lib", tasks=["refusal"], methods=["unsteered"],
+                  settings=BenchSettings(chat=True), progress=False)
+    assert not (tmp_path / "lib" / "results.jsonl").exists()  # refused before any work
+
+
+def test_prompting_method_on_a_base_model_is_plain_text(gemma):
+    """Without a chat template the prompting method's instruction is text before the prefix, and a
+    system prompt with chat=False is no longer dropped in silence."""
+    from czao_lens.bench.methods import prompting_text
+    from czao_lens.bench.tasks import load_task
+    from czao_lens.paths import default_data_dir
+    from czao_lens.prompts import PromptError, format_prompt
+
+    task = load_task("sentiment", default_data_dir(), n_fit=2, n_test=1)
+    assert prompting_text(gemma, task, "The day was", chat=False) == task.instruction + "\n\nThe day was"
+    assert format_prompt(gemma, "Hi", chat=False, system_prompt="Be kind.") == "Be kind.\n\nHi"
+    with pytest.raises(PromptError, match="no chat template"):
+        prompting_text(gemma, task, "The day was", chat=True)
+
+
+def test_answer_scoring_counts_the_bos(gemma):
+    """A/B answer-text scoring reads the answer tokens exactly: the prefix length counts the BOS that
+    every forward prepends (it did not, and scored one token off on Gemma), checked against a
+    teacher-forced forward of ``model.to_tokens`` (which prepends BOS itself)."""
+    from czao_lens.prompts import text_ids
+    from czao_lens.steering import load_ab
+    from czao_lens.steering.common import answer_pair_texts
+    from czao_lens.steering.evaluate import answer_text_probability
+
+    items = load_ab("refusal", "test", n=2, balanced=True, seed=1)
+    pos, neg, pre_p, pre_n = answer_pair_texts(gemma, items, chat=False)
+    bos = gemma.tokenizer.bos_token_id
+
+    def mean_lp(text: str, n_pre: int) -> float:
+        ids = gemma.to_tokens(text)  # BOS + text
+        assert ids[0, 0] == bos and ids[0].tolist() == text_ids(gemma, text)
+        with torch.no_grad():
+            lp = gemma(ids)[0].float().log_softmax(-1)
+        tgt = ids[0, n_pre:]
+        return float(lp[torch.arange(n_pre - 1, ids.shape[1] - 1), tgt].mean())
+
+    want = torch.tensor([torch.sigmoid(torch.tensor(mean_lp(a, na) - mean_lp(b, nb))).item()
+                         for a, b, na, nb in zip(pos, neg, pre_p, pre_n)])
+    got = answer_text_probability(gemma, items, chat=False)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    for it, a, na in zip(items, pos, pre_p):  # the answer starts right after the prefix, BOS counted
+        assert text_ids(gemma, a)[:na] == text_ids(gemma, format_stem(gemma, it))
+
+
+def format_stem(model, item) -> str:
+    from czao_lens.prompts import format_prompt
+
+    return format_prompt(model, item.stem(), chat=False)

@@ -226,8 +226,8 @@ APIS = {
     "bench static run": lambda e, f: static_run(
         e["model"], SteeringVector({1: _delta(e, f)}, "resid_pre", {}), BenchSettings(max_new_tokens=3))("a b c"),
     "bench czao run": lambda e, f: czao_run(e["model"], _task(f), CZ, BenchSettings(max_new_tokens=2), ActivationStore(e["model"]))("hello"),
-    "bench choice scores": lambda e, f: (choice_scores(e["model"], e["items"], SteeringVector({1: _delta(e, f)}, "resid_pre", {})),
-                                         neutral_kl(e["model"], SteeringVector({1: _delta(e, f)}, "resid_pre", {}))),
+    "bench choice scores": lambda e, f: (choice_scores(e["model"], e["items"], SteeringVector({1: _delta(e, f)}, "resid_pre", {}), chat=True),
+                                         neutral_kl(e["model"], SteeringVector({1: _delta(e, f)}, "resid_pre", {}), chat=True)),
     "lyapunov": lambda e, f: (fd_growth(e["model"], "a b c d", n_dirs=2), jacobian_top_singular(e["model"], "a b c d", n_iter=2),
                               lyapunov_spectrum(e["model"], "a b c d", k=2)),
 }

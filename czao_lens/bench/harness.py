@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +37,8 @@ from czao_lens.bench.methods import (
     guided_run,
     matched_n,
     neutral_kl,
+    neutral_reference,
+    settings_chat,
     prompting_run,
     sampled_run,
     static_run,
@@ -48,9 +50,8 @@ from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, mean, pai
 from czao_lens.bench.tasks import TASK_NAMES, BenchError, Task, load_tasks
 from czao_lens.czao import CZAOConfig
 from czao_lens.distributed import RESULTS, Backend, ItemJob, WorkerPool, read_rows, run_items
-from czao_lens.prompts import format_prompt
+from czao_lens.prompts import PromptError, resolve_chat
 from czao_lens.sites import check_layers, resid_hook
-from czao_lens.steering.evaluate import NEUTRAL_PROMPTS, last_logits
 from czao_lens.store import ActivationStore
 
 QUICK = dict(n_fit=6, n_test=2, settings=BenchSettings(
@@ -85,9 +86,11 @@ class _Resources:
             n = self.model.cfg.n_layers
             t0 = time.perf_counter()
             if self.s.jac_layers is None:  # all layers: shares the cache with `czao-lens steer --method lqr`
-                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, progress=self.progress).subset(range(self.s.layer, n))
+                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, chat=self.s.chat,
+                                            progress=self.progress).subset(range(self.s.layer, n))
             else:
-                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, layers=self.s.jac_layers, progress=self.progress)
+                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, layers=self.s.jac_layers, chat=self.s.chat,
+                                            progress=self.progress)
             self.info["jacobians"] = {"layers": list(self._jac.layers), "prompts": self.s.jac_prompts, "seconds": time.perf_counter() - t0}
         return self._jac
 
@@ -199,18 +202,18 @@ def _row_generate(model, task: Task, i: int, prompt: str, f: Fitted, **kw) -> di
     return row
 
 
-def _rows_choice(model, task: Task, f: Fitted, reference: torch.Tensor) -> list[dict]:
+def _rows_choice(model, task: Task, f: Fitted, reference: torch.Tensor, chat: bool) -> list[dict]:
     rows = []
-    kl = neutral_kl(model, f.intervention, f.system_prompt, reference)
+    kl = neutral_kl(model, f.intervention, f.system_prompt, reference, chat=chat)
     t0 = time.perf_counter()
     try:
-        sc = choice_scores(model, task.test, f.intervention, f.system_prompt)
+        sc = choice_scores(model, task.test, f.intervention, f.system_prompt, chat=chat)
         per = [(float(sc["p_text"][i]), float(sc["p_letter"][i]), None) for i in range(len(task.test))]
     except Exception:  # isolate the failing item(s): score one at a time
         per = []
         for it in task.test:
             try:
-                sc = choice_scores(model, [it], f.intervention, f.system_prompt)
+                sc = choice_scores(model, [it], f.intervention, f.system_prompt, chat=chat)
                 per.append((float(sc["p_text"][0]), float(sc["p_letter"][0]), None))
             except Exception as exc:
                 per.append((None, None, f"{type(exc).__name__}: {exc}"))
@@ -318,7 +321,7 @@ def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchS
         fitted, errors, info = fit_choice(model, task, methods, s, store, res, reference, bar)
         for f in fitted.values():
             bar.set_postfix_str(f.name)
-            rows += _rows_choice(model, task, f, reference)
+            rows += _rows_choice(model, task, f, reference, settings_chat(s))
         for r in rows:
             write(r)
         bar.update(len(task.test))
@@ -367,7 +370,7 @@ class BenchTaskJob(ItemJob):
         # each worker's own SAE folder: two workers training at once must not write the same files
         res = _Resources(model, s, data, Path(self.out) / f"worker-{os.getpid()}", self.sae, self.sae_tokens,
                          set(self.exclude), progress=False)
-        reference = last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+        reference = neutral_reference(model, chat=settings_chat(s))
         return tasks, ActivationStore(model), res, reference
 
     def run(self, model, state: Any, key: str, payload: Any) -> dict:
@@ -428,6 +431,10 @@ def run_bench(
     from czao_lens.bench.report import write_report
 
     s = settings or BenchSettings()
+    try:  # auto picks the template when the tokenizer has one; the resolved choice travels to Ray workers
+        s = replace(s, chat=resolve_chat(model, s.chat))
+    except PromptError as exc:
+        raise BenchError(str(exc)) from None
     methods = check_methods(methods)
     check_bench_layers(model, s)
     data, out = Path(data), Path(out)
@@ -448,7 +455,7 @@ def run_bench(
     else:
         store = ActivationStore(model)
         res = _Resources(model, s, data, out, sae, sae_tokens, exclude, progress)
-        reference = last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+        reference = neutral_reference(model, chat=settings_chat(s))
         with open(out / "results.jsonl", "w") as fh:
             def write(row: dict) -> None:
                 fh.write(json.dumps(row) + "\n")
@@ -460,7 +467,7 @@ def run_bench(
         resources, threads = res.info, torch.get_num_threads()
     summary["run"] = {
         "started": started, "seconds": time.perf_counter() - t_start, "model": model.cfg.model_name,
-        "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "data": str(data),
+        "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "chat": s.chat, "data": str(data),
         "threads": threads, "resources": resources, "concept_threshold": concept_threshold,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -95,6 +95,10 @@ class BenchSettings:
     bestofn_top_p: float = 0.9  # nucleus sampling: pure temperature-1 samples of a 135M model are barely fluent
     guided_top_k: int = 4  # probe-guided decoding re-ranks this many next tokens (1 + k row passes/token at most)
     seed: int = 0
+    # Chat template for the prompting method, the choice tasks, the neutral KL prompts and the Jacobian
+    # prompts; None: auto (the template when the tokenizer has one), resolved to a bool by run_bench.
+    # Generation tasks always continue the raw text.
+    chat: bool | None = None
 
 
 # ----------------------------------------------------------------------------- generation
@@ -116,18 +120,29 @@ def static_run(model: HookedTransformer, intervention: Intervention | None, s: B
     return run
 
 
+def settings_chat(s: BenchSettings) -> bool:
+    if s.chat is None:  # run_bench resolves it; a caller building settings by hand must too
+        raise BenchError("BenchSettings.chat is unresolved (None): resolve it with prompts.resolve_chat first")
+    return s.chat
+
+
 def _passes(g) -> float:
     return mean([c["passes"] for c in g.cost]) if g.cost else 1.0
 
 
-def prompting_text(model: HookedTransformer, task: Task, prompt: str) -> str:
-    """Chat template with the task's system instruction; the assistant turn starts with the prefix."""
+def prompting_text(model: HookedTransformer, task: Task, prompt: str, *, chat: bool) -> str:
+    """With ``chat``: the chat template with the task's system instruction, the assistant turn starting
+    with the prefix. Without (a base model): the instruction as plain text, a blank line, the prefix."""
+    if not chat:
+        return format_prompt(model, prompt, chat=False, system_prompt=task.instruction)
     return format_prompt(model, "Continue this text.", chat=True, system_prompt=task.instruction) + prompt
 
 
 def prompting_run(model: HookedTransformer, task: Task, s: BenchSettings) -> Callable[[str], Output]:
+    chat = settings_chat(s)
+
     def run(prompt: str) -> Output:
-        text = prompting_text(model, task, prompt)
+        text = prompting_text(model, task, prompt, chat=chat)
         t0 = time.perf_counter()
         g = generate(model, text, max_new_tokens=s.max_new_tokens, seed=s.seed, keep_logprobs=True)
         sec = time.perf_counter() - t0
@@ -285,19 +300,24 @@ def choose(rows: list[dict], score_key: str, cost_key: str, limit: float) -> str
 
 
 def choice_scores(model: HookedTransformer, items: Sequence, intervention: Intervention | None = None,
-                  system_prompt: str | None = None) -> dict[str, Tensor]:
+                  system_prompt: str | None = None, *, chat: bool) -> dict[str, Tensor]:
     """p(matching answer text) and p(matching letter) per item."""
-    return {"p_text": answer_text_probability(model, items, intervention, system_prompt=system_prompt),
-            "p_letter": ab_probability(model, items, intervention, system_prompt=system_prompt)}
+    return {"p_text": answer_text_probability(model, items, intervention, chat=chat, system_prompt=system_prompt),
+            "p_letter": ab_probability(model, items, intervention, chat=chat, system_prompt=system_prompt)}
+
+
+def neutral_reference(model: HookedTransformer, *, chat: bool) -> Tensor:
+    """Unsteered next-token logits after the neutral prompts, formatted as the choice tasks are."""
+    return last_logits(model, [format_prompt(model, p, chat=chat) for p in NEUTRAL_PROMPTS])
 
 
 def neutral_kl(model: HookedTransformer, intervention: Intervention | None = None, system_prompt: str | None = None,
-               reference: Tensor | None = None) -> float:
+               reference: Tensor | None = None, *, chat: bool) -> float:
     """Mean KL(steered || unsteered) of the first response token on neutral prompts (nats)."""
-    base = reference if reference is not None else last_logits(model, [format_prompt(model, p, chat=True) for p in NEUTRAL_PROMPTS])
+    base = reference if reference is not None else neutral_reference(model, chat=chat)
     if intervention is None and system_prompt is None:
         return 0.0
-    texts = [format_prompt(model, p, chat=True, system_prompt=system_prompt) for p in NEUTRAL_PROMPTS]
+    texts = [format_prompt(model, p, chat=chat, system_prompt=system_prompt) for p in NEUTRAL_PROMPTS]
     got = last_logits(model, texts, intervention)
     lq, lp = base.log_softmax(-1), got.log_softmax(-1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
@@ -309,15 +329,15 @@ def tune_choice(model: HookedTransformer, task: Task, interventions: dict[str, I
     items = task.fit[: max(s.n_tune, 2)]
     rows = []
     for key, f in interventions.items():
-        p = answer_text_probability(model, items, f)
+        p = answer_text_probability(model, items, f, chat=settings_chat(s))
         rows.append({"setting": key, "satisfaction": float((p > 0.5).float().mean()), "p_text": float(p.mean()),
-                     "kl_neutral": neutral_kl(model, f, reference=reference)})
+                     "kl_neutral": neutral_kl(model, f, reference=reference, chat=settings_chat(s))})
     # Mean probability is a finer signal than the >0.5 rate on a handful of items.
     return choose(rows, "p_text", "kl_neutral", s.kl_guard), rows
 
 
-def answer_texts(model: HookedTransformer, items: Sequence) -> tuple[list[str], list[str]]:
-    pos, neg, _, _ = answer_pair_texts(model, items)
+def answer_texts(model: HookedTransformer, items: Sequence, *, chat: bool) -> tuple[list[str], list[str]]:
+    pos, neg, _, _ = answer_pair_texts(model, items, chat=chat)
     return pos, neg
 
 
@@ -365,7 +385,7 @@ class TaskFit:
                             prompt_lens_pos=c.prompt_lens_pos, prompt_lens_neg=c.prompt_lens_neg,
                             trigger=c.trigger_prompts, other=c.other_prompts, pool=pool_continuation, chat=False, **common)
         return FitInput(items=task.fit, readout="answer", trigger=[it.stem() for it in task.fit],
-                        other=[it.stem() for it in task.contrast_items], **common)
+                        other=[it.stem() for it in task.contrast_items], chat=settings_chat(s), **common)
 
     def fit(self, name: str) -> Any:
         """The fitted object of steering method ``name`` on this task."""
@@ -385,7 +405,7 @@ def _fit_sae(f: TaskFit) -> SteeringVector:
     if f.contrast is not None:
         pos, neg = f.contrast.pos_texts, f.contrast.neg_texts
     else:
-        pos, neg = answer_texts(f.model, f.task.fit)
+        pos, neg = answer_texts(f.model, f.task.fit, chat=settings_chat(f.s))
     sae = f.res.sae()
     basis = select_features(f.model, sae, pos, neg, k=f.s.sae_features, store=f.store)
     vec = get_method("sae").fit(f.model, replace(f.inp, sae=sae, features=basis.indices, coeffs=basis.scores.tolist()))

@@ -19,7 +19,7 @@ from transformer_lens import HookedTransformer
 from czao_lens import sites
 from czao_lens.artifacts import Artifact, check_model
 from czao_lens.errors import ArtifactError, CzaoLensError
-from czao_lens.prompts import format_prompt
+from czao_lens.prompts import format_prompt, text_ids
 from czao_lens.steering.data import ABItem
 from czao_lens.store import ActivationStore
 
@@ -156,7 +156,7 @@ def answer_pair_texts(model: HookedTransformer, items: Sequence[ABItem], *, chat
     for it in items:
         opts = option_texts(it)
         prefix = format_prompt(model, it.stem(), chat=chat, system_prompt=system_prompt)
-        n_pre = len(tok(prefix, add_special_tokens=False)["input_ids"])
+        n_pre = len(text_ids(model, prefix))  # with the BOS every forward prepends (Gemma)
         for letter, texts, pres in ((it.matching, pos, pre_p), (it.not_matching, neg, pre_n)):
             ans = tok(opts[letter], add_special_tokens=False)["input_ids"][:max_answer_tokens]
             texts.append(prefix + tok.decode(ans))

@@ -22,7 +22,7 @@ from transformer_lens import HookedTransformer
 
 from czao_lens.generate import generate_tokens
 from czao_lens.perturb import Intervention
-from czao_lens.prompts import EncodedPrompts, TokenLayout, encode_prompts, format_prompt
+from czao_lens.prompts import EncodedPrompts, TokenLayout, encode_prompts, format_prompt, text_ids
 from czao_lens.steering.common import SteeringError, ab_prefix, answer_pair_texts, option_texts  # noqa: F401
 from czao_lens.steering.data import NEUTRAL_PROMPTS, ABItem
 
@@ -215,7 +215,8 @@ def answer_text_probability(
     texts, spans = [], []
     for a, b, na, nb in zip(pos, neg, pre_p, pre_n):
         texts += [a, b]
-        spans += [(na, len(tok(a, add_special_tokens=False)["input_ids"]) - na), (nb, len(tok(b, add_special_tokens=False)["input_ids"]) - nb)]
+        # counted on the ids the forward sees (BOS included), as the prefix lengths are
+        spans += [(na, len(text_ids(model, a)) - na), (nb, len(text_ids(model, b)) - nb)]
     scores = torch.zeros(len(texts))
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     for idx in _batches(len(texts), lengths, batch_size):

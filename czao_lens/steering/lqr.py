@@ -50,7 +50,7 @@ from czao_lens.errors import CzaoLensError
 from czao_lens.models import model_fingerprint
 from czao_lens.paths import cache_root
 from czao_lens.perturb import Intervention, PerturbationHandle, attach_hooks
-from czao_lens.prompts import TokenLayout, encode_prompts, format_prompt
+from czao_lens.prompts import TokenLayout, encode_prompts, format_prompt, resolve_chat
 from czao_lens.sites import resid_hook
 from czao_lens.steering.common import (
     SteeringArtifact,
@@ -83,11 +83,13 @@ class RiccatiError(CzaoLensError, ValueError):
     """The Riccati recursion hit a singular or ill-conditioned step."""
 
 
-def jacobian_prompts(model: HookedTransformer, n: int = 24, *, chat: bool = True) -> list[str]:
-    """The default prompt set for Jacobians: chat-formatted short neutral questions (~30 tokens)."""
+def jacobian_prompts(model: HookedTransformer, n: int = 24, *, chat: bool | None = None) -> list[str]:
+    """The default prompt set for Jacobians: short neutral questions (~30 tokens), chat-formatted when
+    the model has a chat template (``chat=None``, auto), raw text for a base model."""
     pool = list(NEUTRAL_PROMPTS) + list(_JAC_EXTRA)
     if not 1 <= n <= len(pool):
         raise SteeringError(f"n_prompts must be in 1..{len(pool)} for the built-in set; pass prompts= for more")
+    chat = resolve_chat(model, chat)
     return [format_prompt(model, p, chat=chat) for p in pool[:n]]
 
 
@@ -178,17 +180,19 @@ def block_jacobians(
     prompts: Sequence[str] | None = None,
     n_prompts: int = 24,
     layers: Sequence[int] | None = None,
+    chat: bool | None = None,
     cache_dir: str | Path | None = "default",
     progress: bool = False,
 ) -> BlockJacobians:
-    """Average last-position Jacobians of the blocks over ``prompts`` (default: built-in set of ``n_prompts``).
+    """Average last-position Jacobians of the blocks over ``prompts`` (default: built-in set of ``n_prompts``,
+    formatted as :func:`jacobian_prompts` says for ``chat``).
 
     Cached on disk under ``cache_dir`` (default ``$CZAO_LENS_CACHE/jacobians``; ``None`` disables it),
     one artifact folder per model fingerprint, prompt set and layers. ``meta["seconds"]`` records how
     long the computation took.
     """
     layers = check_layers(model, layers if layers is not None else range(model.cfg.n_layers))
-    prompts = list(prompts) if prompts is not None else jacobian_prompts(model, n_prompts)
+    prompts = list(prompts) if prompts is not None else jacobian_prompts(model, n_prompts, chat=chat)
     if not prompts:
         raise SteeringError("block_jacobians needs at least one prompt")
     fp = model_fingerprint(model)
@@ -448,11 +452,12 @@ def fit_alqr(
     layers: Sequence[int] | None = None,
     concept: str = "",
     readout: str = "letter",
+    chat: bool = True,
     store: ActivationStore | None = None,
 ) -> ALQR:
-    """Fit the setpoint from A/B ``items`` (answer-letter token, as CAA) or from ``pos_texts``/``neg_texts``
-    (last token), solve the Riccati recursion over ``layers`` (default: all layers ``jac`` covers), and
-    return the controller."""
+    """Fit the setpoint from A/B ``items`` (answer-letter token, as CAA; the question chat-formatted when
+    ``chat``, raw for a base model) or from ``pos_texts``/``neg_texts`` (last token), solve the Riccati
+    recursion over ``layers`` (default: all layers ``jac`` covers), and return the controller."""
     _check_positions(positions)
     if items is not None:
         if not items:
@@ -468,7 +473,7 @@ def fit_alqr(
     J = jac.subset(layers)
     gains = riccati(J, q=q, r=r, qf=qf)
     if items is not None:
-        P, N = item_activations(model, items, layers, readout=readout, store=store)
+        P, N = item_activations(model, items, layers, readout=readout, chat=chat, store=store)
     else:
         P, N = contrastive_activations(model, pos_texts, neg_texts, layers, hook="resid_pre", store=store, paired=False)
     E = torch.stack([P[l].mean(0) - N[l].mean(0) for l in layers])
@@ -480,7 +485,8 @@ def fit_alqr(
     v = torch.where(zero[:, None], torch.zeros_like(E), E / E.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     Kv = torch.einsum("lij,lj->li", gains.K, v)
     meta = fit_meta(model, "alqr", concept=concept, q=q, r=r, qf=qf, data_hash=data_hash,
-                    jacobian_prompts=jac.meta.get("n_prompts"), max_condition=gains.max_condition, readout=readout)
+                    jacobian_prompts=jac.meta.get("n_prompts"), max_condition=gains.max_condition, readout=readout,
+                    **({"chat": chat} if items is not None else {}))
     return ALQR(layers, v[None], En[None], Kv[None], torch.tensor([float(lam)]), positions, meta)
 
 

@@ -344,7 +344,7 @@ def fit_lqr(model: HookedTransformer, inp: FitInput) -> ALQR:
     if not horizon:
         raise SteeringError(f"the Jacobians cover layers {jac.layers}, none at or after layer {min(layers)}")
     kw: dict[str, Any] = dict(lam=inp.lam, q=inp.q, r=inp.r, qf=inp.qf, positions=inp.positions, layers=horizon,
-                              concept=inp.concept, readout=inp.readout, store=inp.store)
+                              concept=inp.concept, readout=inp.readout, chat=inp.chat, store=inp.store)
     if inp.items:
         return fit_alqr(model, jac, items=inp.items, **kw)
     return fit_alqr(model, jac, pos_texts=inp.pos_texts, neg_texts=inp.neg_texts, **kw)
