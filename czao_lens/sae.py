@@ -35,6 +35,7 @@ from transformer_lens import HookedTransformer
 
 from czao_lens.errors import DiagnosticError
 from czao_lens.paths import default_data_dir
+from czao_lens.prompts import resolve_chat
 from czao_lens.sites import check_layers, layer_of
 from czao_lens.perturb import PerturbationError, check_hook_name, expected_width
 
@@ -168,6 +169,7 @@ def build_corpus(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     include_data: bool = True,
+    chat: bool | None = None,
     hf_split: str = "train",
     hf_column: str = "text",
     hf_limit: int = 10_000,
@@ -175,8 +177,9 @@ def build_corpus(
 ) -> list[str]:
     """A shuffled training corpus: the model's sampled generations plus data-set and user texts.
 
-    Generations: ``n_generations`` chat-formatted answers sampled (``greedy=False``, temperature
-    0.8, top-p 0.95) to :data:`CORPUS_PROMPTS` cycled, in batches, each stored as
+    Generations: ``n_generations`` answers sampled (``greedy=False``, temperature 0.8, top-p 0.95) to
+    :data:`CORPUS_PROMPTS` cycled, chat-formatted when the model has a chat template (``chat=None``;
+    raw prompts on a base model such as Gemma-3-270m), in batches, each stored as
     ``prompt + "\\n" + answer``. ``data_dir`` (default: ``czao_lens.paths.default_data_dir()``) adds
     the CAA / TruthfulQA / RTP prompts when it exists; a ``data_dir`` given explicitly must exist.
     """
@@ -185,11 +188,12 @@ def build_corpus(
     texts: list[str] = []
     if n_generations < 0:
         raise SAEError("n_generations must be >= 0")
+    chat = resolve_chat(model, chat) if n_generations else False
     for start in range(0, n_generations, batch_size):
         n = min(batch_size, n_generations - start)
         prompts = [CORPUS_PROMPTS[(start + i) % len(CORPUS_PROMPTS)] for i in range(n)]
         res = generate(model, prompts, max_new_tokens=max_new_tokens, greedy=False, temperature=0.8, top_p=0.95,
-                       seed=seed + start, chat=True, progress=progress)
+                       seed=seed + start, chat=chat, progress=progress)
         texts += [f"{p}\n{t.strip()}" for p, t in zip(prompts, res.texts)]
     if include_data:
         explicit = data_dir is not None

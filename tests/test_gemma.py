@@ -289,6 +289,18 @@ def test_short_sae_training_learns(gemma, tmp_path):
     assert stats["explained_variance"] > stats["init"]["explained_variance"] + 0.1
 
 
+def test_sae_corpus_generations_on_a_base_model(gemma):
+    """`czao-lens sae train`'s corpus samples the model's own answers: raw prompts on Gemma (auto), and
+    chat=True is refused in one line (it raised from inside generate before)."""
+    from czao_lens.prompts import PromptError
+    from czao_lens.sae import CORPUS_PROMPTS, build_corpus
+
+    texts = build_corpus(gemma, n_generations=2, batch_size=2, max_new_tokens=4, include_data=False)
+    assert sorted(t.split("\n")[0] for t in texts) == sorted(CORPUS_PROMPTS[:2])  # the raw prompt, then the answer
+    with pytest.raises(PromptError, match="no chat template"):
+        build_corpus(gemma, n_generations=2, max_new_tokens=2, include_data=False, chat=True)
+
+
 POS = ["I love this wonderful day", "What a great and happy result", "This is lovely and kind"]
 NEG = ["I hate this awful day", "What a terrible and sad result", "This is nasty and cruel"]
 PROBE = ["I think that the movie was", "Honestly, my week has been"]
