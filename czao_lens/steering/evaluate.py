@@ -224,13 +224,14 @@ def answer_text_probability(
         # The question is the "prompt", the answer tokens count as "generated" (what the model would say).
         layout = TokenLayout(prompt_lens=torch.tensor([spans[i][0] for i in idx]), pad=enc.pad)
         with steered(model, intervention, layout):
-            logits = model(enc.tokens, attention_mask=enc.attention_mask)
-        lp = torch.log_softmax(logits.float(), -1)
+            resid = model(enc.tokens, attention_mask=enc.attention_mask, stop_at_layer=model.cfg.n_layers)
         for j, i in enumerate(idx):
             n_pre, n_ans = spans[i]
             pad = int(enc.pad[j])
             pos = torch.arange(pad + n_pre - 1, pad + n_pre - 1 + n_ans)
             tgt = enc.tokens[j, pos + 1]
-            scores[i] = lp[j, pos, tgt].mean()
+            # Unembed only the answer positions: a question's full-vocabulary rows are waste (262k wide on Gemma).
+            lp = model.unembed(model.ln_final(resid[j : j + 1, pos]))[0].float().log_softmax(-1)
+            scores[i] = lp[torch.arange(n_ans), tgt].mean()
     s = scores.reshape(-1, 2)
     return torch.sigmoid(s[:, 0] - s[:, 1])
