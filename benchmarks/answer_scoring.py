@@ -23,10 +23,10 @@ import torch
 @torch.no_grad()
 def every_position(model, items) -> torch.Tensor:
     """The previous computation: full logits at every position, then the answer spans."""
-    from czao_lens.prompts import encode_prompts, text_ids
+    from czao_lens.prompts import encode_prompts, has_chat_template, text_ids
     from czao_lens.steering.common import answer_pair_texts
 
-    chat = model.tokenizer.chat_template is not None
+    chat = has_chat_template(model)
     pos, neg, pre_p, pre_n = answer_pair_texts(model, items, chat=chat)
     texts, spans = [], []
     for a, b, na, nb in zip(pos, neg, pre_p, pre_n):
@@ -55,12 +55,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from czao_lens.models import load_model
+    from czao_lens.prompts import has_chat_template
     from czao_lens.steering import load_ab
     from czao_lens.steering.evaluate import answer_text_probability
 
     model = load_model(args.model, progress=False)
     items = load_ab(args.task, "test", n=args.n, balanced=True, seed=0)
-    chat = model.tokenizer.chat_template is not None
+    chat = has_chat_template(model)
     t_full, t_ans, diff = [], [], 0.0
     for r in range(args.rounds):
         t = time.perf_counter()
