@@ -361,7 +361,8 @@ def _czao_layers(layer: Optional[List[int]], layers_json: Optional[Path], top_k:
     return tuple(layer) if layer else None
 
 
-def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, chat: bool, seed: int, out: Path) -> list[dict]:
+def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, chat: bool, seed: int, out: Path,
+                          basis_directions=None) -> list[dict]:
     """Unsteered and CZAO generations of the same prompts with the same seed; printed and saved."""
     from czao_lens.constraints import Context
     from czao_lens.czao import generate_czao
@@ -372,7 +373,8 @@ def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, c
     out.mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(prompts):
         base = run(m, p, max_new_tokens=max_new_tokens, chat=chat, seed=seed)
-        res = generate_czao(m, p, constraint, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, progress=True)[0]
+        res = generate_czao(m, p, constraint, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, progress=True,
+                            basis_directions=basis_directions)[0]
         base_ok = bool(constraint.check_text(base.texts[0], Context(prompt=p, generated=base.texts[0], tokenizer=m.tokenizer)))
         s = res.summary()
         ratio = res.seconds / max(base.seconds, 1e-9)
@@ -433,6 +435,7 @@ def czao(
     lookahead: Optional[int] = typer.Option(None, help="Rollout tokens per candidate for sequence-level constraints. " + _CFG_HELP),
     fallback: Optional[str] = typer.Option(None, help="flag, relax or mask. " + _CFG_HELP),
     repair: Optional[int] = typer.Option(None, help="Sequence level: rows per verified-repair round when the finished text fails (0: off; docs/czao.md). " + _CFG_HELP),
+    sae_features: Optional[Path] = typer.Option(None, help="A feature basis from `czao-lens sae features` (OUT/features): search in the span of those SAE decoder rows instead of --basis (R = the basis's layer unless --layer)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
     chat: bool = typer.Option(True),
     seed: int = typer.Option(0),
@@ -453,7 +456,19 @@ def czao(
     pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")
     pf.check_at_least(top_k, 1, "--top-k")
     c = _constraint_from(constraint)
-    cfg = CZAOConfig(**_given(layers=_czao_layers(layer, layers_json, top_k), rank=rank, basis=basis, max_steps=max_steps,
+    dirs = None
+    layers = _czao_layers(layer, layers_json, top_k)
+    if sae_features is not None:
+        from czao_lens.diagnostics.features import FeatureBasis
+
+        if prompts is not None:
+            _fail("--sae-features works with --prompt (not with --prompts files)")
+        fb = FeatureBasis.load(sae_features)
+        dirs = fb.directions_by_layer()
+        layers = layers or (fb.layer,)
+        if set(layers) - set(dirs):
+            _fail(f"--sae-features {sae_features} holds directions for layer {fb.layer} ({fb.hook_name}); --layer gave {list(layers)}")
+    cfg = CZAOConfig(**_given(layers=layers, rank=rank, basis=basis, max_steps=max_steps,
                               n_dirs=n_dirs, kl_eps=kl_eps, lookahead=lookahead, fallback=fallback, repair=repair,
                               seed=seed))
     pf.check_model_layers(model, cfg.layers)
@@ -463,7 +478,7 @@ def czao(
                       backend=_backend(workers, ray_address, num_cpus, num_gpus, threads))
         return
     m = _load(model)
-    run_czao_side_by_side(m, prompt, c, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out)
+    run_czao_side_by_side(m, prompt, c, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out, basis_directions=dirs)
 
 
 @app.command()
@@ -621,8 +636,8 @@ def bench(
     n_test: int = typer.Option(40, help="Test-split items per task (scoring only)."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n"),
     layer: int = typer.Option(12, help="Steering layer (CAA, SAE, CAST, CZAO's R; A-LQR from here to the last layer)."),
-    sae_path: Optional[Path] = typer.Option(None, "--sae", help="SAELens SAE folder at blocks.{layer-1}.hook_resid_post; default: train one here."),
-    sae_tokens: int = typer.Option(100_000, help="Training tokens when the SAE is trained here."),
+    sae_path: Optional[Path] = typer.Option(None, "--sae", help="SAELens SAE folder at blocks.{layer-1}.hook_resid_post; default: the cached SAE of --sae-recipe."),
+    sae_recipe: str = typer.Option("default", help="SAE recipe (default, tiny, or a JSON file) when no --sae is given: loaded from the cache, trained once if absent (see `czao-lens sae train`). --quick uses tiny."),
     concept_threshold: float = typer.Option(0.3, help="MiniLM similarity bound of the concept task."),
     quick: bool = typer.Option(False, help="A few items and one setting per method: checks the harness end to end (CI)."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template for the prompting method, the choice tasks and the neutral/Jacobian prompts (generation tasks always continue the raw text). Default: auto, the template when the tokenizer has one (SmolLM2 yes, Gemma-3-270m no)."),
@@ -645,11 +660,10 @@ def bench(
     data = data or default_data_dir()
     if quick:
         settings = replace(QUICK["settings"], layer=layer, seed=seed, chat=chat)
-        n_fit, n_test, sae_tokens = QUICK["n_fit"], QUICK["n_test"], 2048
+        n_fit, n_test, sae_recipe = QUICK["n_fit"], QUICK["n_test"], "tiny"
     else:
         settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed, chat=chat)
-    for value, what in ((max_new_tokens, "--max-new-tokens"), (sae_tokens, "--sae-tokens")):  # n_fit/n_test: load_tasks
-        pf.check_at_least(value, 1, what)
+    pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")  # n_fit/n_test: load_tasks
     pf.check_model_layers(model, [layer])
     pf.check_chat(model, chat)  # when the cached tokenizer says so; else run_bench refuses right after the load
     pf.check_finite(concept_threshold, "--concept-threshold")
@@ -666,11 +680,15 @@ def bench(
             sae = load_sae(sae_path)
         except SAEError as exc:
             _fail(str(exc))
+    else:
+        from czao_lens.sae_cache import recipe_from
+
+        recipe_from(sae_recipe)  # a bad recipe fails here, before the model loads
     backend = _backend(workers, ray_address, num_cpus, num_gpus, threads)
     m = _load(model)
     try:
         summary = run_bench(m, data=data, out=out, tasks=tasks, methods=methods, n_fit=n_fit,
-                            n_test=n_test, settings=settings, sae=sae, sae_tokens=sae_tokens,
+                            n_test=n_test, settings=settings, sae=sae, sae_recipe=sae_recipe,
                             concept_threshold=concept_threshold, backend=backend, model_name=model)
     except BenchError as exc:
         _fail(str(exc))
@@ -767,46 +785,59 @@ def _lines(path: Path, what: str) -> list[str]:
 
 @sae_app.command("train")
 def sae_train(
-    hook: str = typer.Option("blocks.12.hook_resid_post", help="Hook the SAE reads."),
-    width: Optional[int] = typer.Option(None, help="Latents (default 8 x d_model)."),
-    tokens: int = typer.Option(200_000, help="Training tokens."),
-    l1: float = typer.Option(5.0, help="L1 coefficient (inputs scaled to mean norm sqrt(d))."),
-    lr: float = typer.Option(4e-4),
-    context_size: int = typer.Option(128),
-    batch_tokens: int = typer.Option(1024, help="Training batch size in tokens."),
-    data: Optional[Path] = typer.Option(None, help="Data folder for CAA / TruthfulQA / RTP texts (default: $CZAO_LENS_DATA or ../shared/data)."),
-    no_data: bool = typer.Option(False, "--no-data", help="Do not add the data-folder texts."),
-    text_file: Optional[Path] = typer.Option(None, help="Extra text file (paragraphs, or one text per line)."),
-    hf_dataset: Optional[str] = typer.Option(None, help="Hugging Face dataset name (online only)."),
-    generations: int = typer.Option(64, help="Sampled model generations in the corpus."),
+    hook: str = typer.Option("blocks.11.hook_resid_post", help="Hook the SAE reads (the bench's steering layer 12 reads blocks.11.hook_resid_post)."),
+    recipe: str = typer.Option("default", help="Recipe: default (TopK k=48, 4608 latents, 2M training tokens), tiny (seconds; tests), or a JSON file of SAERecipe fields."),
+    k: Optional[int] = typer.Option(None, help="Override the recipe's k (TopK active latents; JumpReLU target L0)."),
+    width: Optional[int] = typer.Option(None, help="Override the recipe's width (latents)."),
+    tokens: Optional[int] = typer.Option(None, help="Override the recipe's training tokens."),
+    generations: Optional[int] = typer.Option(None, help="Override the recipe's count of the model's own generations in the corpus."),
+    architecture: Optional[str] = typer.Option(None, help="Override the recipe's architecture: topk or jumprelu."),
+    data: Optional[Path] = typer.Option(None, help="Data folder whose texts (bench pools left out) join the corpus (default: $CZAO_LENS_DATA or ../shared/data)."),
+    rebuild: bool = typer.Option(False, help="Train again even when the cache holds this SAE."),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
-    seed: int = typer.Option(0),
-    out: Path = typer.Option(DEFAULT_OUT / "sae", help="Folder for the SAE (SAELens format) and stats.json."),
+    out: Optional[Path] = typer.Option(None, help="Also copy the SAE folder here (it always stays in the cache)."),
 ) -> None:
-    """Train an SAE with SAELens on a corpus of the model's generations and data-set prompts."""
+    """Train a sparse SAE with SAELens once per (model, hook, recipe), cache it, print its quality report."""
+    import dataclasses
+    import shutil
+
+    from czao_lens.sae_cache import recipe_from
     from czao_lens.sites import layer_of
 
-    for value, what in ((tokens, "--tokens"), (context_size, "--context-size"), (batch_tokens, "--batch-tokens"), (width, "--width")):
-        pf.check_at_least(value, 1, what)
-    pf.check_at_least(generations, 0, "--generations")
-    pf.check_in(l1, 0, 1e6, "--l1")
-    pf.check_in(lr, 0, 10, "--lr", low_open=True)
+    rec = recipe_from(recipe)
+    over = _given(k=k, width=width, training_tokens=tokens, n_generations=generations, architecture=architecture)
+    rec = dataclasses.replace(rec, **over)  # validated again by the recipe
     if layer_of(hook) is not None:
         pf.check_model_layers(model, [layer_of(hook)], f"layer of --hook {hook}")
-    if text_file is not None and not text_file.is_file():
-        _fail(f"--text-file {text_file} does not exist")
-    from czao_lens.sae import build_corpus, check_sae_hook, train_sae
+    if data is not None and not data.is_dir():
+        _fail(f"--data {data} is not a folder")
+    from czao_lens.sae_cache import cached_sae
 
     m = _load(model)
-    check_sae_hook(m, hook)
-    texts = build_corpus(m, data_dir=data, n_generations=generations, text_file=text_file, hf_dataset=hf_dataset,
-                         seed=seed, include_data=not no_data)
-    typer.echo(f"corpus: {len(texts)} texts")
-    sae, stats = train_sae(m, hook, texts=texts, width=width, training_tokens=tokens, l1_coefficient=l1, lr=lr,
-                           context_size=context_size, train_batch_size_tokens=batch_tokens, seed=seed, out_dir=out)
-    typer.echo(f"{hook}: width {stats['width']}, explained variance {stats['explained_variance']:.3f}, "
-               f"L0 {stats['l0']:.1f}, dead {stats['dead_fraction']:.3f} (held-out, positions > 0; {stats['seconds']:.0f} s)")
-    typer.echo(f"saved {out} (SAELens format: cfg.json + sae_weights.safetensors) and {out / 'stats.json'}")
+    sae, q, folder = cached_sae(m, hook, rec, data_dir=data, rebuild=rebuild)
+    typer.echo(format_sae_quality(q))
+    typer.echo(f"SAE folder (SAELens format + quality.json, manifest.json): {folder}")
+    if out is not None:
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(folder, out)
+        typer.echo(f"copied to {out}")
+
+
+def format_sae_quality(q: dict) -> str:
+    """The quality report of a cached SAE as a few lines."""
+    c, t = q.get("corpus", {}), q.get("training", {})
+    return "\n".join([
+        f"{q['hook_name']}: {t.get('architecture')} k={t.get('k')} width={t.get('width')}",
+        f"held-out ({q['n_tokens']} tokens, positions > 0): L0 {q['l0']:.1f}, explained variance {q['explained_variance']:.3f}, "
+        f"CE-loss recovered {q['ce_loss_recovered']:.3f} (clean {q['loss_clean']:.3f}, with SAE {q['loss_with_sae']:.3f}, "
+        f"zero-ablated {q['loss_zero_ablated']:.3f})",
+        f"dead {q['dead_fraction']:.3f}, dense (> {q['dense_threshold']:g} of tokens) {q['dense_fraction']:.3f}",
+        f"corpus: {c.get('n_texts')} texts, {t.get('unique_tokens')} unique training tokens "
+        f"({c.get('generated_tokens')} generated), trained on {t.get('training_tokens')} tokens = {t.get('epochs')} epochs",
+        f"time: {q.get('total_seconds')} s (generation {c.get('generation_seconds')} s, activations {c.get('activation_seconds')} s, "
+        f"training {t.get('train_seconds')} s)",
+    ])
 
 
 @sae_app.command("features")
@@ -822,11 +853,17 @@ def sae_features(
     max_freq: float = typer.Option(0.5, help="Drop features firing on more than this fraction of tokens."),
     last_token: bool = typer.Option(False, help="Use the last token only (default: all positions > 0)."),
     top_tokens: int = typer.Option(5, help="Top-activating tokens to print per feature."),
+    feature: Optional[List[int]] = typer.Option(None, "--feature", help="Take these feature indices (repeat) instead of selecting by contrast; the examples only label them."),
+    contexts: int = typer.Option(8, help="Top-activating deduplicated contexts per feature in labels.html."),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
-    out: Path = typer.Option(DEFAULT_OUT / "features", help="Folder for features.json/.safetensors and features.html."),
+    out: Path = typer.Option(DEFAULT_OUT / "features", help="Folder for features.json/.safetensors, features.html (scores) and labels.html (contexts)."),
 ) -> None:
-    """Contrastive SAE feature selection: top-k features (dense and BOS features dropped)."""
-    from czao_lens.diagnostics.features import caa_contrast, select_features, top_activating_tokens
+    """Contrastive SAE feature selection: top-k features (dense and BOS features dropped), labelled by
+    their top-activating contexts (labels.html, tokens shaded by activation)."""
+    from czao_lens.diagnostics.features import (
+        caa_contrast, check_feature_indices, feature_basis, feature_contexts, feature_labels_html, select_features,
+        top_activating_tokens,
+    )
     from czao_lens.plots import feature_bars_figure, save_figure
     from czao_lens.sae import load_sae
     from czao_lens.store import ActivationStore
@@ -840,7 +877,10 @@ def sae_features(
     pf.check_at_least(limit, 1, "--limit")
     pf.check_at_least(top_tokens, 0, "--top-tokens")
     pf.check_in(max_freq, 0, 1, "--max-freq", low_open=True)
+    pf.check_at_least(contexts, 1, "--contexts")
     s = load_sae(sae)
+    if feature:
+        check_feature_indices(s, feature)  # out-of-range indices fail before the model loads
     if behavior is not None:
         from czao_lens.diagnostics.tracing import load_caa
 
@@ -849,7 +889,10 @@ def sae_features(
         pos, neg = _lines(pos_file, "positive"), _lines(neg_file, "negative")
     m = _load(model)
     store = ActivationStore(m)
-    fb = select_features(m, s, pos, neg, k=k, hook_name=hook, store=store, last_token_only=last_token, max_freq=max_freq)
+    if feature:
+        fb = feature_basis(m, s, feature, hook_name=hook)
+    else:
+        fb = select_features(m, s, pos, neg, k=k, hook_name=hook, store=store, last_token_only=last_token, max_freq=max_freq)
     fb.info["source"] = {"behavior": behavior} if behavior else {"pos_file": str(pos_file), "neg_file": str(neg_file)}
     hits = {i: [h.to_dict() for h in top_activating_tokens(m, s, i, pos + neg, top_tokens, hook_name=fb.hook_name, store=store)]
             for i in fb.indices}
@@ -857,11 +900,15 @@ def sae_features(
     fb.info["top_tokens"] = {str(i): v for i, v in hits.items()}
     paths = fb.save(out / "features")
     save_figure(feature_bars_figure(fb), out / "features.html")
-    typer.echo(f"dropped {fb.info['dropped_dense']} dense and {fb.info['dropped_bos']} BOS features")
+    ctx = feature_contexts(m, s, fb.indices, pos + neg, k=contexts, hook_name=fb.hook_name, store=store)
+    notes = {i: f"score {sc:.3f}, freq {fr:.3f}" for i, sc, fr in zip(fb.indices, fb.scores.tolist(), fb.freq.tolist())}
+    (out / "labels.html").write_text(feature_labels_html(ctx, title=f"SAE features at {fb.hook_name}", notes=notes))
+    if not feature:
+        typer.echo(f"dropped {fb.info['dropped_dense']} dense and {fb.info['dropped_bos']} BOS features")
     for i, sc, fr in zip(fb.indices, fb.scores.tolist(), fb.freq.tolist()):
         toks = ", ".join(repr(h["token"]) for h in hits[i][:top_tokens])
         typer.echo(f"f{i:<6d} score {sc:8.4f}  freq {fr:.3f}  top tokens: {toks}")
-    typer.echo(f"saved {paths['json']}, {paths['safetensors']} and {out / 'features.html'}")
+    typer.echo(f"saved {paths['json']}, {paths['safetensors']}, {out / 'features.html'} and {out / 'labels.html'}")
 
 
 app.add_typer(sae_app, name="sae")

@@ -29,7 +29,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Generator, Literal, Sequence, TypeVar
+from typing import Any, Generator, Literal, Mapping, Sequence, TypeVar
 
 import torch
 from jaxtyping import Bool, Float
@@ -46,7 +46,7 @@ from czao_lens.repair import RepairRecord, Trace, repair
 from czao_lens.seeds import Directions, seed_directions, seeded
 from czao_lens.sites import check_layers, resid_hook
 from czao_lens.store import ActivationStore
-from czao_lens.subspace import Subspace, SubspaceError, activation_basis, random_basis
+from czao_lens.subspace import Subspace, SubspaceError, activation_basis, direction_basis, random_basis
 from czao_lens.zo import diagonal_curvature, line_search_candidates, spsa_candidates, spsa_gradient
 
 Fallback = Literal["auto", "flag", "relax", "mask"]
@@ -824,9 +824,21 @@ def build_subspace(
     *,
     chat: bool = False,
     store: ActivationStore | None = None,
+    basis_directions: Mapping[int, Tensor] | None = None,
 ) -> Subspace:
-    """The subspace of a config for one prompt (text, or its token ids), read through the shared store."""
+    """The subspace of a config for one prompt (text, or its token ids), read through the shared store.
+
+    ``basis_directions`` (``{layer: [k, d_model]}``, e.g. SAE decoder rows from
+    ``FeatureBasis.directions_by_layer()``) replace ``config.basis``: the subspace is exactly their
+    span at every layer of R (``config.rank`` is then ignored), scaled like the activation basis.
+    """
     store = store or ActivationStore(model)
+    if basis_directions is not None:
+        missing = [l for l in config.layers if l not in basis_directions]
+        if missing:
+            raise SubspaceError(f"the basis directions cover layers {sorted(basis_directions)}, not the CZAO layer(s) {missing}")
+        return direction_basis(store, prompt if isinstance(prompt, str) else list(prompt),
+                               {l: basis_directions[l] for l in config.layers}, None, chat=chat, seed=config.seed, kind="sae")
     make = {"activation": activation_basis, "random": random_basis}.get(config.basis)
     if make is None:
         raise SubspaceError(f"unknown basis {config.basis!r}; use activation or random, or pass subspace=")
@@ -852,6 +864,7 @@ def generate_czao(
     predictor: ZPredictor | None = None,
     probe: "ValueProbe | Literal['auto'] | None" = "auto",
     directions: Directions | None = None,
+    basis_directions: Mapping[int, Tensor] | None = None,
     batch_size: int = 8,
     progress: bool = False,
     keep_logprobs: bool = False,
@@ -865,6 +878,8 @@ def generate_czao(
     Each prompt is encoded once; the subspace, the store and the decode loop share its tokens.
     ``directions`` (per layer of R, e.g. a CAA vector) seed the search; by default the constraint's
     own (:func:`czao_lens.seeds.seed_directions`) do, when ``config.seed_direction``.
+    ``basis_directions`` (per layer of R, e.g. SAE decoder rows) span each prompt's subspace instead
+    of ``config.basis`` (see :func:`build_subspace`).
     ``keep_logprobs`` also keeps the steered next-token log-probs (``result.step_logprobs``);
     ``result.pairs`` feeds :func:`distill_predictor`."""
     config = config or CZAOConfig()
@@ -889,7 +904,7 @@ def generate_czao(
         enc = encode_prompts(model, chunk, chat=chat)
         ctls = [_row_controller(model, constraint, config, enc, b, prompt, subspace=subspace, store=store,
                                 value=value, seeds=seeds, document=document, predictor=predictor,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, basis_directions=basis_directions)
                 for b, prompt in enumerate(chunk)]
         t0 = time.perf_counter()
         gen = generate_tokens(model, enc, chunk, max_new_tokens=max_new_tokens, greedy=greedy,
@@ -948,9 +963,10 @@ def _row_controller(
     model: HookedTransformer, constraint: Constraint, config: CZAOConfig, enc: EncodedPrompts, b: int, prompt: str, *,
     subspace: Subspace | None, store: ActivationStore, value: ValueProbe | None, seeds: Directions | None,
     document: str | None, predictor: ZPredictor | None, max_new_tokens: int,
+    basis_directions: Mapping[int, Tensor] | None = None,
 ) -> CZAOController:
     """The controller of row ``b``: its own subspace (seeded when there is a direction) and state."""
-    sub = subspace or build_subspace(model, _prompt_ids(enc, b), config, store=store)
+    sub = subspace or build_subspace(model, _prompt_ids(enc, b), config, store=store, basis_directions=basis_directions)
     seed_z = None
     if seeds is not None:
         sub, seed_z = seeded(sub, seeds, seed=config.seed)

@@ -483,3 +483,331 @@ def sae_stats(model: HookedTransformer, sae: Any, texts: Sequence[str], *, hook_
         "dead_fraction": 1.0 - float(fired.float().mean()),
         "n_tokens": int(n),
     }
+
+
+# ----------------------------------------------------------------------------- sparse (TopK) SAEs
+
+CAA_TEST_FILE = "test_dataset_ab.json"
+# RTP files whose every line a bench generation task can draw (profanity, concept); the sentiment task's
+# pool is the VADER-negative lines of the other files (see czao_lens.bench.tasks).
+BENCH_RTP_FILES = ("rtp_profanity.txt", "rtp_threat.txt")
+SENTIMENT_POOL_MAX_COMPOUND = -0.5
+
+
+def bench_pool_texts(data_dir: str | Path) -> set[str]:
+    """Every text a bench task can test on, whatever its n_fit / n_test / seed: the whole pools.
+
+    CAA ``test_dataset_ab`` questions, every TruthfulQA prompt, the RTP profanity and threat files,
+    and the VADER-negative RTP lines of the sentiment pool. An SAE corpus leaves all of them out, so
+    no bench test item is ever in an SAE's training text.
+    """
+    from czao_lens.constraints.text import load_vader
+
+    root = Path(data_dir)
+    out: set[str] = set()
+    for f in sorted(root.glob(f"caa/*/{CAA_TEST_FILE}")):
+        try:
+            items = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        out |= {it["question"] for it in items if isinstance(it, dict) and isinstance(it.get("question"), str)}
+    tqa = root / "truthfulqa" / "truthful_qa.json"
+    if tqa.exists():
+        out |= {it["prompt"] for it in json.loads(tqa.read_text()) if isinstance(it, dict) and isinstance(it.get("prompt"), str)}
+    vader = None
+    for f in sorted(root.glob("rtp/rtp_*.txt")):
+        lines = [ln.strip() for ln in f.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        if f.name in BENCH_RTP_FILES:
+            out |= set(lines)
+            continue
+        vader = vader or load_vader()
+        out |= {ln for ln in lines if vader.polarity_scores(ln)["compound"] <= SENTIMENT_POOL_MAX_COMPOUND}
+    return out
+
+
+def overlaps_pool(text: str, pool: set[str]) -> bool:
+    """``text`` is a pool text or one contains the other (RTP files repeat prefixes at other lengths; the
+    bench strips TruthfulQA's preamble)."""
+    t = text.strip()
+    return text in pool or any(t in p or p.strip() in t for p in pool)
+
+
+def sparse_corpus(
+    model: HookedTransformer,
+    data_dir: str | Path | None = None,
+    *,
+    n_generations: int = 256,
+    max_new_tokens: int = 96,
+    batch_size: int = 32,
+    include_data: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[list[str], dict[str, Any]]:
+    """The corpus of a sparse SAE: data-folder texts minus every bench pool, plus the model's own answers.
+
+    Generation prompts are :data:`CORPUS_PROMPTS` followed by the kept data texts (seeded shuffle),
+    cycled; each generation is stored as ``prompt + "\\n" + answer`` (sampled, temperature 0.8,
+    top-p 0.95, batched). Returns ``(texts, info)`` with the counts and the generation throughput.
+    """
+    from czao_lens.generate import generate
+
+    if n_generations < 0 or max_new_tokens < 1 or batch_size < 1:
+        raise SAEError("n_generations must be >= 0, max_new_tokens and batch_size >= 1")
+    kept: list[str] = []
+    excluded = 0
+    if include_data:
+        explicit = data_dir is not None
+        root = Path(data_dir) if explicit else default_data_dir()
+        if root.exists():
+            pool = bench_pool_texts(root)
+            all_data = data_texts(root)
+            kept = [t for t in all_data if not overlaps_pool(t, pool)]
+            excluded = len(all_data) - len(kept)
+        elif explicit:
+            raise SAEError(f"data folder {root} does not exist (set --data or CZAO_LENS_DATA)")
+    gen_prompts = list(CORPUS_PROMPTS) + random.Random(seed).sample(kept, len(kept))
+    texts: list[str] = []
+    t0, n_new = time.perf_counter(), 0
+    bar = _bar(n_generations, "generating the SAE corpus", progress)
+    for start in range(0, n_generations, batch_size):
+        n = min(batch_size, n_generations - start)
+        prompts = [gen_prompts[(start + i) % len(gen_prompts)] for i in range(n)]
+        res = generate(model, prompts, max_new_tokens=max_new_tokens, greedy=False, temperature=0.8, top_p=0.95,
+                       seed=seed + start, chat=True)
+        texts += [f"{p}\n{t.strip()}" for p, t in zip(prompts, res.texts)]
+        n_new += sum(len(t) for t in res.new_tokens)
+        bar.update(n)
+    bar.close()
+    gen_seconds = time.perf_counter() - t0
+    texts += kept
+    texts = list(dict.fromkeys(t for t in texts if t.strip()))
+    if not texts:
+        raise SAEError("the corpus is empty: no generations and no data folder")
+    random.Random(seed).shuffle(texts)
+    info = {"n_texts": len(texts), "n_generations": n_generations, "generated_tokens": n_new,
+            "generation_seconds": round(gen_seconds, 1),
+            "generation_tokens_per_second": round(n_new / gen_seconds, 1) if gen_seconds > 0 and n_new else None,
+            "data_texts_kept": len(kept), "data_texts_excluded_bench_pools": excluded}
+    return texts, info
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
+
+
+def pack_windows(model: HookedTransformer, texts: Sequence[str], context_size: int) -> Tensor:
+    """Tokenize ``texts``, join them with the end-of-text token and cut ``[windows, context_size]``.
+
+    The packing SAELens does for training. Position 0 of each window (the attention sink) and the
+    separators are left out where activations are read (:func:`window_mask`).
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise SAEError("the model has no tokenizer")
+    if context_size < 2 or context_size > model.cfg.n_ctx:
+        raise SAEError(f"context_size must be in [2, {model.cfg.n_ctx}]")
+    sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"] + [sep]
+    n = len(ids) // context_size
+    if n == 0:
+        raise SAEError(f"the texts hold {len(ids)} tokens, fewer than one window of {context_size}")
+    return torch.tensor(ids[: n * context_size], dtype=torch.long).reshape(n, context_size)
+
+
+def window_mask(model: HookedTransformer, windows: Tensor) -> Tensor:
+    """Positions an SAE reads: not position 0 of a window, not a special token. ``[windows, ctx]`` bool."""
+    special = torch.tensor(sorted({int(i) for i in (model.tokenizer.all_special_ids or [])}), dtype=torch.long)
+    mask = torch.ones_like(windows, dtype=torch.bool)
+    mask[:, 0] = False
+    if special.numel():
+        mask &= ~torch.isin(windows, special)
+    return mask
+
+
+@torch.no_grad()
+def collect_activations(model: HookedTransformer, windows: Tensor, hook_name: str, *, batch: int = 16,
+                        progress: bool = False) -> Tensor:
+    """Activations at ``hook_name`` for the masked positions of ``windows``: ``[tokens, d]`` float32.
+
+    One forward pass per batch of windows, stopped after the hook's block; each unique token is
+    computed once and reused for every training epoch.
+    """
+    check_sae_hook(model, hook_name)
+    layer = layer_of(hook_name)
+    stop = None if layer is None else layer + 1
+    mask = window_mask(model, windows)
+    rows = []
+    bar = _bar(windows.shape[0], f"activations at {hook_name}", progress)
+    for s in range(0, windows.shape[0], batch):
+        w = windows[s : s + batch].to(model.cfg.device)
+        got: dict[str, Tensor] = {}
+
+        def grab(act, hook):
+            got["a"] = act.detach()
+
+        with model.hooks(fwd_hooks=[(hook_name, grab)]):
+            model(w, stop_at_layer=stop, return_type=None)
+        rows.append(got["a"][mask[s : s + batch]].float().cpu())
+        bar.update(w.shape[0])
+    bar.close()
+    model.reset_hooks()
+    return torch.cat(rows)
+
+
+def _batches(acts: Tensor, batch: int, seed: int) -> Iterator[Tensor]:
+    """Endless shuffled minibatches over ``acts`` (a new permutation each epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(acts.shape[0], generator=g)
+        for s in range(0, acts.shape[0] - batch + 1, batch):
+            yield acts[perm[s : s + batch]]
+
+
+ARCHITECTURES = ("topk", "jumprelu")
+
+
+def train_sparse_sae(
+    model: HookedTransformer,
+    hook_name: str,
+    acts: Tensor,
+    *,
+    architecture: str = "topk",
+    width: int,
+    k: int,
+    training_tokens: int,
+    batch_tokens: int = 4096,
+    lr: float = 4e-4,
+    seed: int = 0,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Train a TopK (or JumpReLU with a target L0 of ``k``) SAE with SAELens' ``SAETrainer`` on ``acts``.
+
+    ``acts`` are the cached activations (:func:`collect_activations`); ``training_tokens`` may exceed
+    their count, in which case they are repeated in reshuffled epochs. Inputs are scaled to mean norm
+    sqrt(d_in) during training and SAELens folds the factor into the saved weights. The SAE is saved
+    with ``save_inference_model`` (``cfg.json`` + ``sae_weights.safetensors``) and read back.
+    """
+    from sae_lens import SAE, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    d_in = check_sae_hook(model, hook_name)
+    if acts.ndim != 2 or acts.shape[1] != d_in:
+        raise SAEError(f"activations must be [tokens, {d_in}], got {tuple(acts.shape)}")
+    if acts.shape[0] < batch_tokens:
+        raise SAEError(f"{acts.shape[0]} activation rows are fewer than one batch of {batch_tokens}")
+    steps = training_tokens // batch_tokens
+    torch.manual_seed(seed)
+    meta = dict(d_in=d_in, d_sae=width, normalize_activations="expected_average_only_in", device=str(model.cfg.device or "cpu"))
+    if architecture == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **meta))
+    elif architecture == "jumprelu":
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(k),
+                                                            l0_warm_up_steps=steps // 10, **meta))
+    else:
+        raise SAEError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+    md = sae.cfg.metadata
+    md.model_name, md.hook_name, md.context_size = model.cfg.model_name, hook_name, None
+    md.seqpos_slice, md.exclude_special_tokens, md.prepend_bos = (1, None), True, bool(model.cfg.default_prepend_bos)
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_tokens, train_batch_size_samples=batch_tokens, lr=lr, lr_end=lr / 10,
+        lr_scheduler_name="constant", lr_warm_up_steps=min(100, steps // 20), lr_decay_steps=steps // 5,
+        device=str(model.cfg.device or "cpu"), dead_feature_window=max(50, steps // 4),
+        feature_sampling_window=max(100, steps // 2), n_batches_for_norm_estimate=min(16, max(2, acts.shape[0] // batch_tokens)),
+    )
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    with _quiet(progress):
+        trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(acts, batch_tokens, seed))
+        trained = trainer.fit()
+        trained.save_inference_model(str(out))
+        loaded = SAE.load_from_disk(str(out), device=str(model.cfg.device or "cpu"))
+    seconds = time.perf_counter() - t0
+    info = {"architecture": architecture, "width": width, "k": k, "steps": steps, "training_tokens": steps * batch_tokens,
+            "unique_tokens": int(acts.shape[0]), "epochs": round(steps * batch_tokens / acts.shape[0], 2),
+            "train_seconds": round(seconds, 1)}
+    return loaded, info
+
+
+@torch.no_grad()
+def sae_quality(model: HookedTransformer, sae: Any, windows: Tensor, *, hook_name: str | None = None, batch: int = 8,
+                dense_threshold: float = 0.1, progress: bool = False) -> dict[str, Any]:
+    """The quality report of an SAE on held-out windows (positions > 0, no special tokens).
+
+    ``l0``, ``explained_variance`` (1 - SSE / total variance), ``dead_fraction`` (never fires here),
+    ``dense_fraction`` (fires on more than ``dense_threshold`` of the tokens) and the next-token loss
+    with the SAE spliced in at the hook (``loss_with_sae``) against ``loss_clean`` and
+    ``loss_zero_ablated``: ``ce_loss_recovered = (zero - sae) / (zero - clean)``. Splicing replaces
+    the masked positions only (position 0 stays clean, as the SAE never saw it); the hooks are a
+    context manager and always removed. The loss is over the predictions made at masked positions.
+    """
+    hook = check_sae_fits(model, sae, hook_name)
+    layer = layer_of(hook)
+    dev = next(sae.parameters()).device
+    mask_all = window_mask(model, windows)
+    d_sae = int(sae.cfg.d_sae)
+    fires = torch.zeros(d_sae, dtype=torch.float64)
+    sse = tot_sq = l0 = 0.0
+    sum_x = None
+    n_tok = 0
+    losses = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    n_loss = 0
+    bar = _bar(windows.shape[0], "SAE quality", progress)
+    for s in range(0, windows.shape[0], batch):
+        w = windows[s : s + batch].to(model.cfg.device)
+        m = mask_all[s : s + batch].to(model.cfg.device)
+        stats: dict[str, Any] = {}
+
+        def splice(mode: str):
+            def fn(act, hook):
+                x = act[m]
+                if mode == "sae":
+                    f = sae.encode(x.to(dev))
+                    xh = sae.decode(f).to(act.dtype)
+                    stats["x"], stats["f"], stats["xh"] = x.float(), f, xh.float()
+                    act = act.clone()
+                    act[m] = xh
+                elif mode == "zero":
+                    act = act.clone()
+                    act[m] = 0.0
+                return act
+            return fn
+
+        # Loss of the prediction at position t (for token t+1), only where t is masked and t+1 exists.
+        tgt = w[:, 1:]
+        lm = m[:, :-1]
+        for mode in ("clean", "sae", "zero"):
+            hooks = [] if mode == "clean" else [(hook, splice(mode))]
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(w, return_type="logits")
+            lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+            losses[mode] += float(-(lp[lm]).sum())
+        n_loss += int(lm.sum())
+        x, f, xh = stats["x"], stats["f"], stats["xh"]
+        active = f > 0
+        fires += active.sum(0).double().cpu()
+        l0 += float(active.sum())
+        sse += float(((x - xh) ** 2).sum())
+        tot_sq += float((x ** 2).sum())
+        sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
+        n_tok += x.shape[0]
+        bar.update(w.shape[0])
+    bar.close()
+    model.reset_hooks()
+    if n_tok == 0:
+        raise SAEError("no held-out token left after dropping position 0 and special tokens")
+    var = tot_sq - float((sum_x ** 2).sum()) / n_tok
+    freq = fires / n_tok
+    clean, with_sae, zero = (losses[k] / max(n_loss, 1) for k in ("clean", "sae", "zero"))
+    return {
+        "hook_name": hook, "layer": layer, "n_windows": int(windows.shape[0]), "n_tokens": n_tok,
+        "l0": l0 / n_tok, "explained_variance": 1.0 - sse / max(var, 1e-12),
+        "dead_fraction": float((freq == 0).double().mean()), "dense_fraction": float((freq > dense_threshold).double().mean()),
+        "dense_threshold": dense_threshold, "loss_clean": clean, "loss_with_sae": with_sae, "loss_zero_ablated": zero,
+        "ce_loss_recovered": (zero - with_sae) / (zero - clean) if zero != clean else float("nan"),
+    }

@@ -2,6 +2,7 @@
 method failing on one item is recorded as a failure while the run goes on."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,9 @@ def test_bench_quick_runs_end_to_end(smol, tmp_path):
             assert len(got) == t["n_test"] == 2, (name, m)
             assert all("error" not in r for r in got), got
         if t["kind"] == "generate":
-            assert {"czao", "bestofn", "prompting", "unsteered-sampled"} <= ran
+            assert {"czao", "czao-sae", "bestofn", "prompting", "unsteered-sampled"} <= ran
+            sae_arm = t["methods"]["czao-sae"]  # CZAO in the span of 16 SAE decoder rows
+            assert 0 <= sae_arm["unreachable_share"] <= 1 and sae_arm["passes_per_token"] >= 1
             cz = t["methods"]["czao"]
             assert 0 <= cz["unreachable_share"] <= 1 and cz["passes_per_token"] >= 1
             # Sampled methods are compared with a sample of the unsteered model, greedy ones with greedy.
@@ -54,7 +57,8 @@ def test_bench_quick_runs_end_to_end(smol, tmp_path):
     assert "plotly" in html and "Satisfaction vs fluency cost" in html
     assert "<td>|</td>" not in html
     assert "| method |" in (out / "report.md").read_text()
-    assert (out / "sae" / "cfg.json").exists()  # trained here since no --sae was given
+    sae = summary["run"]["resources"]["sae"]  # the tiny recipe from the cache (trained there once) since no --sae
+    assert sae["recipe"] == "tiny" and sae["l0"] <= 4 and "manifest.json" in {p.name for p in Path(sae["folder"]).iterdir()}
 
 
 def test_bench_bad_inputs(tmp_path):

@@ -171,18 +171,20 @@ def test_bad_inputs(tiny, trained):
 
 
 def test_cli_train_and_features(tiny, tmp_path, monkeypatch):
+    """`sae train` trains the tiny recipe into the cache (a second call loads it), prints the quality
+    report; `sae features` selects, labels (labels.html) and refuses out-of-range indices."""
     import czao_lens.models
     from czao_lens.cli import app
 
     monkeypatch.setattr(czao_lens.models, "load_model", lambda *a, **k: tiny)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(TEXTS))
+    monkeypatch.setenv("CZAO_LENS_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
     out = tmp_path / "sae"
-    r = runner.invoke(app, ["sae", "train", "--hook", HOOK, "--width", "32", "--tokens", "1024", "--batch-tokens", "128",
-                            "--context-size", "32", "--text-file", str(corpus), "--no-data", "--generations", "0", "--out", str(out)])
+    r = runner.invoke(app, ["sae", "train", "--hook", HOOK, "--recipe", "tiny", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "explained variance" in r.output and (out / "cfg.json").exists()
+    assert "CE-loss recovered" in r.output and "L0 " in r.output and (out / "cfg.json").exists()
+    cached = next((tmp_path / "cache" / "sae").glob("*/*/manifest.json")).parent
+    assert (cached / "sae_weights.safetensors").read_bytes() == (out / "sae_weights.safetensors").read_bytes()
     pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
     pos.write_text("\n".join(POS))
     neg.write_text("\n".join(NEG))
@@ -193,9 +195,22 @@ def test_cli_train_and_features(tiny, tmp_path, monkeypatch):
     js = json.loads((fo / "features.json").read_text())
     assert js["hook_name"] == HOOK and 1 <= len(js["features"]) <= 3
     assert (fo / "features.safetensors").exists() and (fo / "features.html").exists()
+    labels = (fo / "labels.html").read_text()
+    assert f"feature {js['features'][0]['index']}" in labels and "rgba(255,140,0," in labels
+    r = runner.invoke(app, ["sae", "features", "--sae", str(out), "--pos-file", str(pos), "--neg-file", str(neg),
+                            "--feature", "2", "--feature", "5", "--out", str(fo)])
+    assert r.exit_code == 0, r.output
+    assert [f["index"] for f in json.loads((fo / "features.json").read_text())["features"]] == [2, 5]
     # bad inputs: clear errors, exit code 2
-    r = runner.invoke(app, ["sae", "train", "--hook", "blocks.9.hook_resid_post", "--out", str(tmp_path / "x")])
+    r = runner.invoke(app, ["sae", "features", "--sae", str(out), "--pos-file", str(pos), "--neg-file", str(neg),
+                            "--feature", "64"])
+    assert r.exit_code == 2 and "out of range" in r.output and "64 latents" in r.output
+    r = runner.invoke(app, ["sae", "train", "--hook", "blocks.9.hook_resid_post", "--recipe", "tiny"])
     assert r.exit_code == 2 and "out of range" in r.output
+    r = runner.invoke(app, ["sae", "train", "--hook", HOOK, "--recipe", "no-such-recipe"])
+    assert r.exit_code == 2 and "unknown SAE recipe" in r.output
+    r = runner.invoke(app, ["sae", "train", "--hook", HOOK, "--recipe", "tiny", "--k", "65"])
+    assert r.exit_code == 2 and "must not exceed width" in r.output
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     r = runner.invoke(app, ["sae", "features", "--sae", str(out), "--pos-file", str(empty), "--neg-file", str(neg)])

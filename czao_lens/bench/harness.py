@@ -74,9 +74,9 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 class _Resources:
     """Lazily built things several tasks share: A-LQR's Jacobians and the SAE."""
 
-    def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, out: Path, sae: Any, sae_tokens: int,
+    def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, out: Path, sae: Any, sae_recipe: str,
                  exclude: set[str], progress: bool):
-        self.model, self.s, self.data, self.out, self._sae, self.sae_tokens = model, s, data, out, sae, sae_tokens
+        self.model, self.s, self.data, self.out, self._sae, self.sae_recipe = model, s, data, out, sae, sae_recipe
         self.exclude, self.progress, self._jac, self.info = exclude, progress, None, {}
 
     def jacobians(self):
@@ -96,19 +96,20 @@ class _Resources:
 
     def sae(self):
         if self._sae is None:
-            from czao_lens.sae import CORPUS_PROMPTS, data_texts, train_sae
+            from czao_lens.sae import bench_pool_texts, overlaps_pool
+            from czao_lens.sae_cache import cached_sae
 
-            texts = [t for t in data_texts(self.data) if t not in self.exclude] + list(CORPUS_PROMPTS)
-            quick = self.sae_tokens < 20_000
+            # The SAE corpus leaves out whole bench pools; check that they still cover this run's test items.
+            pool = bench_pool_texts(self.data)
+            loose = [t for t in self.exclude if not overlaps_pool(t, pool)]
+            if loose:
+                raise BenchError(f"{len(loose)} test item(s) are outside the pools the SAE corpus leaves out "
+                                 f"(e.g. {loose[0][:60]!r}); update czao_lens.sae.bench_pool_texts")
             t0 = time.perf_counter()
-            self._sae, stats = train_sae(
-                self.model, resid_hook(self.s.layer - 1, "post"), texts=texts,
-                width=(2 if quick else 8) * self.model.cfg.d_model, training_tokens=self.sae_tokens,
-                train_batch_size_tokens=256 if quick else 1024, context_size=32 if quick else 128,
-                lr=2e-3 if quick else 4e-4, l1_coefficient=3.0 if quick else 5.0, out_dir=self.out / "sae",
-                progress=self.progress, seed=self.s.seed)
-            self.info["sae"] = {"trained_here": True, "folder": str(self.out / "sae"), "seconds": time.perf_counter() - t0,
-                                **{k: stats.get(k) for k in ("explained_variance", "l0", "dead_fraction")}}
+            self._sae, quality, folder = cached_sae(self.model, resid_hook(self.s.layer - 1, "post"), self.sae_recipe,
+                                                    data_dir=self.data, progress=self.progress)
+            self.info["sae"] = {"recipe": self.sae_recipe, "folder": str(folder), "seconds": time.perf_counter() - t0,
+                                **{k: quality.get(k) for k in ("explained_variance", "l0", "ce_loss_recovered", "dead_fraction")}}
         return self._sae
 
 
@@ -135,6 +136,18 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
         info["czao_tune_passes"] = next(r["passes_per_token"] for r in rows if r["setting"] == key)
         return Fitted("czao", {"config": asdict(cfgs[key]), "setting": key}, run=runs[key], sweep=rows)
 
+    def czao_sae() -> Fitted:
+        # As many SAE features as the activation basis has directions, so both CZAO arms search a
+        # subspace of the same size; the same eps grid and tuning.
+        rank = CZAOConfig().rank
+        fb = shared.sae_basis(rank)
+        dirs = fb.directions_by_layer()
+        cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
+        runs = {k: czao_run(model, task, c, s, store, basis_directions=dirs) for k, c in cfgs.items()}
+        key, rows = tune_generate(model, task, runs, s, base_ppl)
+        return Fitted("czao-sae", {"config": asdict(cfgs[key]), "setting": key, "features": fb.indices,
+                                   "dim": len(fb.indices)}, run=runs[key], sweep=rows)
+
     def bestofn() -> Fitted:
         # Per item, n is matched to CZAO's passes/token on the same item (see the test loop);
         # this n (from the tune prompts) is the fallback when CZAO did not run on it.
@@ -147,7 +160,7 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
         key, rows = tune_generate(model, task, runs, s, base_ppl)
         return Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
 
-    fits = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "bestofn": bestofn,
+    fits = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "czao-sae": czao_sae, "bestofn": bestofn,
             "probe-guided": lambda: Fitted("probe-guided", {"top_k": s.guided_top_k}, run=guided_run(model, task, s)),
             "unsteered-sampled": lambda: Fitted("unsteered-sampled", {"top_p": s.bestofn_top_p}, run=sampled_run(model, s))}
     fitted, errors = _fit_each(methods, fits, steering, bar)
@@ -262,7 +275,7 @@ def summarise(task: Task, rows: list[dict], fitted: dict[str, Fitted], errors: d
             s["p_text"] = mean([r["p_text"] for r in good])
             s["p_text_ci"] = list(bootstrap_ci([r["p_text"] for r in good], seed=seed)) if good else [math.nan, math.nan]
             s["p_letter"] = mean([r["p_letter"] for r in good])
-        if m == "czao":
+        if m in ("czao", "czao-sae"):
             steps = [x for r in good for x in r.get("steps", [])]
             s["unreachable_share"] = mean([float(r.get("unreachable", False)) for r in good])
             s["median_steps"] = statistics.median(steps) if steps else 0
@@ -357,7 +370,7 @@ class BenchTaskJob(ItemJob):
     n_test: int
     settings: BenchSettings
     sae: Any
-    sae_tokens: int
+    sae_recipe: str
     concept_threshold: float
     exclude: list[str]
 
@@ -368,7 +381,7 @@ class BenchTaskJob(ItemJob):
         tasks = {t.name: t for t in load_tasks(self.tasks, data, n_fit=self.n_fit, n_test=self.n_test, seed=s.seed,
                                                   concept_threshold=self.concept_threshold)}
         # each worker's own SAE folder: two workers training at once must not write the same files
-        res = _Resources(model, s, data, Path(self.out) / f"worker-{os.getpid()}", self.sae, self.sae_tokens,
+        res = _Resources(model, s, data, Path(self.out) / f"worker-{os.getpid()}", self.sae, self.sae_recipe,
                          set(self.exclude), progress=False)
         reference = neutral_reference(model, chat=settings_chat(s))
         return tasks, ActivationStore(model), res, reference
@@ -380,8 +393,8 @@ class BenchTaskJob(ItemJob):
 
     def describe(self) -> dict:
         return {"job": "bench", "model": self.model_name, "data": self.data, "tasks": self.tasks, "methods": self.methods, "n_fit": self.n_fit,
-                "n_test": self.n_test, "settings": asdict(self.settings), "sae_tokens": self.sae_tokens,
-                "sae": "given" if self.sae is not None else "trained here", "concept_threshold": self.concept_threshold}
+                "n_test": self.n_test, "settings": asdict(self.settings), "sae_recipe": self.sae_recipe,
+                "sae": "given" if self.sae is not None else "cached recipe", "concept_threshold": self.concept_threshold}
 
 
 def _run_tasks_distributed(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path,
@@ -412,7 +425,7 @@ def run_bench(
     n_test: int = 40,
     settings: BenchSettings | None = None,
     sae: Any = None,
-    sae_tokens: int = 100_000,
+    sae_recipe: str = "default",
     concept_threshold: float = 0.3,
     progress: bool = True,
     backend: Backend | None = None,
@@ -421,8 +434,9 @@ def run_bench(
 ) -> dict:
     """Run the benchmark and write results.jsonl, summary.json, report.md and report.html to ``out``.
 
-    ``sae`` is an SAELens SAE at ``blocks.{layer-1}.hook_resid_post``; when None, one is trained on
-    the data folder's texts (the test prompts left out) with ``sae_tokens`` tokens. With a Ray
+    ``sae`` is an SAELens SAE at ``blocks.{layer-1}.hook_resid_post``; when None, the cached sparse SAE
+    of ``sae_recipe`` (:func:`czao_lens.sae_cache.cached_sae`; trained once if absent, its corpus
+    leaving every bench pool out) is used. With a Ray
     ``backend`` (or an open ``pool``) each task runs on a worker (:class:`BenchTaskJob`), rows come
     back per task and a rerun into the same ``out`` skips finished tasks; the files are the same
     as in-process apart from timings. ``model`` is then used only for the layer check, and workers load
@@ -446,7 +460,7 @@ def run_bench(
     summary: dict[str, Any] = {"tasks": {}, "fit": {}}
     if pool is not None or (backend is not None and backend.uses_ray):
         name = pool.model_name if pool is not None else (model_name or model.cfg.model_name)
-        job = BenchTaskJob(name, str(data), str(out), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_tokens, concept_threshold,
+        job = BenchTaskJob(name, str(data), str(out), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe, concept_threshold,
                            sorted(exclude))
         rows, summary["tasks"], resources = _run_tasks_distributed(model, task_list, job, out, backend, pool, progress)
         with open(out / "results.jsonl", "w") as fh:
@@ -454,7 +468,7 @@ def run_bench(
         threads = backend.threads if backend is not None else pool.backend.threads
     else:
         store = ActivationStore(model)
-        res = _Resources(model, s, data, out, sae, sae_tokens, exclude, progress)
+        res = _Resources(model, s, data, out, sae, sae_recipe, exclude, progress)
         reference = neutral_reference(model, chat=settings_chat(s))
         with open(out / "results.jsonl", "w") as fh:
             def write(row: dict) -> None:

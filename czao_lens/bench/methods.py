@@ -44,7 +44,9 @@ REFERENCES = ("unsteered", "prompting")  # the model as is, and asked by instruc
 # They select, guide or constrain generated text (choice tasks read fixed answers). probe-guided is
 # output-space guidance with CZAO's value probe; unsteered-sampled is the fluency reference of the
 # sampled method (best-of-n), with the same decoding.
-GENERATE_ONLY = ("czao", "probe-guided", "bestofn", "unsteered-sampled")
+# czao-sae is CZAO in the span of SAE decoder rows (the task's contrastive features) instead of the
+# activation basis.
+GENERATE_ONLY = ("czao", "czao-sae", "probe-guided", "bestofn", "unsteered-sampled")
 SAMPLED = ("bestofn", "unsteered-sampled")  # nucleus sampling; every other method decodes greedily
 
 
@@ -193,14 +195,16 @@ def sampled_run(model: HookedTransformer, s: BenchSettings) -> Callable[[str], O
     return run
 
 
-def czao_run(model: HookedTransformer, task: Task, cfg: CZAOConfig, s: BenchSettings, store: ActivationStore) -> Callable[[str], Output]:
+def czao_run(model: HookedTransformer, task: Task, cfg: CZAOConfig, s: BenchSettings, store: ActivationStore,
+             basis_directions: dict[int, Any] | None = None) -> Callable[[str], Output]:
     """CZAO on one prompt. Its cost is the row-weighted passes per token (what a CPU pays; best-of-n
-    is matched to it), the batched-call count kept as ``passes_batched``."""
+    is matched to it), the batched-call count kept as ``passes_batched``. ``basis_directions``
+    (``{layer: [k, d]}``, SAE decoder rows) replace the activation basis."""
 
     def run(prompt: str) -> Output:
         t0 = time.perf_counter()
         r = generate_czao(model, prompt, task.constraint, cfg, max_new_tokens=s.max_new_tokens, seed=s.seed,
-                          store=store, keep_logprobs=True)[0]
+                          store=store, keep_logprobs=True, basis_directions=basis_directions)[0]
         sec = time.perf_counter() - t0
         summ = r.summary()
         opt = [rec.steps for rec in r.records if rec.optimized]
@@ -392,6 +396,21 @@ class TaskFit:
         self.prepare()
         return SWEEPS[name].fit(self)
 
+    def sae_basis(self, k: int) -> Any:
+        """The top-``k`` contrastive SAE features of this task (FGAA-style, dense and BOS features
+        dropped), computed once per ``k``: SAE steering's vector and CZAO's SAE subspace."""
+        from czao_lens.diagnostics.features import select_features
+
+        self.prepare()
+        cache = self.__dict__.setdefault("_sae_bases", {})
+        if k not in cache:
+            if self.contrast is not None:
+                pos, neg = self.contrast.pos_texts, self.contrast.neg_texts
+            else:
+                pos, neg = answer_texts(self.model, self.task.fit, chat=settings_chat(self.s))
+            cache[k] = select_features(self.model, self.res.sae(), pos, neg, k=k, store=self.store)
+        return cache[k]
+
 
 def _fit_caa(f: TaskFit) -> SteeringVector:
     return f.caa
@@ -400,14 +419,8 @@ def _fit_caa(f: TaskFit) -> SteeringVector:
 def _fit_sae(f: TaskFit) -> SteeringVector:
     """FGAA-style: top-k SAE features by (positive - negative) mean activation, decoded with those
     weights, and scaled to the CAA vector's norm so both methods share one multiplier grid."""
-    from czao_lens.diagnostics.features import select_features
-
-    if f.contrast is not None:
-        pos, neg = f.contrast.pos_texts, f.contrast.neg_texts
-    else:
-        pos, neg = answer_texts(f.model, f.task.fit, chat=settings_chat(f.s))
     sae = f.res.sae()
-    basis = select_features(f.model, sae, pos, neg, k=f.s.sae_features, store=f.store)
+    basis = f.sae_basis(f.s.sae_features)
     vec = get_method("sae").fit(f.model, replace(f.inp, sae=sae, features=basis.indices, coeffs=basis.scores.tolist()))
     (layer,) = vec.directions
     raw = float(vec.directions[layer].norm())

@@ -53,7 +53,7 @@ def task_rows(t: dict) -> tuple[list[str], list[list[str]]]:
         delta = _ci(s["delta_vs_unsteered"], s["delta_ci"]) if m != "unsteered" else "-"
         if gen:
             cz = (f"unreachable {_f(s['unreachable_share'])}, steps median {s['median_steps']} / max {s['max_steps']}"
-                  if m == "czao" else "")
+                  if m in ("czao", "czao-sae") else "")
             row = [m + err, _ci(s["satisfaction"], s["ci"]), delta, _f(s["second_agreement"]), _f(s["gaming"]),
                    f"{_f(s['ppl'], 1)} ({_f(s.get('ppl_ratio_same_decoding', s.get('ppl_ratio')))})", _f(s["kl"], 3), _f(s["distinct2"]),
                    _f(s["passes_per_token"]), _f(s["wall_ratio"]), _setting(s), cz]

@@ -234,15 +234,17 @@ def top_activating_tokens(
     hook_name: str | None = None,
     store: ActivationStore | None = None,
     window: int = 8,
+    dedupe: bool = True,
 ) -> list[TokenHit]:
     """The ``k`` (text, position > 0) where ``feature`` fires most, with ``window`` tokens of context.
 
-    The context marks the token as ``[[token]]``.
+    The context marks the token as ``[[token]]``. With ``dedupe`` a context already listed (the same
+    words around the same token, e.g. a question repeated in a positive and a negative example) is
+    skipped, so the ``k`` hits are ``k`` different places.
     """
     hook = _sae_parts(model, sae, hook_name)
     texts = _check_texts(texts, "text")
-    if not 0 <= int(feature) < int(sae.cfg.d_sae):
-        raise DiagnosticError(f"feature {feature} is out of range; the SAE has {sae.cfg.d_sae} latents")
+    check_feature_indices(sae, [feature])
     store = store or ActivationStore(model)
     toks = store.tokenize(texts)
     acts = store.get(toks, [hook])
@@ -257,14 +259,129 @@ def top_activating_tokens(
             cands.append((float(f[p]), i, p + 1))
     cands.sort(key=lambda c: -c[0])
     tok = model.tokenizer
-    out = []
-    for act, i, p in cands[:k]:
+    out: list[TokenHit] = []
+    seen: set[str] = set()
+    for act, i, p in cands:
+        if len(out) >= k:
+            break
         ids = toks[i]
         before = tok.decode(ids[max(0, p - window) : p])
         here = tok.decode([ids[p]])
         after = tok.decode(ids[p + 1 : p + 1 + max(1, window // 4)])
-        out.append(TokenHit(i, p, here, f"{before}[[{here}]]{after}".replace("\n", "\\n"), act))
+        context = f"{before}[[{here}]]{after}".replace("\n", "\\n")
+        if dedupe and context in seen:
+            continue
+        seen.add(context)
+        out.append(TokenHit(i, p, here, context, act))
     return out
+
+
+def check_feature_indices(sae: Any, indices: Sequence[int]) -> list[int]:
+    """Feature indices as ints, each in ``[0, d_sae)``; anything else is refused with a clear error."""
+    d_sae = int(sae.cfg.d_sae)
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, (int, torch.Tensor)) and not str(i).lstrip("-").isdigit():
+            raise DiagnosticError(f"feature index {i!r} is not an integer")
+        j = int(i)
+        if not 0 <= j < d_sae:
+            raise DiagnosticError(f"feature {j} is out of range; the SAE has {d_sae} latents (0..{d_sae - 1})")
+        out.append(j)
+    if not out:
+        raise DiagnosticError("no SAE features given")
+    if len(set(out)) != len(out):
+        raise DiagnosticError(f"feature indices repeat: {out}")
+    return out
+
+
+@torch.no_grad()
+def feature_basis(model: HookedTransformer, sae: Any, indices: Sequence[int], *, hook_name: str | None = None) -> FeatureBasis:
+    """A :class:`FeatureBasis` of hand-picked features (their decoder rows; scores and frequencies 0).
+
+    For a CZAO subspace (``directions_by_layer()``) or SAE steering from features chosen by reading
+    their labels rather than by a contrast.
+    """
+    hook = _sae_parts(model, sae, hook_name)
+    idx = check_feature_indices(sae, indices)
+    W = sae.W_dec.detach().float().cpu()[idx]
+    return FeatureBasis(hook, idx, torch.zeros(len(idx)), W, torch.zeros(len(idx)), {"source": "chosen", "d_sae": int(sae.cfg.d_sae)})
+
+
+@torch.no_grad()
+def feature_contexts(
+    model: HookedTransformer,
+    sae: Any,
+    features: Sequence[int],
+    texts: Sequence[str],
+    *,
+    k: int = 8,
+    window: int = 12,
+    hook_name: str | None = None,
+    store: ActivationStore | None = None,
+) -> dict[int, list[dict[str, Any]]]:
+    """Per feature, its ``k`` top-activating deduplicated contexts with every token's activation.
+
+    Each context is ``{"tokens": [...], "acts": [...], "peak": index of the top token, "activation"}``
+    over ``window`` tokens before and ``window // 3`` after the peak: what :func:`feature_labels_html`
+    draws.
+    """
+    hook = _sae_parts(model, sae, hook_name)
+    texts = _check_texts(texts, "text")
+    feats = check_feature_indices(sae, features)
+    store = store or ActivationStore(model)
+    toks = store.tokenize(texts)
+    acts = store.get(toks, [hook])
+    dev = next(sae.parameters()).device
+    per_text = []  # [positions, n_feats] activations at positions > 0
+    for a in acts:
+        x = a[hook][1:].float()
+        per_text.append(sae.encode(x.to(dev))[:, feats].float().cpu() if x.shape[0] else torch.zeros(0, len(feats)))
+    tok = model.tokenizer
+    out: dict[int, list[dict[str, Any]]] = {}
+    for j, f in enumerate(feats):
+        cands = [(float(v), i, p + 1) for i, fa in enumerate(per_text) for p, v in enumerate(fa[:, j].tolist()) if v > 0]
+        cands.sort(key=lambda c: -c[0])
+        seen: set[str] = set()
+        rows: list[dict[str, Any]] = []
+        for v, i, p in cands:
+            if len(rows) >= k:
+                break
+            lo, hi = max(1, p - window), min(len(toks[i]), p + 1 + max(1, window // 3))
+            key = tok.decode(toks[i][lo:hi])
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append({"tokens": [tok.decode([t]) for t in toks[i][lo:hi]],
+                         "acts": per_text[i][lo - 1 : hi - 1, j].tolist(), "peak": p - lo, "activation": v, "text_index": i})
+        out[f] = rows
+    return out
+
+
+def feature_labels_html(contexts: dict[int, list[dict[str, Any]]], *, title: str = "SAE feature labels",
+                        notes: dict[int, str] | None = None) -> str:
+    """An HTML page: per feature, its top contexts with each token shaded by its activation."""
+    from html import escape
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>"
+             "body{font-family:sans-serif;margin:2em;max-width:70em}.ctx{font-family:monospace;margin:.2em 0;"
+             "white-space:pre-wrap}.tok{border-radius:3px}.peak{outline:1px solid #c00}h2{margin-top:1.5em}"
+             ".act{color:#666;font-size:.85em;margin-left:1em}</style></head><body>", f"<h1>{escape(title)}</h1>"]
+    for f, rows in contexts.items():
+        top = max((r["activation"] for r in rows), default=0.0) or 1.0
+        note = f" &mdash; {escape(notes[f])}" if notes and f in notes else ""
+        parts.append(f"<h2 id='f{f}'>feature {f}{note}</h2>")
+        if not rows:
+            parts.append("<p>never fires on these texts</p>")
+        for r in rows:
+            spans = []
+            for n, (t, a) in enumerate(zip(r["tokens"], r["acts"])):
+                alpha = max(0.0, min(1.0, a / top))
+                cls = "tok peak" if n == r["peak"] else "tok"
+                spans.append(f"<span class='{cls}' title='{a:.3f}' style='background:rgba(255,140,0,{alpha:.2f})'>"
+                             f"{escape(t).replace(chr(10), '&#8629;')}</span>")
+            parts.append(f"<div class='ctx'>{''.join(spans)}<span class='act'>{r['activation']:.2f}</span></div>")
+    parts.append("</body></html>")
+    return "".join(parts)
 
 
 # ----------------------------------------------------------------------------- example sets
