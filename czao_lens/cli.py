@@ -672,12 +672,13 @@ def bench(
         load_tasks(tasks, data, n_fit=n_fit, n_test=n_test, seed=seed)
     except BenchError as exc:
         _fail(str(exc))
-    sae = None
+    sae = manifest = None
     if sae_path is not None:
-        from czao_lens.sae import SAEError, load_sae
+        from czao_lens.sae import SAEError
+        from czao_lens.sae_cache import open_sae
 
         try:
-            sae = load_sae(sae_path)
+            sae, manifest = open_sae(sae_path)
         except SAEError as exc:
             _fail(str(exc))
     else:
@@ -686,6 +687,11 @@ def bench(
         recipe_from(sae_recipe)  # a bad recipe fails here, before the model loads
     backend = _backend(workers, ray_address, num_cpus, num_gpus, threads)
     m = _load(model)
+    if manifest is not None:
+        from czao_lens.sae_cache import check_made_for
+        from czao_lens.sites import resid_hook
+
+        check_made_for(manifest, m, resid_hook(layer - 1, "post"))
     try:
         summary = run_bench(m, data=data, out=out, tasks=tasks, methods=methods, n_fit=n_fit,
                             n_test=n_test, settings=settings, sae=sae, sae_recipe=sae_recipe,
@@ -786,7 +792,7 @@ def _lines(path: Path, what: str) -> list[str]:
 @sae_app.command("train")
 def sae_train(
     hook: str = typer.Option("blocks.11.hook_resid_post", help="Hook the SAE reads (the bench's steering layer 12 reads blocks.11.hook_resid_post)."),
-    recipe: str = typer.Option("default", help="Recipe: default (TopK k=48, 4608 latents, 2M training tokens), tiny (seconds; tests), or a JSON file of SAERecipe fields."),
+    recipe: str = typer.Option("default", help="Recipe: default (TopK k=48, 2304 latents, 2M training tokens), tiny (seconds; tests), or a JSON file of SAERecipe fields."),
     k: Optional[int] = typer.Option(None, help="Override the recipe's k (TopK active latents; JumpReLU target L0)."),
     width: Optional[int] = typer.Option(None, help="Override the recipe's width (latents)."),
     tokens: Optional[int] = typer.Option(None, help="Override the recipe's training tokens."),
@@ -842,13 +848,14 @@ def format_sae_quality(q: dict) -> str:
 
 @sae_app.command("features")
 def sae_features(
-    sae: Path = typer.Option(..., "--sae", help="SAELens SAE folder."),
+    sae: Optional[Path] = typer.Option(None, "--sae", help="SAELens SAE folder (a cached one is verified); default: the cached SAE of --recipe at --hook."),
+    recipe: str = typer.Option("default", help="Without --sae: the recipe of the cached SAE (see `czao-lens sae train`; never trains here)."),
     behavior: Optional[str] = typer.Option(None, help="CAA behaviour: positives = question + matching answer."),
     pos_file: Optional[Path] = typer.Option(None, help="Positive examples, one per line."),
     neg_file: Optional[Path] = typer.Option(None, help="Negative examples, one per line."),
     data: Optional[Path] = typer.Option(None, help="Data folder (default: $CZAO_LENS_DATA or ../shared/data)."),
     limit: int = typer.Option(100, help="CAA items to use."),
-    hook: Optional[str] = typer.Option(None, help="Hook (default: the SAE's own)."),
+    hook: Optional[str] = typer.Option(None, help="Hook (default: the SAE's own; without --sae: blocks.11.hook_resid_post)."),
     k: int = typer.Option(10, help="Features to keep."),
     max_freq: float = typer.Option(0.5, help="Drop features firing on more than this fraction of tokens."),
     last_token: bool = typer.Option(False, help="Use the last token only (default: all positions > 0)."),
@@ -865,7 +872,6 @@ def sae_features(
         top_activating_tokens,
     )
     from czao_lens.plots import feature_bars_figure, save_figure
-    from czao_lens.sae import load_sae
     from czao_lens.store import ActivationStore
 
     if (behavior is None) == (pos_file is None and neg_file is None):
@@ -878,9 +884,17 @@ def sae_features(
     pf.check_at_least(top_tokens, 0, "--top-tokens")
     pf.check_in(max_freq, 0, 1, "--max-freq", low_open=True)
     pf.check_at_least(contexts, 1, "--contexts")
-    s = load_sae(sae)
-    if feature:
-        check_feature_indices(s, feature)  # out-of-range indices fail before the model loads
+    manifest = None
+    if sae is not None:
+        from czao_lens.sae_cache import open_sae
+
+        s, manifest = open_sae(sae)
+        if feature:
+            check_feature_indices(s, feature)  # out-of-range indices fail before the model loads
+    else:
+        from czao_lens.sae_cache import recipe_from
+
+        rec = recipe_from(recipe)
     if behavior is not None:
         from czao_lens.diagnostics.tracing import load_caa
 
@@ -888,6 +902,18 @@ def sae_features(
     else:
         pos, neg = _lines(pos_file, "positive"), _lines(neg_file, "negative")
     m = _load(model)
+    if sae is None:
+        from czao_lens.sae_cache import cached_sae
+
+        hook = hook or "blocks.11.hook_resid_post"
+        s, _, folder = cached_sae(m, hook, rec, train=False)
+        typer.echo(f"SAE: {folder}")
+        if feature:
+            check_feature_indices(s, feature)
+    else:
+        from czao_lens.sae_cache import check_made_for
+
+        check_made_for(manifest, m)
     store = ActivationStore(m)
     if feature:
         fb = feature_basis(m, s, feature, hook_name=hook)

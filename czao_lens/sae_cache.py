@@ -48,13 +48,13 @@ class SAERecipe:
     """Everything that decides a sparse SAE apart from the model and the hook."""
 
     architecture: str = "topk"
-    width: int = 4608  # 8 x d_model of SmolLM2-135M
+    width: int = 2304  # 4 x d_model of SmolLM2-135M (8x doubles a training that already takes most of an hour here)
     k: int = 48  # TopK: active latents per token; JumpReLU: the target L0
     training_tokens: int = 2_000_000
     batch_tokens: int = 4096
     lr: float = 4e-4
     context_size: int = 128
-    n_generations: int = 320
+    n_generations: int = 64
     max_new_tokens: int = 96
     generation_batch: int = 32
     include_data: bool = True
@@ -169,11 +169,8 @@ def load_cached_sae(folder: str | Path, model: HookedTransformer | None = None, 
     folder = Path(folder)
     man = verify_folder(folder)
     if model is not None:
-        fp = model_fingerprint(model)
-        if man.get("model_fingerprint") != fp:
-            raise SAEError(f"the SAE in {folder} was trained on {man.get('model_name')} (fingerprint "
-                           f"{man.get('model_fingerprint')}), not on {model.cfg.model_name} (fingerprint {fp})")
-    if hook_name is not None and man.get("hook_name") != hook_name:
+        check_made_for(man, model, hook_name)
+    elif hook_name is not None and man.get("hook_name") != hook_name:
         raise SAEError(f"the SAE in {folder} reads {man.get('hook_name')}, not {hook_name}")
     try:
         sae = SAE.load_from_disk(str(folder), device=device)
@@ -182,6 +179,32 @@ def load_cached_sae(folder: str | Path, model: HookedTransformer | None = None, 
     if model is not None:
         check_sae_fits(model, sae)
     return sae, json.loads((folder / "quality.json").read_text())
+
+
+def open_sae(path: str | Path, *, device: str = "cpu") -> tuple[Any, dict[str, Any] | None]:
+    """An SAE folder given by a user: a cached one is verified against its manifest first (truncated or
+    corrupted files refused); a plain SAELens folder is loaded as is. Returns ``(sae, manifest or None)``;
+    pass the manifest to :func:`check_made_for` once the model is loaded."""
+    from czao_lens.sae import load_sae
+
+    p = Path(path).expanduser()
+    if (p / MANIFEST).exists():
+        man = verify_folder(p)
+        sae, _ = load_cached_sae(p, device=device)
+        return sae, man
+    return load_sae(p, device=device), None
+
+
+def check_made_for(manifest: dict[str, Any] | None, model: HookedTransformer, hook_name: str | None = None) -> None:
+    """Refuse a cached SAE (its manifest) made for another model or another hook."""
+    if manifest is None:
+        return
+    fp = model_fingerprint(model)
+    if manifest.get("model_fingerprint") != fp:
+        raise SAEError(f"the SAE was trained on {manifest.get('model_name')} (fingerprint {manifest.get('model_fingerprint')}), "
+                       f"not on {model.cfg.model_name} (fingerprint {fp})")
+    if hook_name is not None and manifest.get("hook_name") != hook_name:
+        raise SAEError(f"the SAE reads {manifest.get('hook_name')}, not {hook_name}")
 
 
 @contextmanager
@@ -253,11 +276,12 @@ def build_sae(model: HookedTransformer, hook_name: str, recipe: SAERecipe, out_d
 
 def cached_sae(model: HookedTransformer, hook_name: str, recipe: SAERecipe | str = "default", *,
                data_dir: str | Path | None = None, root: str | Path | None = None, rebuild: bool = False,
-               progress: bool = True) -> tuple[Any, dict[str, Any], Path]:
+               train: bool = True, progress: bool = True) -> tuple[Any, dict[str, Any], Path]:
     """The SAE for ``(model, hook, recipe)``: loaded from the cache when it verifies, else trained once.
 
     Returns ``(sae, quality, folder)``. A corrupted or truncated cache folder is rebuilt (with a
-    warning); two processes asking at once train once (the second waits on the lock).
+    warning); two processes asking at once train once (the second waits on the lock). With
+    ``train=False`` a missing SAE is an :class:`SAEError` instead.
     """
     import warnings
 
@@ -268,6 +292,9 @@ def cached_sae(model: HookedTransformer, hook_name: str, recipe: SAERecipe | str
     if not rebuild and _valid(folder):
         sae, q = load_cached_sae(folder, model, hook_name, device=dev)
         return sae, q, folder
+    if not train:
+        raise SAEError(f"no cached SAE for {model.cfg.model_name} at {hook_name} with this recipe ({folder}); "
+                       "train it once with `czao-lens sae train`")
     with _lock(folder):
         if not rebuild and _valid(folder):  # another process trained it while this one waited
             sae, q = load_cached_sae(folder, model, hook_name, device=dev)

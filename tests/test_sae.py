@@ -201,7 +201,17 @@ def test_cli_train_and_features(tiny, tmp_path, monkeypatch):
                             "--feature", "2", "--feature", "5", "--out", str(fo)])
     assert r.exit_code == 0, r.output
     assert [f["index"] for f in json.loads((fo / "features.json").read_text())["features"]] == [2, 5]
+    # without --sae: the cached SAE of the recipe at the hook (never trained here)
+    r = runner.invoke(app, ["sae", "features", "--recipe", "tiny", "--hook", HOOK, "--pos-file", str(pos), "--neg-file", str(neg),
+                            "--feature", "3", "--out", str(fo)])
+    assert r.exit_code == 0 and str(cached) in r.output, r.output
     # bad inputs: clear errors, exit code 2
+    r = runner.invoke(app, ["sae", "features", "--recipe", "default", "--hook", HOOK, "--pos-file", str(pos), "--neg-file", str(neg)])
+    assert r.exit_code == 2 and "train it once" in r.output
+    w = cached / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-8])
+    r = runner.invoke(app, ["sae", "features", "--sae", str(cached), "--pos-file", str(pos), "--neg-file", str(neg)])
+    assert r.exit_code == 2 and "truncated" in r.output
     r = runner.invoke(app, ["sae", "features", "--sae", str(out), "--pos-file", str(pos), "--neg-file", str(neg),
                             "--feature", "64"])
     assert r.exit_code == 2 and "out of range" in r.output and "64 latents" in r.output

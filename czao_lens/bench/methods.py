@@ -370,6 +370,7 @@ class TaskFit:
         self.contrast: Contrast | None = None
         self.inp: FitInput | None = None
         self.caa: SteeringVector | None = None
+        self.sae_bases: dict[int, Any] = {}  # top-k contrastive SAE features, by k
 
     def prepare(self) -> None:
         """Sample the contrast (generation tasks) and fit the CAA vector, once per task."""
@@ -402,14 +403,13 @@ class TaskFit:
         from czao_lens.diagnostics.features import select_features
 
         self.prepare()
-        cache = self.__dict__.setdefault("_sae_bases", {})
-        if k not in cache:
+        if k not in self.sae_bases:
             if self.contrast is not None:
                 pos, neg = self.contrast.pos_texts, self.contrast.neg_texts
             else:
                 pos, neg = answer_texts(self.model, self.task.fit, chat=settings_chat(self.s))
-            cache[k] = select_features(self.model, self.res.sae(), pos, neg, k=k, store=self.store)
-        return cache[k]
+            self.sae_bases[k] = select_features(self.model, self.res.sae(), pos, neg, k=k, store=self.store)
+        return self.sae_bases[k]
 
 
 def _fit_caa(f: TaskFit) -> SteeringVector:
