@@ -199,3 +199,28 @@ def test_corpus_leaves_every_bench_pool_out(tiny):
     assert all(overlaps_pool(t, pool) for t in test_items)
     joined = "\n\n".join(texts)
     assert not [t for t in test_items if t.strip() in joined]
+
+
+def test_czao_cli_searches_in_the_sae_basis(built, tiny, tmp_path, monkeypatch):
+    """`czao --sae-features` runs CZAO in the span of the saved features' decoder rows (mechanics on the
+    tiny model; R defaults to the basis's layer); a basis for another layer is refused."""
+    from typer.testing import CliRunner
+
+    import czao_lens.models
+    from czao_lens.cli import app
+
+    sae, _, _, _ = built
+    monkeypatch.setattr(czao_lens.models, "load_model", lambda *a, **k: tiny)
+    monkeypatch.setattr("czao_lens.preflight.check_model_layers", lambda *a, **k: None)  # tiny is not a named model
+    monkeypatch.setattr("czao_lens.preflight.check_rank", lambda *a, **k: None)
+    feats = feature_basis(tiny, sae, [1, 7, 9]).save(tmp_path / "feat")["json"]
+    spec = json.dumps({"type": "avoid_tokens", "words": ["the"]})
+    runner = CliRunner()
+    r = runner.invoke(app, ["czao", "-p", "The cat walked", "--no-chat", "--constraint", spec, "-n", "2",
+                            "--sae-features", str(feats), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    row = json.loads((tmp_path / "o" / "czao.json").read_text())[0]
+    assert row["czao"]["config"]["layers"] == [2]
+    r = runner.invoke(app, ["czao", "-p", "x", "--constraint", spec, "--layer", "1", "--sae-features", str(feats),
+                            "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "holds directions for layer 2" in r.output
