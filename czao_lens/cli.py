@@ -810,6 +810,9 @@ def sae_train(
     from czao_lens.sae_cache import recipe_from
     from czao_lens.sites import layer_of
 
+    for value, what in ((k, "--k"), (width, "--width"), (tokens, "--tokens")):
+        pf.check_at_least(value, 1, what)
+    pf.check_at_least(generations, 0, "--generations")
     rec = recipe_from(recipe)
     over = _given(k=k, width=width, training_tokens=tokens, n_generations=generations, architecture=architecture)
     rec = dataclasses.replace(rec, **over)  # validated again by the recipe
