@@ -23,15 +23,14 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
 
-from czao_lens.models import model_fingerprint
+from czao_lens.models import cache_lock, file_sha256, model_fingerprint
 from czao_lens.paths import cache_root, default_data_dir
 from czao_lens.sae import (
     ARCHITECTURES, SAEError, check_sae_fits, check_sae_hook, collect_activations, pack_windows, sae_quality,
@@ -130,14 +129,6 @@ def sae_cache_folder(model: HookedTransformer, hook_name: str, recipe: SAERecipe
     return base / f"{name}-{model_fingerprint(model)}" / f"{hook_name}-{recipe.key()}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_folder(folder: str | Path) -> dict[str, Any]:
     """Check a cached SAE folder against its manifest; return the manifest or raise :class:`SAEError`."""
     folder = Path(folder)
@@ -153,7 +144,7 @@ def verify_folder(folder: str | Path) -> dict[str, Any]:
             raise SAEError(f"{folder} is incomplete: {name} is missing")
         if p.stat().st_size != want["size"]:
             raise SAEError(f"{folder}/{name} is truncated or altered ({p.stat().st_size} bytes, expected {want['size']})")
-        if _sha256(p) != want["sha256"]:
+        if file_sha256(p) != want["sha256"]:
             raise SAEError(f"{folder}/{name} is corrupted (SHA-256 does not match the manifest)")
     return man
 
@@ -207,20 +198,6 @@ def check_made_for(manifest: dict[str, Any] | None, model: HookedTransformer, ho
         raise SAEError(f"the SAE reads {manifest.get('hook_name')}, not {hook_name}")
 
 
-@contextmanager
-def _lock(folder: Path) -> Iterator[None]:
-    """One exclusive lock per cache folder while training: a second process waits, then finds the SAE."""
-    import fcntl
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder.parent / f"{folder.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _valid(folder: Path) -> bool:
     try:
         verify_folder(folder)
@@ -267,7 +244,7 @@ def build_sae(model: HookedTransformer, hook_name: str, recipe: SAERecipe, out_d
     })
     (out / "quality.json").write_text(json.dumps(quality, indent=1))
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
-    files = {n: {"size": (out / n).stat().st_size, "sha256": _sha256(out / n)} for n in SAE_FILES}
+    files = {n: {"size": (out / n).stat().st_size, "sha256": file_sha256(out / n)} for n in SAE_FILES}
     (out / MANIFEST).write_text(json.dumps({
         "format": CACHE_FORMAT, "model_name": model.cfg.model_name, "model_fingerprint": model_fingerprint(model),
         "hook_name": hook_name, "recipe": recipe.to_dict(), "recipe_key": recipe.key(), "files": files}, indent=1))
@@ -295,7 +272,7 @@ def cached_sae(model: HookedTransformer, hook_name: str, recipe: SAERecipe | str
     if not train:
         raise SAEError(f"no cached SAE for {model.cfg.model_name} at {hook_name} with this recipe ({folder}); "
                        "train it once with `czao-lens sae train`")
-    with _lock(folder):
+    with cache_lock(folder):
         if not rebuild and _valid(folder):  # another process trained it while this one waited
             sae, q = load_cached_sae(folder, model, hook_name, device=dev)
             return sae, q, folder
