@@ -556,15 +556,18 @@ def sparse_corpus(
     kept: list[str] = []
     excluded = 0
     if include_data:
-        explicit = data_dir is not None
-        root = Path(data_dir) if explicit else default_data_dir()
-        if root.exists():
-            pool = bench_pool_texts(root)
-            all_data = data_texts(root)
-            kept = [t for t in all_data if not overlaps_pool(t, pool)]
-            excluded = len(all_data) - len(kept)
-        elif explicit:
-            raise SAEError(f"data folder {root} does not exist (set --data or CZAO_LENS_DATA)")
+        # A recipe that asks for the data folder must get it: skipping a missing one would cache an SAE
+        # trained on a fraction of its corpus under the same recipe key.
+        root = Path(data_dir) if data_dir is not None else default_data_dir()
+        if not root.is_dir():
+            raise SAEError(f"data folder {root} does not exist (pass --data or set CZAO_LENS_DATA; "
+                           "or use a recipe with include_data false)")
+        pool = bench_pool_texts(root)
+        all_data = data_texts(root)
+        kept = [t for t in all_data if not overlaps_pool(t, pool)]
+        excluded = len(all_data) - len(kept)
+        if not kept:
+            raise SAEError(f"data folder {root} holds no text outside the bench pools")
     gen_prompts = list(CORPUS_PROMPTS) + random.Random(seed).sample(kept, len(kept))
     texts: list[str] = []
     t0, n_new = time.perf_counter(), 0

@@ -53,7 +53,7 @@ class SAERecipe:
     batch_tokens: int = 4096
     lr: float = 4e-4
     context_size: int = 128
-    n_generations: int = 64
+    n_generations: int = 32
     max_new_tokens: int = 96
     generation_batch: int = 32
     include_data: bool = True

@@ -224,3 +224,14 @@ def test_czao_cli_searches_in_the_sae_basis(built, tiny, tmp_path, monkeypatch):
     r = runner.invoke(app, ["czao", "-p", "x", "--constraint", spec, "--layer", "1", "--sae-features", str(feats),
                             "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "holds directions for layer 2" in r.output
+
+
+def test_a_recipe_that_wants_the_data_folder_fails_without_it(tiny, tmp_path, monkeypatch):
+    """Skipping a missing data folder would cache an SAE trained on a fraction of its corpus."""
+    with pytest.raises(SAEError, match="does not exist"):
+        sparse_corpus(tiny, tmp_path / "none", n_generations=0)
+    monkeypatch.setenv("CZAO_LENS_DATA", str(tmp_path / "none"))
+    with pytest.raises(SAEError, match="CZAO_LENS_DATA"):
+        sparse_corpus(tiny, n_generations=0)
+    with pytest.raises(SAEError, match="does not exist"):
+        cached_sae(tiny, HOOK, SAERecipe(**{**RECIPES["tiny"].to_dict(), "include_data": True}), root=tmp_path, progress=False)
