@@ -838,7 +838,9 @@ def format_sae_quality(q: dict) -> str:
     c, t = q.get("corpus", {}), q.get("training", {})
     return "\n".join([
         f"{q['hook_name']}: {t.get('architecture')} k={t.get('k')} width={t.get('width')}",
-        f"held-out ({q['n_tokens']} tokens, positions > 0): L0 {q['l0']:.1f}, explained variance {q['explained_variance']:.3f}, "
+        f"held-out ({q['n_tokens']} tokens, positions > 0): L0 {q['l0']:.1f}, explained variance {q['explained_variance']:.3f}"
+        + (f" ({q['explained_variance_typical']:.3f} without tokens above 3x the median norm)" if "explained_variance_typical" in q else "")
+        + ", "
         f"CE-loss recovered {q['ce_loss_recovered']:.3f} (clean {q['loss_clean']:.3f}, with SAE {q['loss_with_sae']:.3f}, "
         f"zero-ablated {q['loss_zero_ablated']:.3f})",
         f"dead {q['dead_fraction']:.3f}, dense (> {q['dense_threshold']:g} of tokens) {q['dense_fraction']:.3f}",

@@ -63,6 +63,7 @@ def test_cached_sae_is_sparse_reported_and_trained_once(built, tiny, monkeypatch
     assert 0 < q["l0"] <= RECIPES["tiny"].k
     assert q["ce_loss_recovered"] == pytest.approx(
         (q["loss_zero_ablated"] - q["loss_with_sae"]) / (q["loss_zero_ablated"] - q["loss_clean"]))
+    assert q["explained_variance_typical"] <= 1 and 0.9 < q["typical_token_share"] <= 1
     assert 0 <= q["dead_fraction"] <= 1 and 0 <= q["dense_fraction"] <= 1 and q["n_tokens"] > 0
     assert q["training"]["epochs"] > 1 and q["training"]["unique_tokens"] < q["training"]["training_tokens"]
     # A second call loads: training is never reached.
