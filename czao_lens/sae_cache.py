@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformer_lens import HookedTransformer
 
 from czao_lens.models import cache_lock, file_sha256, model_fingerprint
