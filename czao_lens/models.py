@@ -470,16 +470,21 @@ def _save_cache(folder: Path, model: HookedTransformer, source: Path, *, replace
             # Another process finished the same conversion first: keep its cache, drop ours.
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        # Keep an assembled GGUF that lives in the same folder.
-        if folder.exists():
-            for f in folder.glob("*.gguf"):
-                shutil.move(str(f), tmp / f.name)
-            shutil.rmtree(folder)
-        tmp.chmod(0o755)
-        os.replace(tmp, folder)  # atomic: a reader never sees a half-written cache
+        publish_folder(tmp, folder, keep="*.gguf")  # keep an assembled GGUF that lives in the same folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_folder(tmp: Path, folder: Path, *, keep: str | None = None) -> None:
+    """Put the finished ``tmp`` in place of ``folder`` with one rename, so a reader never sees a
+    half-written cache entry; files of the old folder matching the glob ``keep`` move over first."""
+    if folder.exists():
+        for f in folder.glob(keep) if keep else ():
+            shutil.move(str(f), tmp / f.name)
+        shutil.rmtree(folder)
+    tmp.chmod(0o755)
+    os.replace(tmp, folder)
 
 
 def _load_cache(folder: Path, dtype: torch.dtype) -> HookedTransformer:

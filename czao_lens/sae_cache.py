@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 from transformer_lens import HookedTransformer
 
-from czao_lens.models import cache_lock, file_sha256, model_fingerprint
+from czao_lens.models import cache_lock, file_sha256, model_fingerprint, publish_folder
 from czao_lens.paths import cache_root, default_data_dir
 from czao_lens.sae import (
     ARCHITECTURES, SAEError, check_sae_fits, check_sae_hook, collect_activations, pack_windows, sae_quality,
@@ -283,10 +282,7 @@ def cached_sae(model: HookedTransformer, hook_name: str, recipe: SAERecipe | str
         tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
         try:
             build_sae(model, hook_name, rec, tmp, data_dir=data_dir, progress=progress)
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.chmod(0o755)
-            os.replace(tmp, folder)  # atomic: a reader never sees a half-written SAE
+            publish_folder(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
