@@ -259,6 +259,7 @@ BAD_ARGS = [
     (["czao", "-p", "hi", "--constraint", SPEC], "--rank", "577", "577"),
     (["czao", "-p", "hi", "--constraint", SPEC], "--rank", "0", "0"),
     (["czao", "-p", "hi", "--constraint", SPEC], "--kl-eps", "0", "KL bound of 0"),
+    (["czao", "-p", "hi", "--constraint", SPEC], "--repair", "-1", "repair must be >= 0"),
     (["czao", "-p", "hi", "--constraint", SPEC], "--layers-json", "/no/such/layers.json", "does not exist"),
     (["czao", "-p", "hi"], "--constraint", '{"type": "avoid_tokens", "words": ["a"], "threshold": NaN}', "nan"),
     (["czao", "-p", "hi"], "--constraint", "/no/such/spec.json", "/no/such/spec.json"),
