@@ -670,7 +670,7 @@ class CZAOController:
             line = torch.cat([z[None], z[None] + radii[:, None] * self.seed_z[None]])
             ev = yield from self._evaluate(step, line, base_lp, lim)
             best = yield from self._verified(step, base_lp, self._keep_best(line, ev, None, lim), lim)
-            if best.feasible or cfg.max_steps == 1:
+            if best.feasible or cfg.max_steps == 1 or self._spent_out(step):
                 return best, 1
             z, first = best.z.clone(), 2
         for k in range(first, cfg.max_steps + 1):
@@ -678,7 +678,7 @@ class CZAOController:
             pts = torch.cat([z[None], probe.points])  # the current point rides along for free
             ev = yield from self._evaluate(step, pts, base_lp, lim)
             best = yield from self._verified(step, base_lp, self._keep_best(pts, ev, best, lim), lim)
-            if best.feasible:
+            if best.feasible or self._spent_out(step):
                 return best, k
             g = spsa_gradient(probe, ev.loss[1:])
             if cfg.curvature:
@@ -686,7 +686,7 @@ class CZAOController:
             line = line_search_candidates(z, g, radii)
             ev = yield from self._evaluate(step, line, base_lp, lim)
             best = yield from self._verified(step, base_lp, self._keep_best(line, ev, best, lim), lim)
-            if best.feasible:
+            if best.feasible or self._spent_out(step):
                 return best, k
             # Stagnation: the budget is better reported as unreachable than spent on a plateau.
             cur = best.key - (0.0 if best.feasible else 1e6)  # the loss, without the ranking offset
@@ -697,6 +697,11 @@ class CZAOController:
             z = best.z.clone()
         assert best is not None
         return best, cfg.max_steps
+
+    def _spent_out(self, step: DecodeStep) -> bool:
+        """The prompt's budget is spent, counting this token's candidates so far: the search stops
+        there (with its best point, or the fallback), so one hard token cannot overrun the cap."""
+        return self.spent + step.cost.row_passes >= self.cap
 
     def _keep_best(self, pts: Tensor, ev: Scores, best: _Best | None, lim: _Limits) -> _Best:
         key = ev.loss + torch.where(ev.feasible, 0.0, 1e6)
@@ -919,11 +924,13 @@ def generate_czao(
             ok = _final_check(constraint, ctl.context, text)
             if repairs and not ok and tokens and ctl.spent < ctl.cap:
                 fixed, fixed_lps, rec = _repair_row(model, constraint, config, ctl, enc, gen, b, seed=seed)
-                if fixed is not None:
+                seconds_b = seconds + rec.seconds
+                if not rec.rounds:
+                    rec = None  # what was left of the budget did not cover one row to the end
+                elif fixed is not None:
                     tokens, lps = fixed, fixed_lps
                     text = model.tokenizer.decode([i for i in fixed if i not in stops], skip_special_tokens=False)
                     ok = _final_check(constraint, ctl.context, text)
-                seconds_b = seconds + rec.seconds
             else:
                 seconds_b = seconds
             results.append(CZAOResult(

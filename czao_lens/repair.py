@@ -7,14 +7,16 @@ on that verdict, with forward passes only:
 1. **Localise.** The first generated token whose prefix the evaluator rejects (:func:`first_violation`);
    for a constraint that only the whole text breaks (sentiment of the whole), the last token.
 2. **Steer that token away.** The decode loop is rewound to that position through the KV cache of
-   the run (no prefill). ``k`` rows continue from it; row j is perturbed, at that one position, along
-   CZAO's seed line for banned tokens (away from the unembedding of the token the text took there and
-   of the j next-best tokens) with the smallest radius that changes the greedy token within the KL
-   bound, so row j takes the (j+1)-th best alternative. When no radius does, the banned tokens are
-   masked for that one step (CZAO's ``mask`` fallback) and the row is flagged.
-3. **Roll out and verify.** The ``k`` rows are decoded greedily to the end in one batch; the real
-   evaluator checks each finished text and the first accepted one (the nearest alternative) is kept.
-   When none is, a second round starts from the least violating row, up to ``rounds``.
+   the run (no prefill). Alternative j is a row perturbed, at that one position, along CZAO's seed
+   line for banned tokens (away from the unembedding of the token the text took there and of the j
+   next-best tokens) with the smallest radius that changes the greedy token within the KL bound, so
+   it takes the (j+1)-th best token. When no radius does, the avoided tokens are masked for that one
+   step (CZAO's ``mask`` fallback) and the row is flagged.
+3. **Roll out and verify, nearest first.** The nearest alternative (j = 0) is decoded greedily to
+   the end alone; only when the real evaluator rejects it are alternatives 1..k-1 rolled out, in one
+   batch (measured: the nearest alternative was the accepted one in every repaired text, and on a
+   CPU one row costs well under half of four). The first accepted text is kept. When none is, a
+   second round starts from the least violating row, up to ``rounds``.
 
 Nothing is kept that the evaluator has not accepted: a prompt whose repair fails keeps its text and
 its failed verdict. The cost (rows x positions, in row passes) is reported with the result.
@@ -91,8 +93,8 @@ def first_violation(
 
 
 class AwayController:
-    """Repair's controller: at its first step, steer row j off the token the text took there
-    (``taken``) and the j next-best ones; afterwards plain greedy decoding.
+    """Repair's controller: at its first step, steer row i off the token the text took there
+    (``taken``) and the ``ranks[i]`` next-best ones; afterwards plain greedy decoding.
 
     The perturbation is a line in the residual entering ``layer``, along the mean unembedding minus
     that of the avoided tokens (so the shift lowers their logits, not all logits), at ``radii`` x
@@ -102,21 +104,26 @@ class AwayController:
     read_hooks: tuple[str, ...] = ()
 
     def __init__(self, model: HookedTransformer, layer: int, scale: float, taken: int,
-                 radii: Sequence[float], kl_eps: float) -> None:
+                 radii: Sequence[float], kl_eps: float, ranks: Sequence[int] | None = None) -> None:
         self.model, self.start_layer, self.scale, self.taken = model, layer, float(scale), int(taken)
         self.radii, self.kl_eps = torch.tensor(list(radii), dtype=torch.float32), kl_eps
+        self.ranks = None if ranks is None else [int(r) for r in ranks]  # None: row i is alternative i
         self.masked = 0
 
-    def avoided(self, logits: Float[Tensor, "vocab"], k: int) -> list[Int[Tensor, "j"]]:
-        """Row j's avoided tokens: the one taken, then the j best others by ``logits``."""
-        order = [a for a in logits.topk(k + 1).indices.tolist() if a != self.taken][:k]
-        return [torch.tensor([self.taken] + order[:j], dtype=torch.long) for j in range(k)]
+    def avoided(self, logits: Float[Tensor, "vocab"], ranks: Sequence[int]) -> list[Int[Tensor, "j"]]:
+        """Each row's avoided tokens: the one taken, then the ``ranks[i]`` best others by ``logits``."""
+        n = max(ranks) + 1
+        order = [a for a in logits.topk(n + 1).indices.tolist() if a != self.taken][:n]
+        return [torch.tensor([self.taken] + order[:j], dtype=torch.long) for j in ranks]
 
     def __call__(self, step: DecodeStep) -> StepDeltas | None:
         if step.index != 0:
             return None
         k = step.resid.shape[0]
-        avoid = self.avoided(step.logits[0].float(), k)
+        ranks = list(range(k)) if self.ranks is None else self.ranks
+        if len(ranks) != k:
+            raise RepairError(f"{len(ranks)} alternative ranks for {k} rows")
+        avoid = self.avoided(step.logits[0].float(), ranks)
         w_u = self.model.W_U.detach().float()  # [d, vocab]
         dirs = torch.stack([w_u.mean(1) - w_u[:, ids].mean(1) for ids in avoid])
         dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [k, d]
@@ -156,7 +163,7 @@ def repair(
 ) -> tuple[list[int] | None, Tensor | None, RepairRecord]:
     """Repair one finished row (see the module docstring). Returns the accepted new tokens (``None``
     when no row was accepted), their next-token log-probs when the trace has them, and the record.
-    ``budget`` (row passes) stops new rounds once spent."""
+    ``budget`` (row passes): a stage starts only when its rows, decoded to the end, fit what is left."""
     if k < 1 or rounds < 1:
         raise RepairError(f"repair needs k >= 1 and rounds >= 1, got k={k}, rounds={rounds}")
     rec = RepairRecord()
@@ -168,31 +175,41 @@ def repair(
                 break
             new = trace.new
             t0 = first_violation(constraint, context, tok, new)
-            rec.rounds += 1
-            rec.positions.append(t0)
             cut = len(trace.ids) - trace.n_new + t0  # columns kept: padding, prompt and new[:t0]
             ids, mask = trace.ids[:cut], trace.mask[:cut]
-            ctl = AwayController(model, layer, scale, new[t0], radii, kl_eps)
-            enc = EncodedPrompts(tokens=ids[None].expand(k, -1).clone(), attention_mask=mask[None].expand(k, -1).clone(),
-                                 prompt_lens=torch.full((k,), int(mask.sum()), dtype=torch.long))
-            keep = trace.logprobs is not None
-            gen = generate_tokens(model, enc, [""] * k, max_new_tokens=trace.n_new - t0, seed=seed, controller=ctl,
-                                  past=prefix_cache(trace.cache, trace.row, cut - 1, k), keep_cache=True,
-                                  keep_logprobs=keep)
-            lps = [torch.cat([trace.logprobs[:t0], g]) for g in gen.step_logprobs] if keep else [None] * k
-            rec.candidates += k
-            rec.masked += ctl.masked
-            rec.row_passes += k * sum(c["row_passes"] for c in gen.cost)
-            texts = [tok.decode(new[:t0] + g, skip_special_tokens=True) for g in gen.new_tokens]
-            for j, text in enumerate(texts):
-                if constraint.check_text(text, replace(context, generated=text)):
-                    rec.chosen, rec.repaired = j, True
-                    return new[:t0] + gen.new_tokens[j], lps[j], rec
-            # None accepted: the next round rewinds the least violating row.
-            j = int(constraint.violation_texts(texts, context).argmin())
-            cont = torch.tensor(gen.new_tokens[j], dtype=torch.long)
-            trace = Trace(torch.cat([ids, cont]), torch.cat([mask, torch.ones_like(cont)]), t0 + len(cont), gen.cache, j,
-                          lps[j])
+            tried: list[tuple[float, list[int], Tensor | None, TransformerLensKeyValueCache, int]] = []
+            for ranks in ([0], list(range(1, k))):
+                n = len(ranks)
+                # A stage is n rows decoded to the end: started only when it fits what is left.
+                if not n or (budget is not None and rec.row_passes + n * (trace.n_new - t0) > budget):
+                    continue
+                if not tried and ranks[0] == 0:
+                    rec.rounds += 1
+                    rec.positions.append(t0)
+                ctl = AwayController(model, layer, scale, new[t0], radii, kl_eps, ranks=ranks)
+                enc = EncodedPrompts(tokens=ids[None].expand(n, -1).clone(), attention_mask=mask[None].expand(n, -1).clone(),
+                                     prompt_lens=torch.full((n,), int(mask.sum()), dtype=torch.long))
+                keep = trace.logprobs is not None
+                gen = generate_tokens(model, enc, [""] * n, max_new_tokens=trace.n_new - t0, seed=seed, controller=ctl,
+                                      past=prefix_cache(trace.cache, trace.row, cut - 1, n), keep_cache=True,
+                                      keep_logprobs=keep)
+                lps = [torch.cat([trace.logprobs[:t0], g]) for g in gen.step_logprobs] if keep else [None] * n
+                rec.candidates += n
+                rec.masked += ctl.masked
+                rec.row_passes += n * sum(c["row_passes"] for c in gen.cost)
+                texts = [tok.decode(new[:t0] + g, skip_special_tokens=True) for g in gen.new_tokens]
+                for i, text in enumerate(texts):
+                    if constraint.check_text(text, replace(context, generated=text)):
+                        rec.chosen, rec.repaired = ranks[i], True
+                        return new[:t0] + gen.new_tokens[i], lps[i], rec
+                v = constraint.violation_texts(texts, context)
+                tried += [(float(v[i]), gen.new_tokens[i], lps[i], gen.cache, i) for i in range(n)]
+            if not tried:
+                break  # not even the nearest alternative fits the budget
+            # None accepted: the next round rewinds the least violating row (the nearest on ties).
+            _, cont_ids, lp, cache, row = min(tried, key=lambda t: t[0])
+            cont = torch.tensor(cont_ids, dtype=torch.long)
+            trace = Trace(torch.cat([ids, cont]), torch.cat([mask, torch.ones_like(cont)]), t0 + len(cont), cache, row, lp)
         return None, None, rec
     finally:
         rec.seconds = time.perf_counter() - t_start

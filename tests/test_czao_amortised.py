@@ -121,6 +121,21 @@ def test_budget_stops_optimising_and_flags_the_rest(tiny):
             assert not any(rec.optimized for rec in r.records if rec.index > first)
 
 
+def test_the_budget_also_stops_a_search_midway(tiny):
+    """The cap holds within a token: a hard token's search stops at the first candidate batch that
+    reaches it, so a prompt overruns its budget by at most one batch (8 directions + the point here)."""
+    kw = dict(layers=(1,), rank=4, max_steps=10, patience=10, n_dirs=8, probe_accept=0.0, kl_eps=1e-4, repair=0,
+              seed_direction=False)
+    capped = generate_czao(tiny, PROMPTS[:2], NO_E, CZAOConfig(**kw, budget=2.0), probe=oracle(tiny), max_new_tokens=6)
+    free = generate_czao(tiny, PROMPTS[:2], NO_E, CZAOConfig(**kw, budget=None), probe=oracle(tiny), max_new_tokens=6)
+    one_batch = 9 * 2 / 3 + 1  # 9 rows through layers 1-2 of 3, plus the token's own pass
+    for c, f in zip(capped, free):
+        spent = sum(r.row_passes for r in c.records)
+        assert spent <= 2.0 * 6 + one_batch
+        assert sum(r.row_passes for r in f.records) > 2.0 * 6 + one_batch  # uncapped, the search runs on
+    assert any(r.optimized and r.steps < 10 and not r.satisfied for c in capped for r in c.records)
+
+
 def test_a_probe_for_another_constraint_or_not_a_probe_is_refused(tiny):
     other = Sentiment(min_compound=0.0)
     with pytest.raises(ProbeError, match="trained for"):

@@ -60,14 +60,56 @@ def test_repair_rewinds_to_the_broken_token_and_keeps_only_accepted_text(tiny):
         assert t0 <= 2  # the word is there by the third token at the latest
         fixed, _, rec = repair(tiny, c, _ctx(tiny), tr, layer=1, scale=1.0, k=3, rounds=2)
         assert _no_hooks(tiny)
-        assert rec.positions[0] == t0 and rec.candidates == 3 * rec.rounds and rec.row_passes > 0
+        assert rec.positions[0] == t0 and rec.row_passes > 0
         if fixed is None:
-            assert not rec.repaired and rec.chosen is None
+            assert not rec.repaired and rec.chosen is None and rec.candidates == 3 * rec.rounds
             continue
+        # Nearest first: the next-best token alone, the other two only when it is rejected.
+        assert rec.candidates == 3 * (rec.rounds - 1) + (1 if rec.chosen == 0 else 3)
         repaired += 1
         text = tiny.tokenizer.decode(fixed, skip_special_tokens=True)
         assert c.check_text(text) and fixed[:t0] == gen.new_tokens[b][:t0] and fixed[t0] != gen.new_tokens[b][t0]
     assert repaired >= len(PROMPTS) // 2  # every text broke the constraint before; most are mended
+
+
+def test_the_other_alternatives_run_only_when_the_nearest_is_rejected(tiny):
+    enc, gen = _run(tiny, PROMPTS)
+    staged = 0
+    for b in range(len(PROMPTS)):
+        c = _broken_word(tiny, gen.new_tokens[b])
+        near, _, rec = repair(tiny, c, _ctx(tiny), _trace(enc, gen, b), layer=1, scale=1.0, k=3, rounds=1)
+        if near is None:
+            continue
+        t0 = rec.positions[0]
+        # Ban the nearest alternative's word too: it is now rejected, so alternatives 1 and 2 roll out.
+        words = [tiny.tokenizer.decode([gen.new_tokens[b][t0]]).strip(), tiny.tokenizer.decode([near[t0]]).strip()]
+        if not all(words) or words[0] == words[1]:
+            continue
+        both = Regex("|".join(re.escape(w) for w in words), must_match=False)
+        fixed, _, rec2 = repair(tiny, both, _ctx(tiny), _trace(enc, gen, b), layer=1, scale=1.0, k=3, rounds=1)
+        assert _no_hooks(tiny) and rec2.positions[0] <= t0
+        if rec2.positions[0] < t0:
+            continue  # the second word appears earlier in the text: another position, another test
+        staged += 1
+        assert rec2.candidates == 3 and rec2.chosen != 0  # 1 row, then the other 2 in one batch
+        if fixed is not None:
+            assert both.check_text(tiny.tokenizer.decode(fixed, skip_special_tokens=True))
+            assert fixed[t0] not in (gen.new_tokens[b][t0], near[t0])
+    assert staged >= 2
+
+
+def test_a_stage_starts_only_when_its_rows_fit_the_budget(tiny):
+    enc, gen = _run(tiny, PROMPTS[:1])
+    c = _broken_word(tiny, gen.new_tokens[0])
+    tr = _trace(enc, gen, 0)
+    t0 = first_violation(c, _ctx(tiny), tiny.tokenizer, tr.new)
+    rows_to_end = 8 - t0
+    fixed, _, rec = repair(tiny, c, _ctx(tiny), tr, layer=1, scale=1.0, k=3, budget=rows_to_end - 1)
+    assert fixed is None and rec.rounds == 0 and rec.candidates == 0 and rec.row_passes == 0
+    # One row fits, three do not: the nearest alternative runs, the other two never do.
+    anything = Regex(".", must_match=False)  # rejects every text from the first token on
+    _, _, rec = repair(tiny, anything, _ctx(tiny), tr, layer=1, scale=1.0, k=3, budget=8 + 1)
+    assert rec.rounds == 1 and rec.candidates == 1 and not rec.repaired
 
 
 def _ctx(model):
