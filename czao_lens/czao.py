@@ -82,7 +82,7 @@ class CZAOConfig:
     value_probe: bool = True  # sequence level: score candidates with a trained value probe when one exists
     screen: bool = True  # with a value probe: optimise a token only when its predicted violation is above probe_accept
     probe_accept: float | None = 0.5  # with a value probe: feasible when p(violation) <= this (None: the probe's recall threshold)
-    budget: float | None = 10.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
+    budget: float | None = 5.0  # per prompt: stop optimising once row passes reach budget x max_new_tokens (None: no cap)
     seed_direction: bool = True  # try a line along the constraint's known good direction before SPSA (czao_lens.seeds)
     hold: bool = False  # keep applying the last feasible z on tokens that need no search, while its KL stays <= eps
     repair: int = 4  # sequence level: rows per verified-repair round when the finished text fails (0: off; czao_lens.repair)
