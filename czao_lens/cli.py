@@ -395,14 +395,14 @@ def run_czao_side_by_side(m, prompts, constraint, cfg, *, max_new_tokens: int, c
 
 
 def run_czao_file(model: str, prompts: Path, spec: str, cfg, *, max_new_tokens: int, chat: bool, seed: int, out: Path,
-                  backend) -> None:
+                  backend, batch_size: int = 8) -> None:
     """CZAO over a prompt file, one row per prompt, on the chosen backend; resumable into the same --out."""
     from czao_lens.czao_file import CZAOFileJob, read_prompt_file
     from czao_lens.distributed import RESULTS, STREAM, run_items
 
     items = read_prompt_file(prompts)  # a missing or empty file fails here, before any model loads
     text = Path(spec).read_text(encoding="utf-8") if not spec.lstrip().startswith(("{", "[")) else spec
-    job = CZAOFileJob(model, text, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed)
+    job = CZAOFileJob(model, text, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, batch_size=batch_size)
     try:
         rep = run_items(job, items, out, backend)
     except KeyboardInterrupt:
@@ -445,6 +445,7 @@ def czao(
     num_cpus: float = typer.Option(1.0, help="CPUs per Ray actor."),
     num_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (1: one model copy per GPU)."),
     threads: int = typer.Option(1, help="Torch threads per Ray actor."),
+    batch_size: int = typer.Option(8, help="With --prompts: prompts per batched CZAO decode (rows do not depend on it)."),
 ) -> None:
     """Generate with CZAO next to unsteered generation; write text, telemetry and a summary.
     With --prompts FILE: CZAO only, one row per prompt, optionally on Ray workers (docs/scaling.md)."""
@@ -455,6 +456,7 @@ def czao(
     pf.check_prompts(prompt)
     pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")
     pf.check_at_least(top_k, 1, "--top-k")
+    pf.check_at_least(batch_size, 1, "--batch-size")
     c = _constraint_from(constraint)
     dirs = None
     layers = _czao_layers(layer, layers_json, top_k)
@@ -475,7 +477,7 @@ def czao(
     pf.check_rank(model, cfg.rank)
     if prompts is not None:
         run_czao_file(model, prompts, constraint, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out,
-                      backend=_backend(workers, ray_address, num_cpus, num_gpus, threads))
+                      backend=_backend(workers, ray_address, num_cpus, num_gpus, threads), batch_size=batch_size)
         return
     m = _load(model)
     run_czao_side_by_side(m, prompt, c, cfg, max_new_tokens=max_new_tokens, chat=chat, seed=seed, out=out, basis_directions=dirs)

@@ -873,6 +873,7 @@ def generate_czao(
     batch_size: int = 8,
     progress: bool = False,
     keep_logprobs: bool = False,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[CZAOResult]:
     """Generate with CZAO for each prompt, returning text and telemetry in the prompts' order.
 
@@ -886,12 +887,16 @@ def generate_czao(
     ``basis_directions`` (per layer of R, e.g. SAE decoder rows) span each prompt's subspace instead
     of ``config.basis`` (see :func:`build_subspace`).
     ``keep_logprobs`` also keeps the steered next-token log-probs (``result.step_logprobs``);
-    ``result.pairs`` feeds :func:`distill_predictor`."""
+    ``result.pairs`` feeds :func:`distill_predictor`. ``row_seeds`` gives each prompt its own search
+    seed (``config.seed`` per row), so a prompt's result does not depend on its batch (greedy decoding)."""
     config = config or CZAOConfig()
     check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
     if batch_size < 1:
         raise CZAOError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise CZAOError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts: give one per prompt")
+    configs = [config] * len(prompts) if row_seeds is None else [replace(config, seed=int(s)) for s in row_seeds]
     store = store or ActivationStore(model)
     value = resolve_probe(model, constraint, config, probe)
     # The seed directions depend on the constraint and the layers only: found once for all prompts.
@@ -907,7 +912,7 @@ def generate_czao(
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo: lo + batch_size]
         enc = encode_prompts(model, chunk, chat=chat)
-        ctls = [_row_controller(model, constraint, config, enc, b, prompt, subspace=subspace, store=store,
+        ctls = [_row_controller(model, constraint, configs[lo + b], enc, b, prompt, subspace=subspace, store=store,
                                 value=value, seeds=seeds, document=document, predictor=predictor,
                                 max_new_tokens=max_new_tokens, basis_directions=basis_directions)
                 for b, prompt in enumerate(chunk)]
@@ -936,7 +941,7 @@ def generate_czao(
             results.append(CZAOResult(
                 prompt=prompt, text=text, tokens=tokens, records=ctl.records, satisfied=ok,
                 unreachable=any(r.unreachable for r in ctl.records), seconds=seconds_b,
-                config=asdict(config), constraint=constraint.describe(),
+                config=asdict(configs[lo + b]), constraint=constraint.describe(),
                 step_logprobs=lps,
                 pairs=ctl.pairs(), probe=ctl.probe, repair=rec.to_dict() if rec is not None else None,
             ))

@@ -4,14 +4,17 @@ The prompt file is JSONL (``{"id"?: ..., "prompt": "..."}`` per line) or plain t
 line). A bad line (invalid JSON, no or empty prompt) becomes a failure row with its error and the run
 goes on; an empty file, a missing file or repeated ids fail before any model loads. Each prompt runs
 with its own seed derived from the run seed and its key (:func:`czao_lens.distributed.item_seed`), so
-a row does not depend on which worker ran it, or on what else ran there.
+a row does not depend on which worker ran it, or on what else ran there. Prompts run ``batch_size`` at
+a time through one batched CZAO decode (:class:`czao_lens.czao.BatchedCZAO`: the candidate forwards of
+all rows that need a search share one batch), which greedy decoding keeps row for row equal to a run
+of the prompt alone.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +78,39 @@ class CZAOFileJob(ItemJob):
     max_new_tokens: int = 32
     chat: bool = True
     seed: int = 0
+    batch_size: int = 8  # prompts per decode batch (greedy CZAO: a row does not depend on its batch)
 
     def setup(self, model) -> Any:
         return load_constraint(self.constraint)
 
     def run(self, model, state: Any, key: str, payload: dict) -> dict:
-        if "error" in payload:
-            raise PromptFileError(payload["error"])
-        s = item_seed(self.seed, key)
-        res = generate_czao(model, [payload["prompt"]], state, replace(self.config, seed=s),
-                            max_new_tokens=self.max_new_tokens, chat=self.chat, seed=s)[0]
-        return {"prompt": payload["prompt"], "text": res.text, "satisfied": res.satisfied,
-                "unreachable": res.unreachable, "seed": s, "summary": res.summary()}
+        got = self.run_batch(model, state, [(key, payload)])[0]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def run_batch(self, model, state: Any, items) -> list[dict | Exception]:
+        """The good prompts of ``items`` in one batched CZAO run (each with its own seed); bad lines
+        are their errors."""
+        out: list[dict | Exception] = [PromptFileError(p["error"]) if "error" in p else {} for _, p in items]
+        good = [i for i, (_, p) in enumerate(items) if "error" not in p]
+        if not good:
+            return out
+        seeds = [item_seed(self.seed, items[i][0]) for i in good]
+        try:
+            res = generate_czao(model, [items[i][1]["prompt"] for i in good], state, self.config, row_seeds=seeds,
+                                max_new_tokens=self.max_new_tokens, chat=self.chat, batch_size=len(good))
+        except Exception as exc:  # a batch-wide failure: each of its prompts alone, so one bad prompt fails alone
+            if len(good) == 1:
+                out[good[0]] = exc
+                return out
+            for i in good:
+                out[i] = self.run_batch(model, state, [items[i]])[0]
+            return out
+        for i, s, r in zip(good, seeds, res):
+            out[i] = {"prompt": items[i][1]["prompt"], "text": r.text, "satisfied": r.satisfied,
+                      "unreachable": r.unreachable, "seed": s, "summary": r.summary()}
+        return out
 
     def describe(self) -> dict:
         return {"job": "czao", "model": self.model_name, "constraint": json.loads(self.constraint),

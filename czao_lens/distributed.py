@@ -60,12 +60,25 @@ class ItemJob:
     """
 
     model_name: str
+    batch_size = 1  # items handed to run_batch at once (a job that batches its forward passes sets it)
 
     def setup(self, model) -> Any:
         return None
 
     def run(self, model, state: Any, key: str, payload: Any) -> dict:
         raise NotImplementedError
+
+    def run_batch(self, model, state: Any, items: Sequence[tuple[str, Any]]) -> list[dict | Exception]:
+        """Rows of several items at once, in their order; an item that fails is its exception (the
+        others still count). The default runs them one by one; a job whose rows do not depend on the
+        batch they ran in overrides it to share forward passes."""
+        out: list[dict | Exception] = []
+        for key, payload in items:
+            try:
+                out.append(self.run(model, state, key, payload))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     def describe(self) -> dict:
         return {"job": type(self).__name__, "model": self.model_name}
@@ -174,14 +187,26 @@ def _failure(key: str, exc: BaseException) -> dict:
     return {"key": key, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _run_one(job: ItemJob, model, state, key: str, payload, worker: str) -> dict:
+def _run_chunk(job: ItemJob, model, state, chunk: Sequence[tuple[str, Any]], worker: str) -> list[dict]:
+    """Rows of a chunk of items (one item unless the job batches); each row's seconds are the chunk's
+    over its items."""
     t0 = time.perf_counter()
     try:
-        row = {"key": key, **job.run(model, state, key, payload)}
-    except Exception as exc:  # a deterministic failure of this item: recorded, the run goes on
-        row = _failure(key, exc)
-    row["timing"] = {"seconds": time.perf_counter() - t0, "worker": worker}
-    return row
+        got = job.run_batch(model, state, chunk) if len(chunk) > 1 else [job.run(model, state, *chunk[0])]
+    except Exception as exc:  # a deterministic failure of these items: recorded, the run goes on
+        got = [exc] * len(chunk)
+    seconds = (time.perf_counter() - t0) / len(chunk)
+    rows = []
+    for (key, _), r in zip(chunk, got):
+        row = _failure(key, r) if isinstance(r, BaseException) else {"key": key, **r}
+        row["timing"] = {"seconds": seconds, "worker": worker}
+        rows.append(row)
+    return rows
+
+
+def _chunks(todo: Sequence[tuple[str, Any]], size: int) -> list[list[tuple[str, Any]]]:
+    size = max(1, int(size))
+    return [list(todo[i: i + size]) for i in range(0, len(todo), size)]
 
 
 class _Worker:
@@ -203,15 +228,13 @@ class _Worker:
         """Answers once the constructor (the model load) is done."""
         return self.name
 
-    def run(self, token: str, job: ItemJob, key: str, payload) -> dict:
+    def run(self, token: str, job: ItemJob, chunk: list[tuple[str, Any]]) -> list[dict]:
         if token not in self.states:
             try:
                 self.states = {token: job.setup(self.model)}  # one job at a time: drop older states
             except Exception as exc:
-                row = _failure(key, exc)
-                row["timing"] = {"seconds": 0.0, "worker": self.name}
-                return row
-        return _run_one(job, self.model, self.states[token], key, payload, self.name)
+                return [{**_failure(key, exc), "timing": {"seconds": 0.0, "worker": self.name}} for key, _ in chunk]
+        return _run_chunk(job, self.model, self.states[token], chunk, self.name)
 
 
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
@@ -334,9 +357,10 @@ def run_items(
                 state, why = job.setup(model), None
             except Exception as exc:  # as on a Ray worker: every item becomes a failure row with the reason
                 state, why = None, exc
-            for key, payload in todo:
-                emit(_run_one(job, model, state, key, payload, "local") if why is None
-                     else {**_failure(key, why), "timing": {"seconds": 0.0, "worker": "local"}})
+            for chunk in _chunks(todo, job.batch_size):
+                for row in (_run_chunk(job, model, state, chunk, "local") if why is None else
+                            [{**_failure(key, why), "timing": {"seconds": 0.0, "worker": "local"}} for key, _ in chunk]):
+                    emit(row)
     except KeyboardInterrupt:
         report.interrupted = True
         raise
@@ -449,8 +473,9 @@ class WorkerPool:
 
 def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: Callable[[dict], None],
              report: RunReport) -> None:
-    """Feed items to the pool's actors, one in flight per actor (``ray.wait`` on the in-flight calls);
-    the item of an actor that died (or could not start) is re-queued (bounded) and the actor replaced."""
+    """Feed items to the pool's actors, one chunk (``job.batch_size`` items) in flight per actor
+    (``ray.wait`` on the in-flight calls); the chunk of an actor that died (or could not start) is
+    re-queued (bounded) and the actor replaced."""
     ray = _import_ray()
     from ray.exceptions import RayActorError, RayError
 
@@ -461,7 +486,7 @@ def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: 
     token = hashlib.sha256(json.dumps(job.describe(), sort_keys=True, default=str).encode()).hexdigest()[:16]
     job_ref = ray.put(job)  # shipped once, not once per item
     lost_before = pool.lost
-    queue = deque((k, p, 0) for k, p in todo)
+    queue = deque((c, 0) for c in _chunks(todo, job.batch_size))
     inflight: dict[Any, tuple[Any, str, Any, int]] = {}
     busy: set[int] = set()
     done: set[str] = set()
@@ -469,8 +494,8 @@ def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: 
     while queue or inflight:
         for a in pool.actors:
             if queue and id(a) not in busy:
-                k, p, att = queue.popleft()
-                inflight[a.run.remote(token, job_ref, k, p)] = (a, k, p, att)
+                c, att = queue.popleft()
+                inflight[a.run.remote(token, job_ref, c)] = (a, c, att)
                 busy.add(id(a))
         if not inflight:
             raise DistributedError(f"every Ray worker died and the replacement budget is spent (last: {last_death})")
@@ -478,22 +503,24 @@ def _run_ray(job: ItemJob, todo: list[tuple[str, Any]], pool: WorkerPool, emit: 
         if ready and report.first_row_seconds is None:
             report.first_row_seconds = time.perf_counter() - t0 + pool.init_seconds
         for ref in ready:
-            a, k, p, att = inflight.pop(ref)
+            a, c, att = inflight.pop(ref)
             busy.discard(id(a))
             try:
-                row = ray.get(ref)
+                rows = ray.get(ref)
             except RayActorError as exc:  # died mid-run, or could not start (e.g. out of memory loading the model)
                 last_death = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 pool.replace(a)
                 if att < pool.backend.max_retries:
                     report.retried += 1
-                    queue.appendleft((k, p, att + 1))
+                    queue.appendleft((c, att + 1))
                 else:
-                    emit({"key": k, "error": f"the worker died {att + 1} times running this item: {exc}", "lost": True})
+                    for k, _ in c:
+                        emit({"key": k, "error": f"the worker died {att + 1} times running this item: {exc}", "lost": True})
                 continue
             except RayError as exc:  # Ray could not run or return the call (e.g. an unpicklable row)
-                row = _failure(k, exc)
-            if k not in done:
-                done.add(k)
-                emit(row)
+                rows = [_failure(k, exc) for k, _ in c]
+            for row in rows:
+                if row["key"] not in done:
+                    done.add(row["key"])
+                    emit(row)
     report.workers_lost = pool.lost - lost_before

@@ -47,8 +47,10 @@ PROMPTS = [
 ]
 
 
-def _job(seed: int = 0) -> CZAOFileJob:
-    return CZAOFileJob(MODEL, SPEC, CZAOConfig(layers=(12,)), max_new_tokens=4, chat=True, seed=seed)
+def _job(seed: int = 0, batch_size: int = 2) -> CZAOFileJob:
+    """Two prompts per batched CZAO decode: two chunks, so both Ray actors get one."""
+    return CZAOFileJob(MODEL, SPEC, CZAOConfig(layers=(12,)), max_new_tokens=4, chat=True, seed=seed,
+                       batch_size=batch_size)
 
 
 def _rows(folder) -> list[dict]:
@@ -79,6 +81,35 @@ def reference(smol, prompt_file, tmp_path_factory):
     rep = run_items(_job(), read_prompt_file(prompt_file), out, model=smol, progress=False)
     assert rep.ran == 4 and rep.failures == 0
     return _rows(out)
+
+
+def test_batched_prompts_give_the_rows_of_prompts_run_alone(smol, tmp_path):
+    """Prompts whose likeliest next word is banned, so CZAO searches at once: all four in one batched
+    decode (each with its own seed) against one at a time: the same rows apart from timings."""
+    path = tmp_path / "p.txt"
+    path.write_text("Roses are red, violets are\nThe capital of France is\nMy favorite color is\nThe sky is\n")
+    items = read_prompt_file(path)
+    spec = json.dumps({"type": "avoid_tokens", "words": ["blue", "Paris"]})
+    rows = {}
+    for size in (1, 4):
+        job = CZAOFileJob(MODEL, spec, CZAOConfig(layers=(12,)), max_new_tokens=3, chat=False, seed=0, batch_size=size)
+        run_items(job, items, tmp_path / f"b{size}", model=smol, progress=False)
+        rows[size] = _rows(tmp_path / f"b{size}")
+    # Equal rows; floats to float32 noise (left padding in the batch changes reduction order, not decisions).
+    assert _close(rows[1], rows[4]), (rows[1], rows[4])
+    assert sum(r["summary"]["optimized_tokens"] for r in rows[1]) >= 2  # steered rows, not plain decoding
+    assert len({r["seed"] for r in rows[1]}) == 4  # each prompt kept its own seed inside the batch
+
+
+def _close(a, b) -> bool:
+    """Equal structures, with floats equal to a relative 1e-4."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-6)
+    return a == b
 
 
 @pytest.fixture(scope="module")
