@@ -3,6 +3,7 @@ CE-loss recovered, feature labels, the SAE basis of CZAO, and the corpus that le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -72,6 +73,21 @@ def test_cached_sae_is_sparse_reported_and_trained_once(built, tiny, monkeypatch
     monkeypatch.setattr(sc, "build_sae", lambda *a, **k: pytest.fail("trained again although the cache is valid"))
     again, q2, f2 = cached_sae(tiny, HOOK, "tiny", root=root, progress=False)
     assert f2 == folder and q2 == q and torch.equal(again.W_dec, sae.W_dec)
+
+
+def test_jumprelu_recipe_goes_through_the_same_cache(tiny, tmp_path):
+    """`--architecture jumprelu` (k = SAELens' quadratic target L0): its own cache folder, a JumpReLU SAELens
+    folder (a threshold per latent) that verifies, and the same quality report."""
+    rec = dataclasses.replace(RECIPES["tiny"], architecture="jumprelu")
+    torch.manual_seed(0)
+    sae, q, folder = cached_sae(tiny, HOOK, rec, root=tmp_path, progress=False)
+    assert folder == sae_cache_folder(tiny, HOOK, rec, tmp_path) != sae_cache_folder(tiny, HOOK, RECIPES["tiny"], tmp_path)
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert verify_folder(folder)["recipe"]["architecture"] == "jumprelu" and q["training"]["architecture"] == "jumprelu"
+    assert tuple(sae.threshold.shape) == (rec.width,)
+    assert 0 < q["l0"] <= rec.width and q["n_tokens"] > 0
+    assert q["ce_loss_recovered"] == pytest.approx(
+        (q["loss_zero_ablated"] - q["loss_with_sae"]) / (q["loss_zero_ablated"] - q["loss_clean"]))
 
 
 def test_truncated_or_corrupted_folder_is_refused_then_rebuilt(tiny, tmp_path):
