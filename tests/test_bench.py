@@ -42,6 +42,7 @@ def test_bench_quick_runs_end_to_end(smol, tmp_path):
         if t["kind"] == "generate":
             assert {"czao", "czao-sae", "bestofn", "prompting", "unsteered-sampled"} <= ran
             sae_arm = t["methods"]["czao-sae"]  # CZAO in the span of 16 SAE decoder rows
+            assert sae_arm["setting"]["config"]["basis"] == "sae" and t["methods"]["czao"]["setting"]["config"]["basis"] == "activation"
             assert 0 <= sae_arm["unreachable_share"] <= 1 and sae_arm["passes_per_token"] >= 1
             cz = t["methods"]["czao"]
             assert 0 <= cz["unreachable_share"] <= 1 and cz["passes_per_token"] >= 1

@@ -145,7 +145,8 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
         cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
         runs = {k: czao_run(model, task, c, s, store, basis_directions=dirs) for k, c in cfgs.items()}
         key, rows = tune_generate(model, task, runs, s, base_ppl)
-        return Fitted("czao-sae", {"config": asdict(cfgs[key]), "setting": key, "features": fb.indices,
+        # The config's own basis field is not what ran: the SAE decoder rows replaced it.
+        return Fitted("czao-sae", {"config": {**asdict(cfgs[key]), "basis": "sae"}, "setting": key, "features": fb.indices,
                                    "dim": len(fb.indices)}, run=runs[key], sweep=rows)
 
     def bestofn() -> Fitted:
