@@ -34,6 +34,9 @@ from czao_lens.distributed import (
 )
 from czao_lens.diagnostics.tracing import TraceJob, load_caa, rank_layers, ranking_from_effects, trace_item
 from czao_lens.paths import default_data_dir
+from czao_lens.steering import SteeringError
+from czao_lens.steering import lqr
+from czao_lens.steering.lqr import block_jacobians, jacobian_prompts
 
 pytestmark = pytest.mark.real
 
@@ -213,6 +216,42 @@ def test_tracing_items_on_ray_ranks_layers_as_in_process(pool, smol, tmp_path):
     remote = ranking_from_effects(MODEL, smol.cfg.n_layers, [(r["total_effect"], r["effects"]) for r in rows],
                                   kinds=("resid",), position="subject_last")
     assert torch.equal(local.scores["resid"], remote.scores["resid"]) and local.top(3) == remote.top(3)
+
+
+def test_block_jacobians_on_ray_equal_the_in_process_ones(pool, smol, tiny, tmp_path):
+    """Shards of layers on 2 workers, summed over the prompts there: the same Jacobians as in-process,
+    cached per model as in-process, and the shards' run folder gone once the cache entry is written."""
+    prompts, layers = jacobian_prompts(smol, 2), [12, 13, 14]
+    local = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=None)
+    remote = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool, layers_per_item=2)
+    assert remote.layers == layers and remote.A.shape == local.A.shape
+    assert torch.equal(remote.A, local.A)  # same code, same summation order, one thread each
+    info = remote.meta["distributed"]
+    assert info["items"] == 2 and info["backend"].startswith("ray") and len(info["workers"]) == 2
+    names = [p.name for p in tmp_path.iterdir()]
+    assert len(names) == 1 and names[0].startswith(local.meta["fingerprint"])  # the cache entry, no run folder left
+    hit = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool)  # the per-model cache
+    assert torch.equal(hit.A, local.A) and hit.meta["seconds"] == remote.meta["seconds"]
+    with pytest.raises(SteeringError, match="differs from the model"):  # workers hold other weights: refused, not mixed
+        block_jacobians(tiny, prompts=prompts, layers=[1], cache_dir=None, pool=pool)
+
+
+def test_interrupted_jacobians_resume_from_the_finished_shards(pool, smol, tmp_path, monkeypatch):
+    prompts, layers = jacobian_prompts(smol, 1), [20, 21]
+    real = lqr.run_items
+
+    def ctrl_c_after_one_shard(*args, **kw):
+        def stop(row):
+            raise KeyboardInterrupt
+        return real(*args, on_row=stop, **kw)
+
+    monkeypatch.setattr(lqr, "run_items", ctrl_c_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool, layers_per_item=1)
+    monkeypatch.undo()
+    resumed = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool, layers_per_item=1)
+    assert resumed.meta["distributed"]["skipped"] == 1  # only the other layer ran
+    assert torch.equal(resumed.A, block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=None).A)
 
 
 def test_a_rerun_with_other_settings_is_refused(prompt_file, tmp_path, smol):
