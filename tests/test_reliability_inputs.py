@@ -270,6 +270,8 @@ BAD_ARGS = [
     (["steer"], "--multiplier", "inf", "--multiplier"),
     (["steer", "--method", "sae", "--sae-path", "/no/such/sae"], "--features", "1,x", "/no/such/sae"),
     (["steer"], "--layers-json", "/no/such/layers.json", "does not exist"),
+    (["steer", "--method", "caa"], "--workers", "2", "nothing to run on workers"),
+    (["steer", "--method", "lqr"], "--workers", "-1", "workers"),
     (["landscape", "--constraint", SPEC], "-p", "", "empty"),
     (["landscape", "-p", "x", "--constraint", SPEC], "--n", "1", "--n"),
     (["landscape", "-p", "x", "--constraint", SPEC], "--layer", "31", "31"),

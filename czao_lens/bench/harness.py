@@ -4,8 +4,10 @@ Per task: load and split the data; fit each method on the fit split (a failure t
 method failed for that task, the run goes on); then loop over test items and, for each item, run
 every fitted method in turn (interleaving keeps load drift out of the wall-clock ratios). A method
 that raises on one item records that item as a failure with the error, and the loop goes on.
-Rows go to ``results.jsonl`` as they are produced; ``summary.json``, ``report.md`` and
-``report.html`` are written at the end.
+Each task is one item of :func:`czao_lens.distributed.run_items` (in this process or on a Ray worker):
+its rows go to ``tasks/stream.jsonl`` when the task is done, so a rerun into the same ``out`` skips
+finished tasks; ``results.jsonl``, ``summary.json``, ``report.md`` and ``report.html`` are written at
+the end, in task order.
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ def check_methods(methods: Sequence[str]) -> list[str]:
 class _Resources:
     """Lazily built things several tasks share: A-LQR's Jacobians and the SAE."""
 
-    def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, out: Path, sae: Any, sae_recipe: str,
+    def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, sae: Any, sae_recipe: str,
                  exclude: set[str], progress: bool):
-        self.model, self.s, self.data, self.out, self._sae, self.sae_recipe = model, s, data, out, sae, sae_recipe
+        self.model, self.s, self.data, self._sae, self.sae_recipe = model, s, data, sae, sae_recipe
         self.exclude, self.progress, self._jac, self.info = exclude, progress, None, {}
 
     def jacobians(self):
@@ -312,11 +314,9 @@ def check_bench_layers(model: HookedTransformer, s: BenchSettings) -> None:
 
 
 def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
-             res: _Resources, reference: torch.Tensor, *, progress: bool = True,
-             write: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+             res: _Resources, reference: torch.Tensor, *, progress: bool = True) -> tuple[list[dict], dict]:
     """One task: fit every method on its fit split, score every fitted method on its test items.
-    Returns the rows (``write`` sees each as it is produced) and the task's summary entry."""
-    write = write or (lambda row: None)
+    Returns the rows and the task's summary entry."""
     bar = tqdm(total=len(task.test), desc=task.name, unit="item", disable=not progress)
     rows: list[dict] = []
     if task.kind == "generate":
@@ -329,15 +329,12 @@ def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchS
                 rows.append(_row_generate(model, task, i, prompt, f, **kw))
                 if f.name == "czao" and "error" not in rows[-1]:
                     czao_passes = rows[-1]["passes_per_token"]
-                write(rows[-1])
             bar.update(1)
     else:
         fitted, errors, info = fit_choice(model, task, methods, s, store, res, reference, bar)
         for f in fitted.values():
             bar.set_postfix_str(f.name)
             rows += _rows_choice(model, task, f, reference, settings_chat(s))
-        for r in rows:
-            write(r)
         bar.update(len(task.test))
     bar.close()
     for m, e in errors.items():
@@ -359,12 +356,12 @@ def _test_prompts(task_list: Sequence[Task]) -> set[str]:
 
 @dataclass
 class BenchTaskJob(ItemJob):
-    """One bench task per item, on a Ray worker: the same fit and scoring as in-process
-    (:func:`run_task`); SAE and A-LQR Jacobians are built once per worker and shared by its tasks."""
+    """One bench task per item (:func:`run_task`: its fits, then its test items through every method),
+    in this process or on a Ray worker; the SAE and A-LQR Jacobians are built once per process and
+    shared by the tasks it runs."""
 
     model_name: str
     data: str
-    out: str
     tasks: list[str]
     methods: list[str]
     n_fit: int
@@ -374,34 +371,35 @@ class BenchTaskJob(ItemJob):
     sae_recipe: str
     concept_threshold: float
     exclude: list[str]
+    progress: bool = False  # per-task bars (in-process runs)
 
     def setup(self, model) -> Any:
-        import os
-
         s, data = self.settings, Path(self.data)
         tasks = {t.name: t for t in load_tasks(self.tasks, data, n_fit=self.n_fit, n_test=self.n_test, seed=s.seed,
                                                   concept_threshold=self.concept_threshold)}
-        # each worker's own SAE folder: two workers training at once must not write the same files
-        res = _Resources(model, s, data, Path(self.out) / f"worker-{os.getpid()}", self.sae, self.sae_recipe,
-                         set(self.exclude), progress=False)
+        res = _Resources(model, s, data, self.sae, self.sae_recipe, set(self.exclude), progress=self.progress)
         reference = neutral_reference(model, chat=settings_chat(s))
         return tasks, ActivationStore(model), res, reference
 
     def run(self, model, state: Any, key: str, payload: Any) -> dict:
         tasks, store, res, reference = state
-        rows, entry = run_task(model, tasks[key], self.methods, self.settings, store, res, reference, progress=False)
+        rows, entry = run_task(model, tasks[key], self.methods, self.settings, store, res, reference, progress=self.progress)
         return {"rows": rows, "summary": entry, "resources": dict(res.info)}
 
     def describe(self) -> dict:
-        return {"job": "bench", "model": self.model_name, "data": self.data, "tasks": self.tasks, "methods": self.methods, "n_fit": self.n_fit,
+        # The task list is not a setting: a task's rows do not depend on the others, so a rerun with more
+        # --task adds them to a finished run.
+        return {"job": "bench", "model": self.model_name, "data": self.data, "methods": self.methods, "n_fit": self.n_fit,
                 "n_test": self.n_test, "settings": asdict(self.settings), "sae_recipe": self.sae_recipe,
                 "sae": "given" if self.sae is not None else "cached recipe", "concept_threshold": self.concept_threshold}
 
 
-def _run_tasks_distributed(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path,
-                           backend: Backend | None, pool: WorkerPool | None, progress: bool) -> tuple[list[dict], dict, dict]:
-    """Tasks as items of :func:`run_items` (resumable in ``out/tasks``); rows and summaries in task order."""
-    rep = run_items(job, [(t.name, None) for t in task_list], out / "tasks", backend, pool=pool, progress=progress)
+def _run_tasks(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path,
+               backend: Backend | None, pool: WorkerPool | None, progress: bool) -> tuple[list[dict], dict, dict]:
+    """Tasks as items of :func:`run_items` (resumable in ``out/tasks``); rows and summaries in task order.
+    The resources (SAE, Jacobians) are reported per task and, merged, at the top."""
+    rep = run_items(job, [(t.name, None) for t in task_list], out / "tasks", backend, pool=pool, model=model,
+                    progress=progress)
     rows: list[dict] = []
     entries: dict[str, Any] = {}
     info: dict[str, Any] = {"distributed": {k: v for k, v in rep.to_dict().items() if k != "keys_run"}}
@@ -411,7 +409,9 @@ def _run_tasks_distributed(model: HookedTransformer, task_list: list[Task], job:
             continue
         rows += r["rows"]
         entries[r["key"]] = r["summary"]
-        info.setdefault("workers", {})[r["key"]] = r["resources"]
+        info.setdefault("per_task", {})[r["key"]] = r["resources"]
+        for k, v in r["resources"].items():
+            info.setdefault(k, v)
     return rows, entries, info
 
 
@@ -437,11 +437,12 @@ def run_bench(
 
     ``sae`` is an SAELens SAE at ``blocks.{layer-1}.hook_resid_post``; when None, the cached sparse SAE
     of ``sae_recipe`` (:func:`czao_lens.sae_cache.cached_sae`; trained once if absent, its corpus
-    leaving every bench pool out) is used. With a Ray
-    ``backend`` (or an open ``pool``) each task runs on a worker (:class:`BenchTaskJob`), rows come
-    back per task and a rerun into the same ``out`` skips finished tasks; the files are the same
-    as in-process apart from timings. ``model`` is then used only for the layer check, and workers load
-    ``model_name`` (default: ``model.cfg.model_name``, right for the embedded models).
+    leaving every bench pool out) is used. Each task is an item of :func:`run_items`
+    (:class:`BenchTaskJob`): rows are kept per task in ``out/tasks`` and a rerun into the same ``out``
+    (after Ctrl-C or a crash) skips the finished tasks. With a Ray ``backend`` (or an open ``pool``)
+    each task runs on a worker and the files are the same as in-process apart from timings; ``model``
+    is then used only for the layer check, and workers load ``model_name`` (default:
+    ``model.cfg.model_name``, right for the embedded models).
     """
     from czao_lens.bench.report import write_report
 
@@ -459,27 +460,17 @@ def run_bench(
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_start = time.perf_counter()
     summary: dict[str, Any] = {"tasks": {}, "fit": {}}
-    if pool is not None or (backend is not None and backend.uses_ray):
-        name = pool.model_name if pool is not None else (model_name or model.cfg.model_name)
-        job = BenchTaskJob(name, str(data), str(out), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe, concept_threshold,
-                           sorted(exclude))
-        rows, summary["tasks"], resources = _run_tasks_distributed(model, task_list, job, out, backend, pool, progress)
-        with open(out / "results.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        threads = backend.threads if backend is not None else pool.backend.threads
+    on_ray = pool is not None or (backend is not None and backend.uses_ray)
+    name = pool.model_name if pool is not None else (model_name or model.cfg.model_name)
+    job = BenchTaskJob(name, str(data), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe,
+                       concept_threshold, sorted(exclude), progress=progress and not on_ray)
+    rows, summary["tasks"], resources = _run_tasks(model, task_list, job, out, backend if on_ray else None, pool, progress)
+    with open(out / "results.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    if not on_ray:
+        threads = torch.get_num_threads()
     else:
-        store = ActivationStore(model)
-        res = _Resources(model, s, data, out, sae, sae_recipe, exclude, progress)
-        reference = neutral_reference(model, chat=settings_chat(s))
-        with open(out / "results.jsonl", "w") as fh:
-            def write(row: dict) -> None:
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-
-            for task in task_list:
-                _, summary["tasks"][task.name] = run_task(model, task, methods, s, store, res, reference,
-                                                          progress=progress, write=write)
-        resources, threads = res.info, torch.get_num_threads()
+        threads = backend.threads if backend is not None else pool.backend.threads
     summary["run"] = {
         "started": started, "seconds": time.perf_counter() - t_start, "model": model.cfg.model_name,
         "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "chat": s.chat, "data": str(data),
