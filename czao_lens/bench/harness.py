@@ -73,28 +73,37 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(methods), key=METHODS.index)
 
 
+def bench_jacobians(model: HookedTransformer, s: BenchSettings, *, progress: bool = False,
+                    pool: WorkerPool | None = None) -> tuple[Any, dict]:
+    """A-LQR's Jacobians for the bench (in this process, or sharded over ``pool``'s workers: the same
+    numbers) and what to report about them."""
+    from czao_lens.steering.lqr import block_jacobians
+
+    t0 = time.perf_counter()
+    if s.jac_layers is None:  # all layers: shares the cache with `czao-lens steer --method lqr`
+        jac = block_jacobians(model, n_prompts=s.jac_prompts, chat=s.chat, progress=progress,
+                              pool=pool).subset(range(s.layer, model.cfg.n_layers))
+    else:
+        jac = block_jacobians(model, n_prompts=s.jac_prompts, layers=s.jac_layers, chat=s.chat, progress=progress, pool=pool)
+    info = {"layers": list(jac.layers), "prompts": s.jac_prompts, "seconds": time.perf_counter() - t0}
+    if pool is not None:
+        info["backend"] = pool.where
+    return jac, info
+
+
 class _Resources:
-    """Lazily built things several tasks share: A-LQR's Jacobians and the SAE."""
+    """Lazily built things several tasks share: A-LQR's Jacobians (unless given) and the SAE."""
 
     def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, sae: Any, sae_recipe: str,
-                 exclude: set[str], progress: bool):
+                 exclude: set[str], progress: bool, jacobians: tuple[Any, dict] | None = None):
         self.model, self.s, self.data, self._sae, self.sae_recipe = model, s, data, sae, sae_recipe
-        self.exclude, self.progress, self._jac, self.info = exclude, progress, None, {}
+        self.exclude, self.progress, self._jac, self.info = exclude, progress, jacobians, {}
 
     def jacobians(self):
         if self._jac is None:
-            from czao_lens.steering.lqr import block_jacobians
-
-            n = self.model.cfg.n_layers
-            t0 = time.perf_counter()
-            if self.s.jac_layers is None:  # all layers: shares the cache with `czao-lens steer --method lqr`
-                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, chat=self.s.chat,
-                                            progress=self.progress).subset(range(self.s.layer, n))
-            else:
-                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, layers=self.s.jac_layers, chat=self.s.chat,
-                                            progress=self.progress)
-            self.info["jacobians"] = {"layers": list(self._jac.layers), "prompts": self.s.jac_prompts, "seconds": time.perf_counter() - t0}
-        return self._jac
+            self._jac = bench_jacobians(self.model, self.s, progress=self.progress)
+        self.info["jacobians"] = self._jac[1]
+        return self._jac[0]
 
     def sae(self):
         if self._sae is None:
@@ -372,12 +381,14 @@ class BenchTaskJob(ItemJob):
     concept_threshold: float
     exclude: list[str]
     progress: bool = False  # per-task bars (in-process runs)
+    jacobians: Any = None  # (BlockJacobians, info) computed once by the driver for every worker
 
     def setup(self, model) -> Any:
         s, data = self.settings, Path(self.data)
         tasks = {t.name: t for t in load_tasks(self.tasks, data, n_fit=self.n_fit, n_test=self.n_test, seed=s.seed,
                                                   concept_threshold=self.concept_threshold)}
-        res = _Resources(model, s, data, self.sae, self.sae_recipe, set(self.exclude), progress=self.progress)
+        res = _Resources(model, s, data, self.sae, self.sae_recipe, set(self.exclude), progress=self.progress,
+                         jacobians=self.jacobians)
         reference = neutral_reference(model, chat=settings_chat(s))
         return tasks, ActivationStore(model), res, reference
 
@@ -394,12 +405,11 @@ class BenchTaskJob(ItemJob):
                 "sae": "given" if self.sae is not None else "cached recipe", "concept_threshold": self.concept_threshold}
 
 
-def _run_tasks(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path,
-               backend: Backend | None, pool: WorkerPool | None, progress: bool) -> tuple[list[dict], dict, dict]:
-    """Tasks as items of :func:`run_items` (resumable in ``out/tasks``); rows and summaries in task order.
-    The resources (SAE, Jacobians) are reported per task and, merged, at the top."""
-    rep = run_items(job, [(t.name, None) for t in task_list], out / "tasks", backend, pool=pool, model=model,
-                    progress=progress)
+def _run_tasks(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path, pool: WorkerPool | None,
+               progress: bool) -> tuple[list[dict], dict, dict]:
+    """Tasks as items of :func:`run_items` (resumable in ``out/tasks``), on ``pool`` or in this process;
+    rows and summaries in task order. The resources (SAE, Jacobians) are reported per task and, merged, at the top."""
+    rep = run_items(job, [(t.name, None) for t in task_list], out / "tasks", pool=pool, model=model, progress=progress)
     rows: list[dict] = []
     entries: dict[str, Any] = {}
     info: dict[str, Any] = {"distributed": {k: v for k, v in rep.to_dict().items() if k != "keys_run"}}
@@ -462,15 +472,20 @@ def run_bench(
     summary: dict[str, Any] = {"tasks": {}, "fit": {}}
     on_ray = pool is not None or (backend is not None and backend.uses_ray)
     name = pool.model_name if pool is not None else (model_name or model.cfg.model_name)
-    job = BenchTaskJob(name, str(data), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe,
-                       concept_threshold, sorted(exclude), progress=progress and not on_ray)
-    rows, summary["tasks"], resources = _run_tasks(model, task_list, job, out, backend if on_ray else None, pool, progress)
+    own = WorkerPool(backend, name) if on_ray and pool is None else None  # one pool for the Jacobians and the tasks
+    pool = pool or own
+    try:
+        # On Ray, A-LQR's Jacobians are computed once, sharded over the workers, and shipped with the job.
+        jac = bench_jacobians(model, s, progress=progress, pool=pool) if on_ray and "lqr" in methods else None
+        job = BenchTaskJob(name, str(data), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe,
+                           concept_threshold, sorted(exclude), progress=progress and not on_ray, jacobians=jac)
+        rows, summary["tasks"], resources = _run_tasks(model, task_list, job, out, pool, progress)
+    finally:
+        if own is not None:
+            own.close()
     with open(out / "results.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
-    if not on_ray:
-        threads = torch.get_num_threads()
-    else:
-        threads = backend.threads if backend is not None else pool.backend.threads
+    threads = pool.backend.threads if on_ray else torch.get_num_threads()
     summary["run"] = {
         "started": started, "seconds": time.perf_counter() - t_start, "model": model.cfg.model_name,
         "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "chat": s.chat, "data": str(data),
