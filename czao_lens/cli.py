@@ -105,9 +105,14 @@ _ADDRESS_HELP = "An existing Ray cluster (host:port or ray://host:port); default
 
 
 def _backend(workers: int, ray_address: Optional[str], num_cpus: float, num_gpus: float, threads: int):
-    from czao_lens.distributed import Backend
+    """The backend of the scale-out options; a cluster address that does not answer fails here, in
+    seconds, before any model loads."""
+    from czao_lens.distributed import Backend, check_reachable
 
-    return Backend.from_options(workers, ray_address, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads)
+    backend = Backend.from_options(workers, ray_address, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads)
+    if backend.address:
+        check_reachable(backend.address, backend.connect_timeout)
+    return backend
 
 
 @app.command()
@@ -563,7 +568,7 @@ def steer(
     pf.check_at_least(jac_prompts, 1, "--jac-prompts")
     if (workers or ray_address) and "jacobians" not in entry.needs:
         _fail(f"--workers / --ray-address compute A-LQR's Jacobians; --method {method} has nothing to run on workers")
-    backend = _backend(workers, ray_address, num_cpus, num_gpus, threads)
+    backend = _backend(workers, ray_address, num_cpus, num_gpus, threads) if "jacobians" in entry.needs else None
     pf.check_finite(multiplier, "--multiplier")
     pf.check_finite(lam, "--lambda")
     if prompt:

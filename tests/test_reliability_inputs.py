@@ -272,6 +272,8 @@ BAD_ARGS = [
     (["steer"], "--layers-json", "/no/such/layers.json", "does not exist"),
     (["steer", "--method", "caa"], "--workers", "2", "nothing to run on workers"),
     (["steer", "--method", "lqr"], "--workers", "-1", "workers"),
+    (["steer", "--method", "lqr"], "--ray-address", "127.0.0.1:9", "cannot reach the Ray cluster"),  # nothing listens on port 9
+    (["bench", "--quick"], "--ray-address", "127.0.0.1:9", "cannot reach the Ray cluster"),
     (["landscape", "--constraint", SPEC], "-p", "", "empty"),
     (["landscape", "-p", "x", "--constraint", SPEC], "--n", "1", "--n"),
     (["landscape", "-p", "x", "--constraint", SPEC], "--layer", "31", "31"),
