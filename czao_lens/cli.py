@@ -660,6 +660,7 @@ def bench(
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "bench"),
     workers: int = typer.Option(0, help="Run each task on a Ray actor: " + _WORKERS_HELP),
+    items: str = typer.Option("task", help="What one work item is: a whole task, or a task x method group ('method': more workers busy, the unsteered reference runs in every item)."),
     ray_address: Optional[str] = typer.Option(None, help=_ADDRESS_HELP),
     num_cpus: float = typer.Option(1.0, help="CPUs per Ray actor."),
     num_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (1: one model copy per GPU)."),
@@ -687,6 +688,8 @@ def bench(
     try:  # bad names and missing data fail here, before the model loads
         check_methods(methods)
         load_tasks(tasks, data, n_fit=n_fit, n_test=n_test, seed=seed)
+        if items not in ("task", "method"):
+            raise BenchError(f"--items must be 'task' or 'method', got {items!r}")
     except BenchError as exc:
         _fail(str(exc))
     sae = manifest = None
@@ -712,7 +715,7 @@ def bench(
     try:
         summary = run_bench(m, data=data, out=out, tasks=tasks, methods=methods, n_fit=n_fit,
                             n_test=n_test, settings=settings, sae=sae, sae_recipe=sae_recipe,
-                            concept_threshold=concept_threshold, backend=backend, model_name=model)
+                            concept_threshold=concept_threshold, backend=backend, model_name=model, items=items)
     except BenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

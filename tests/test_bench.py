@@ -220,3 +220,29 @@ def test_an_interrupted_bench_reruns_only_the_unfinished_tasks(smol, tmp_path, m
     same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (whole, resumed)]  # NaN-safe
     assert same[0] == same[1] and list(resumed["tasks"]) == ["refusal", "sycophancy"]
     assert "failed" not in resumed["tasks"]["sycophancy"]["methods"]["caa"]
+
+
+def test_method_groups_and_their_merge():
+    """Best-of-n rides with CZAO, every group carries the unsteered reference, choice tasks drop the
+    generation-only methods; merging restores the whole-task row order and recomputes the ratios that
+    compare entries of different items (best-of-n against the unsteered sample)."""
+    ms = ["unsteered", "caa", "czao", "bestofn", "unsteered-sampled"]
+    assert harness.method_groups("generate", ms) == [["unsteered"], ["unsteered", "caa"], ["unsteered", "czao", "bestofn"],
+                                                     ["unsteered", "unsteered-sampled"]]
+    assert harness.method_groups("choice", ms) == [["unsteered"], ["unsteered", "caa"]]
+    assert harness.method_groups("generate", ["unsteered", "bestofn"]) == [["unsteered"], ["unsteered", "bestofn"]]
+
+    def part(group, ppl):
+        rows = [{"method": m, "item": i} for i in (1, 0) for m in group]
+        entry = {"kind": "generate", "fit_info": {f"fit_{group[-1]}": 1},
+                 "methods": {m: {"ppl": ppl[m], "setting": m} for m in group}}
+        return group, rows, entry
+
+    task = harness.Task("t", "generate", "", "", "")
+    rows, entry = harness.merge_groups(task, ms, [part(["unsteered"], {"unsteered": 2.0}),
+                                                  part(["unsteered", "czao", "bestofn"], {"unsteered": 2.0, "czao": 3.0, "bestofn": 5.0}),
+                                                  part(["unsteered", "unsteered-sampled"], {"unsteered": 2.0, "unsteered-sampled": 4.0})])
+    assert [(r["item"], r["method"]) for r in rows] == [(i, m) for i in (0, 1) for m in ("unsteered", "czao", "bestofn", "unsteered-sampled")]
+    assert list(entry["methods"]) == ["unsteered", "czao", "bestofn", "unsteered-sampled"]
+    assert entry["methods"]["bestofn"]["ppl_ratio_same_decoding"] == pytest.approx(5.0 / 4.0)  # not NaN: the other item's sample
+    assert entry["methods"]["czao"]["ppl_ratio"] == pytest.approx(1.5) and set(entry["fit_info"]) == {"fit_unsteered", "fit_bestofn", "fit_unsteered-sampled"}

@@ -213,6 +213,24 @@ def test_a_bench_task_on_ray_gives_the_in_process_files(pool, smol, tmp_path, mo
     assert (tmp_path / "ray" / "report.md").read_text().count("|") > 10
 
 
+def test_bench_items_of_task_x_method_on_ray_give_the_whole_task_files(pool, smol, tmp_path):
+    """Items of (task, method group) on 2 workers (best-of-n with CZAO, the unsteered reference in every
+    item) against whole tasks in-process: the same rows, in the same order, and the same summaries."""
+    kw = dict(data=default_data_dir(), tasks=["refusal", "sentiment"], methods=["unsteered", "prompting", "czao", "bestofn"],
+              n_fit=QUICK["n_fit"], n_test=QUICK["n_test"], settings=QUICK["settings"], progress=False)
+    local = run_bench(smol, out=tmp_path / "in", **kw)
+    remote = run_bench(smol, out=tmp_path / "ray", pool=pool, items="method", **kw)
+    keys = [r["key"] for r in read_rows(tmp_path / "ray" / "tasks" / RESULTS)]
+    assert keys == ["refusal/unsteered", "refusal/unsteered+prompting", "sentiment/unsteered",
+                    "sentiment/unsteered+prompting", "sentiment/unsteered+czao+bestofn"]
+    rows = {k: [without_timings(json.loads(x)) for x in (tmp_path / k / "results.jsonl").read_text().splitlines()]
+            for k in ("in", "ray")}
+    assert len(rows["in"]) == (2 + 4) * QUICK["n_test"] and rows["in"] == rows["ray"]
+    same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (local, remote)]  # NaN-safe
+    assert same[0] == same[1]
+    assert set(remote["tasks"]["refusal"]["not_applicable"]) == {"czao", "bestofn"}
+
+
 def test_tracing_items_on_ray_ranks_layers_as_in_process(pool, smol, tmp_path):
     items = load_caa(default_data_dir(), "refusal", split="test", limit=2)
     local = rank_layers(smol, [trace_item(smol, it) for it in items], n_samples=1, progress=False)

@@ -289,6 +289,7 @@ BAD_ARGS = [
     (["bench"], "--n-test", "0", "n_test"),
     (["bench"], "-n", "0", "--max-new-tokens"),
     (["bench"], "--task", "nope", "nope"),
+    (["bench"], "--items", "item", "--items"),
     (["sae", "train"], "--hook", "blocks.99.hook_resid_post", "99"),
     (["sae", "train"], "--tokens", "0", "--tokens"),
     (["sae", "train"], "--recipe", "/no/such/recipe.json", "/no/such/recipe.json"),

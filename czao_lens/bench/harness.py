@@ -294,16 +294,26 @@ def summarise(task: Task, rows: list[dict], fitted: dict[str, Fitted], errors: d
             s["max_steps"] = max(steps) if steps else 0
             s["optimized_tokens_per_item"] = mean([r.get("optimized_tokens", 0) for r in good])
         out[m] = s
-    if task.kind == "generate" and "unsteered" in out:
-        for m, s in out.items():
-            s["ppl_ratio"] = s["ppl"] / out["unsteered"]["ppl"] if out["unsteered"]["ppl"] else math.nan
-            # Fluency against the unsteered model with the same decoding: sampled methods against a
-            # sample of the unsteered model (when it ran), greedy ones against greedy.
-            ref = out.get("unsteered-sampled") if m in SAMPLED else out["unsteered"]
-            s["ppl_ratio_same_decoding"] = s["ppl"] / ref["ppl"] if ref and ref.get("ppl") else math.nan
+    compare_methods(task.kind, out)
     for m, e in errors.items():
         out[m] = {"failed": e}
     return out
+
+
+def compare_methods(kind: str, out: dict[str, dict]) -> None:
+    """The summary fields that compare one method's entry with another's (set in place; failed
+    methods skipped): the perplexity ratios of generation tasks."""
+    base = out.get("unsteered", {})
+    if kind != "generate" or "ppl" not in base:
+        return
+    for m, s in out.items():
+        if "failed" in s:
+            continue
+        s["ppl_ratio"] = s["ppl"] / base["ppl"] if base["ppl"] else math.nan
+        # Fluency against the unsteered model with the same decoding: sampled methods against a
+        # sample of the unsteered model (when it ran), greedy ones against greedy.
+        ref = out.get("unsteered-sampled") if m in SAMPLED else base
+        s["ppl_ratio_same_decoding"] = s["ppl"] / ref["ppl"] if ref and ref.get("ppl") else math.nan
 
 
 def check_bench_layers(model: HookedTransformer, s: BenchSettings) -> None:
@@ -351,10 +361,54 @@ def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchS
     entry = {
         "kind": task.kind, "description": task.description, "source": task.source, "n_fit": len(task.fit),
         "n_test": len(task.test), "second_evaluator": task.second_name,
-        "not_applicable": {m: "scores fixed answers: nothing is generated to select or constrain"
-                           for m in methods if task.kind == "choice" and m in GENERATE_ONLY},
+        "not_applicable": _not_applicable(task.kind, methods),
         "fit_info": info, "methods": summarise(task, rows, fitted, errors, s.seed),
     }
+    return rows, entry
+
+
+def _not_applicable(kind: str, methods: Sequence[str]) -> dict[str, str]:
+    return {m: "scores fixed answers: nothing is generated to select or constrain"
+            for m in methods if kind == "choice" and m in GENERATE_ONLY}
+
+
+def method_groups(kind: str, methods: Sequence[str]) -> list[list[str]]:
+    """The bench items of one task when items are (task, method group): the unsteered reference alone,
+    then each other method with the unsteered model beside it (so its wall-clock ratio is timed
+    against the unsteered model on the same worker, interleaved item by item as in a whole task);
+    best-of-n goes with CZAO, whose passes per token on each item set its n."""
+    rest = [m for m in methods if m != "unsteered" and not (kind == "choice" and m in GENERATE_ONLY)]
+    groups = [["unsteered"]]
+    for m in rest:
+        if m == "bestofn" and "czao" in rest:
+            continue
+        groups.append(["unsteered", m] + (["bestofn"] if m == "czao" and "bestofn" in rest else []))
+    return groups
+
+
+def merge_groups(task: Task, methods: Sequence[str], parts: Sequence[tuple[list[str], list[dict], dict]]) -> tuple[list[dict], dict]:
+    """One task's rows and summary entry from its (method group) items: ``parts`` holds each group's
+    methods, rows and entry, the unsteered group first. Rows come in the order of a whole-task run
+    (generation: item by item, methods in turn; choice: method by method) and the fields that compare
+    methods are recomputed over the merged entry."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = [r for group, rs, _ in parts for r in rs if r["method"] in group and (r["method"] != "unsteered" or group == ["unsteered"])]
+    if task.kind == "generate":
+        rows.sort(key=lambda r: (r["item"], order[r["method"]]))
+    else:
+        rows.sort(key=lambda r: (order[r["method"]], r["item"]))
+    entry = dict(parts[0][2])
+    info: dict[str, Any] = {}
+    got: dict[str, dict] = {}
+    for group, _, e in parts:
+        for k, v in e["fit_info"].items():
+            info.setdefault(k, v)
+        for m in group:
+            if m in e["methods"] and (m != "unsteered" or group == ["unsteered"]):
+                got[m] = e["methods"][m]
+    compare_methods(task.kind, got)
+    entry.update(fit_info=info, not_applicable=_not_applicable(task.kind, methods),
+                 methods={m: got[m] for m in sorted(got, key=order.__getitem__)})
     return rows, entry
 
 
@@ -382,6 +436,7 @@ class BenchTaskJob(ItemJob):
     exclude: list[str]
     progress: bool = False  # per-task bars (in-process runs)
     jacobians: Any = None  # (BlockJacobians, info) computed once by the driver for every worker
+    items: str = "task"  # or "method": one item per (task, method group), see method_groups
 
     def setup(self, model) -> Any:
         s, data = self.settings, Path(self.data)
@@ -393,35 +448,56 @@ class BenchTaskJob(ItemJob):
         return tasks, ActivationStore(model), res, reference
 
     def run(self, model, state: Any, key: str, payload: Any) -> dict:
+        """``payload``: None for a whole task (``key`` is its name), else ``{"task", "methods"}``."""
         tasks, store, res, reference = state
-        rows, entry = run_task(model, tasks[key], self.methods, self.settings, store, res, reference, progress=self.progress)
+        task, methods = (key, self.methods) if payload is None else (payload["task"], payload["methods"])
+        rows, entry = run_task(model, tasks[task], methods, self.settings, store, res, reference, progress=self.progress)
         return {"rows": rows, "summary": entry, "resources": dict(res.info)}
+
+    def work(self, task_list: Sequence[Task]) -> list[tuple[str, Any]]:
+        """The run's items: one per task, or one per (task, method group) in task order."""
+        if self.items == "task":
+            return [(t.name, None) for t in task_list]
+        return [(f"{t.name}/{'+'.join(g)}", {"task": t.name, "methods": g}) for t in task_list
+                for g in method_groups(t.kind, self.methods)]
 
     def describe(self) -> dict:
         # The task list is not a setting: a task's rows do not depend on the others, so a rerun with more
         # --task adds them to a finished run.
         return {"job": "bench", "model": self.model_name, "data": self.data, "methods": self.methods, "n_fit": self.n_fit,
                 "n_test": self.n_test, "settings": asdict(self.settings), "sae_recipe": self.sae_recipe,
-                "sae": "given" if self.sae is not None else "cached recipe", "concept_threshold": self.concept_threshold}
+                "sae": "given" if self.sae is not None else "cached recipe", "concept_threshold": self.concept_threshold,
+                "items": self.items}
 
 
 def _run_tasks(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path, pool: WorkerPool | None,
                progress: bool) -> tuple[list[dict], dict, dict]:
-    """Tasks as items of :func:`run_items` (resumable in ``out/tasks``), on ``pool`` or in this process;
-    rows and summaries in task order. The resources (SAE, Jacobians) are reported per task and, merged, at the top."""
-    rep = run_items(job, [(t.name, None) for t in task_list], out / "tasks", pool=pool, model=model, progress=progress)
+    """The job's items through :func:`run_items` (resumable in ``out/tasks``), on ``pool`` or in this
+    process; rows and summaries in task order (method-group items merged per task by :func:`merge_groups`).
+    The resources (SAE, Jacobians) are reported per item and, merged, at the top."""
+    work = job.work(task_list)
+    rep = run_items(job, work, out / "tasks", pool=pool, model=model, progress=progress)
     rows: list[dict] = []
     entries: dict[str, Any] = {}
     info: dict[str, Any] = {"distributed": {k: v for k, v in rep.to_dict().items() if k != "keys_run"}}
-    for r in read_rows(out / "tasks" / RESULTS):
-        if "error" in r:  # the task itself raised (not one method or item): reported, the other tasks stand
-            info.setdefault("failed_tasks", {})[r["key"]] = r["error"]
-            continue
-        rows += r["rows"]
-        entries[r["key"]] = r["summary"]
-        info.setdefault("per_task", {})[r["key"]] = r["resources"]
-        for k, v in r["resources"].items():
+    by_key = {r["key"]: r for r in read_rows(out / "tasks" / RESULTS)}
+    for r in by_key.values():
+        info.setdefault("per_item", {})[r["key"]] = r.get("resources", {})
+        for k, v in r.get("resources", {}).items():
             info.setdefault(k, v)
+    for t in task_list:
+        mine = [(key, payload, by_key[key]) for key, payload in work if key.split("/")[0] == t.name]
+        bad = {key: r["error"] for key, _, r in mine if "error" in r}
+        if bad and (job.items == "task" or mine[0][0] in bad):  # no unsteered reference: the task failed
+            info.setdefault("failed_tasks", {}).update(bad)
+            continue
+        if job.items == "task":
+            task_rows, entries[t.name] = mine[0][2]["rows"], mine[0][2]["summary"]
+        else:  # a failed group: its methods are reported failed, the task's other methods stand
+            task_rows, entries[t.name] = merge_groups(t, job.methods, [(p["methods"], r["rows"], r["summary"]) for _, p, r in mine if "error" not in r])
+            entries[t.name]["methods"].update({m: {"failed": r["error"]} for _, p, r in mine if "error" in r
+                                               for m in p["methods"] if m != "unsteered"})
+        rows += task_rows
     return rows, entries, info
 
 
@@ -442,6 +518,7 @@ def run_bench(
     backend: Backend | None = None,
     pool: WorkerPool | None = None,
     model_name: str | None = None,
+    items: str = "task",
 ) -> dict:
     """Run the benchmark and write results.jsonl, summary.json, report.md and report.html to ``out``.
 
@@ -452,7 +529,9 @@ def run_bench(
     (after Ctrl-C or a crash) skips the finished tasks. With a Ray ``backend`` (or an open ``pool``)
     each task runs on a worker and the files are the same as in-process apart from timings; ``model``
     is then used only for the layer check, and workers load ``model_name`` (default:
-    ``model.cfg.model_name``, right for the embedded models).
+    ``model.cfg.model_name``, right for the embedded models). ``items="method"`` splits each task into
+    (task, method group) items (:func:`method_groups`) so more workers are busy; rows and summaries
+    are the same apart from timings.
     """
     from czao_lens.bench.report import write_report
 
@@ -462,6 +541,8 @@ def run_bench(
     except PromptError as exc:
         raise BenchError(str(exc)) from None
     methods = check_methods(methods)
+    if items not in ("task", "method"):
+        raise BenchError(f"items must be 'task' or 'method', got {items!r}")
     check_bench_layers(model, s)
     data, out = Path(data), Path(out)
     task_list = load_tasks(list(tasks), data, n_fit=n_fit, n_test=n_test, seed=s.seed, concept_threshold=concept_threshold)
@@ -478,7 +559,7 @@ def run_bench(
         # On Ray, A-LQR's Jacobians are computed once, sharded over the workers, and shipped with the job.
         jac = bench_jacobians(model, s, progress=progress, pool=pool) if on_ray and "lqr" in methods else None
         job = BenchTaskJob(name, str(data), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe,
-                           concept_threshold, sorted(exclude), progress=progress and not on_ray, jacobians=jac)
+                           concept_threshold, sorted(exclude), progress=progress and not on_ray, jacobians=jac, items=items)
         rows, summary["tasks"], resources = _run_tasks(model, task_list, job, out, pool, progress)
     finally:
         if own is not None:
