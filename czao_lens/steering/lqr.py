@@ -299,6 +299,7 @@ def block_jacobians(
     t0 = time.perf_counter()
     enc_rows = _encode_jacobian_prompts(model, prompts)
     extra: dict[str, Any] = {}
+    run_dir = None
     if pool is not None or (backend is not None and backend.uses_ray):
         job = JacobianJob(pool.model_name if pool is not None else (model_name or model.cfg.model_name), fp, prompts)
         run_dir = _resumable_dir(path)
@@ -317,7 +318,8 @@ def block_jacobians(
                                      "seconds": seconds, "prompts_hash": texts_hash(prompts), **extra})
     if path is not None:
         _save_atomic(jac, path)
-        shutil.rmtree(path.with_name(f".{path.name}.run"), ignore_errors=True)  # the shards are in the entry now
+        if "distributed" in extra and run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the shards are in the entry now
     return jac
 
 

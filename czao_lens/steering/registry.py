@@ -373,7 +373,8 @@ def caa_fit_input(
     """The input ``czao-lens steer`` fits from: letter-balanced A/B items of ``behavior``; for a CAST
     condition, refusal question stems against TruthfulQA stems (half to fit, half held out);
     ActAdd's two texts; Jacobians from ``jac_prompts`` prompts (on Ray workers that load ``model_name``
-    when ``jacobian_backend`` asks for Ray). Only what ``needs`` asks for is loaded. ``hyper`` sets other :class:`FitInput` fields (multiplier, lam, readout, sae, features...).
+    when ``jacobian_backend`` asks for Ray). Only what ``needs`` asks for is loaded. ``hyper`` sets
+    other :class:`FitInput` fields (multiplier, lam, readout, sae, features...).
     """
     from czao_lens.steering.data import balance_letters, load_ab, load_truthfulqa, split_items
     from czao_lens.steering.lqr import block_jacobians
