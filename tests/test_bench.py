@@ -246,3 +246,7 @@ def test_method_groups_and_their_merge():
     assert list(entry["methods"]) == ["unsteered", "czao", "bestofn", "unsteered-sampled"]
     assert entry["methods"]["bestofn"]["ppl_ratio_same_decoding"] == pytest.approx(5.0 / 4.0)  # not NaN: the other item's sample
     assert entry["methods"]["czao"]["ppl_ratio"] == pytest.approx(1.5) and set(entry["fit_info"]) == {"fit_unsteered", "fit_bestofn", "fit_unsteered-sampled"}
+    choice = harness.Task("c", "choice", "", "", "")
+    rows, entry = harness.merge_groups(choice, ms, [part(["unsteered"], {"unsteered": 1.0}), part(["unsteered", "caa"], {"unsteered": 1.0, "caa": 1.0})])
+    assert [(r["method"], r["item"]) for r in rows] == [("unsteered", 0), ("unsteered", 1), ("caa", 0), ("caa", 1)]  # method by method
+    assert set(entry["not_applicable"]) == {"czao", "bestofn", "unsteered-sampled"} and "ppl_ratio" not in entry["methods"]["caa"]
