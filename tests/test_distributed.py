@@ -227,7 +227,7 @@ def test_bench_items_of_task_x_method_on_ray_give_the_whole_task_files(pool, smo
     assert len({r["timing"]["worker"] for r in stream}) == 2  # the task's items ran side by side
     rows = {k: [without_timings(json.loads(x)) for x in (tmp_path / k / "results.jsonl").read_text().splitlines()]
             for k in ("in", "ray")}
-    assert len(rows["in"]) == 2 * QUICK["n_test"] and rows["in"] == rows["ray"]
+    assert len(rows["in"]) == 3 * QUICK["n_test"] and rows["in"] == rows["ray"]
     assert [r["method"] for r in rows["ray"][:3]] == ["unsteered", "czao", "bestofn"]  # item by item, as one task
     same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (local, remote)]  # NaN-safe
     assert same[0] == same[1] and remote["tasks"]["sentiment"]["methods"]["czao"]["passes_per_token"] >= 1
