@@ -105,9 +105,14 @@ _ADDRESS_HELP = "An existing Ray cluster (host:port or ray://host:port); default
 
 
 def _backend(workers: int, ray_address: Optional[str], num_cpus: float, num_gpus: float, threads: int):
-    from czao_lens.distributed import Backend
+    """The backend of the scale-out options; a cluster address that does not answer fails here, in
+    seconds, before any model loads."""
+    from czao_lens.distributed import Backend, check_reachable
 
-    return Backend.from_options(workers, ray_address, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads)
+    backend = Backend.from_options(workers, ray_address, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads)
+    if backend.address:
+        check_reachable(backend.address, backend.connect_timeout)
+    return backend
 
 
 @app.command()
@@ -542,6 +547,11 @@ def steer(
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Generate for these prompts, steered next to unsteered."),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n"),
     out: Path = typer.Option(DEFAULT_OUT / "steer", help="Folder for the vector / controller files."),
+    workers: int = typer.Option(0, help="A-LQR: compute the block Jacobians on Ray actors (shards of layers): " + _WORKERS_HELP),
+    ray_address: Optional[str] = typer.Option(None, help="A-LQR Jacobians: " + _ADDRESS_HELP),
+    num_cpus: float = typer.Option(1.0, help="CPUs per Ray actor."),
+    num_gpus: float = typer.Option(0.0, help="GPUs per Ray actor."),
+    threads: int = typer.Option(1, help="Torch threads per Ray actor."),
 ) -> None:
     """Fit a steering method from the CAA data, save it, and optionally generate with it."""
     from czao_lens.steering import SteeringDataError, SteeringError, get_method, method_names
@@ -556,6 +566,9 @@ def steer(
     pf.check_model_layers(model, layers)
     pf.check_at_least(n_fit, 1, "--n-fit")
     pf.check_at_least(jac_prompts, 1, "--jac-prompts")
+    if (workers or ray_address) and "jacobians" not in entry.needs:
+        _fail(f"--workers / --ray-address compute A-LQR's Jacobians; --method {method} has nothing to run on workers")
+    backend = _backend(workers, ray_address, num_cpus, num_gpus, threads) if "jacobians" in entry.needs else None
     pf.check_finite(multiplier, "--multiplier")
     pf.check_finite(lam, "--lambda")
     if prompt:
@@ -577,7 +590,8 @@ def steer(
     try:
         inp = caa_fit_input(m, entry.needs, layers=layers, behavior=behavior, n_fit=n_fit, data_dir=data or default_data_dir(),
                             positive=positive, negative=negative, jac_prompts=jac_prompts, progress=True, multiplier=multiplier,
-                            lam=lam, readout=readout, concept=behavior, sae=sae, features=feats)
+                            lam=lam, readout=readout, concept=behavior, sae=sae, features=feats, jacobian_backend=backend,
+                            model_name=model)
         if inp.items is not None:  # say it when letter balancing (or the data) gives fewer pairs than asked
             from czao_lens.steering.data import load_ab, selection_note
 
@@ -645,14 +659,16 @@ def bench(
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template for the prompting method, the choice tasks and the neutral/Jacobian prompts (generation tasks always continue the raw text). Default: auto, the template when the tokenizer has one (SmolLM2 yes, Gemma-3-270m no)."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "bench"),
-    workers: int = typer.Option(0, help="Run each task on a Ray actor: " + _WORKERS_HELP + " A rerun into the same --out skips finished tasks."),
+    workers: int = typer.Option(0, help="Run each task on a Ray actor: " + _WORKERS_HELP),
+    items: str = typer.Option("task", help="What one work item is: a whole task, or a task x method group ('method': more workers busy, the unsteered reference runs in every item)."),
     ray_address: Optional[str] = typer.Option(None, help=_ADDRESS_HELP),
     num_cpus: float = typer.Option(1.0, help="CPUs per Ray actor."),
     num_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (1: one model copy per GPU)."),
     threads: int = typer.Option(1, help="Torch threads per Ray actor."),
 ) -> None:
     """Every steering method on every task, same prompts, seeds, budget and evaluators; writes
-    results.jsonl (per item), summary.json, report.md and report.html (plots)."""
+    results.jsonl (per item), summary.json, report.md and report.html (plots).
+    A rerun into the same --out skips the tasks already finished there (OUT/tasks)."""
     from dataclasses import replace
 
     from czao_lens.bench import METHODS, QUICK, TASK_NAMES, BenchError, BenchSettings, check_methods, run_bench
@@ -672,6 +688,8 @@ def bench(
     try:  # bad names and missing data fail here, before the model loads
         check_methods(methods)
         load_tasks(tasks, data, n_fit=n_fit, n_test=n_test, seed=seed)
+        if items not in ("task", "method"):
+            raise BenchError(f"--items must be 'task' or 'method', got {items!r}")
     except BenchError as exc:
         _fail(str(exc))
     sae = manifest = None
@@ -697,14 +715,16 @@ def bench(
     try:
         summary = run_bench(m, data=data, out=out, tasks=tasks, methods=methods, n_fit=n_fit,
                             n_test=n_test, settings=settings, sae=sae, sae_recipe=sae_recipe,
-                            concept_threshold=concept_threshold, backend=backend, model_name=model)
+                            concept_threshold=concept_threshold, backend=backend, model_name=model, items=items)
     except BenchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        typer.secho(f"interrupted: finished tasks are in {out / 'tasks'} (Ray runs); rerun the same command to finish",
+        typer.secho(f"interrupted: finished tasks are in {out / 'tasks'}; rerun the same command to finish",
                     fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
     typer.echo((out / "report.md").read_text())
+    for t, why in summary["run"]["resources"].get("failed_tasks", {}).items():
+        typer.secho(f"task {t} failed: {why} (a rerun does not retry it; use another --out)", fg=typer.colors.YELLOW)
     failed = [f"{t}/{m_}" for t, v in summary["tasks"].items() for m_, s in v["methods"].items() if "failed" in s]
     if failed:
         typer.secho(f"methods that could not be fitted: {', '.join(failed)} (see summary.json)", fg=typer.colors.YELLOW)

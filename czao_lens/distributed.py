@@ -153,6 +153,25 @@ def without_timings(row: Any) -> Any:
     return row
 
 
+def tensor_to_text(tensor) -> str:
+    """A tensor as text for a JSON row (safetensors bytes, base64): exact bits, no pickle, so a row
+    can carry a worker's numeric result (e.g. a shard of Jacobians) through the stream and resume."""
+    import base64
+
+    from safetensors.torch import save
+
+    return base64.b64encode(save({"t": tensor.detach().cpu().contiguous()})).decode("ascii")
+
+
+def tensor_from_text(text: str):
+    """The tensor :func:`tensor_to_text` wrote."""
+    import base64
+
+    from safetensors.torch import load
+
+    return load(base64.b64decode(text))["t"]
+
+
 def read_rows(path: Path) -> list[dict]:
     """The complete rows of a JSONL file; a torn last line (a crash mid-write) is cut off the file."""
     if not path.exists():

@@ -2,21 +2,25 @@
 method failing on one item is recorded as a failure while the run goes on."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from transformer_lens import HookedTransformer
 from typer.testing import CliRunner
 
-from czao_lens.bench import BenchError, BenchSettings, check_methods, load_task, run_bench
+from czao_lens.bench import QUICK, BenchError, BenchSettings, check_methods, load_task, run_bench
 from czao_lens.bench import harness
 from czao_lens.bench.methods import GENERATE_ONLY
 from czao_lens.bench.metrics import bootstrap_ci, distinct_n, fluency, paired_diff_ci, unsteered_logprobs
 from czao_lens.bench.tasks import no_violent_words, split, textblob_ok, wordlist_ok
 from czao_lens.cli import app
+from czao_lens.distributed import without_timings
 from czao_lens.paths import default_data_dir
 from czao_lens.generate import generate
 from czao_lens.perturb import Perturbation, resid_hook
+from conftest import tiny_config
 
 runner = CliRunner()
 DATA = default_data_dir()
@@ -184,3 +188,65 @@ def test_a_method_failing_on_one_item_is_recorded_and_the_run_goes_on(smol, tmp_
     pr = [r for r in rows if r["task"] == "refusal" and r["method"] == "prompting"]
     assert [("error" in r) for r in pr] == [False, False, True]
     assert summary["tasks"]["refusal"]["methods"]["prompting"]["errors"] == 1
+
+
+def test_an_interrupted_bench_reruns_only_the_unfinished_tasks(smol, tmp_path, monkeypatch):
+    """In-process, Ctrl-C during the second task, then the same call again: the first task is not run
+    again and the final files equal an uninterrupted run's apart from timings (the mechanics: a tiny model)."""
+    tiny = HookedTransformer(tiny_config(n_ctx=512), tokenizer=smol.tokenizer, default_padding_side="left").eval()
+    kw = dict(data=DATA, tasks=["refusal", "sycophancy"], methods=["unsteered", "prompting", "caa"], n_fit=QUICK["n_fit"],
+              n_test=QUICK["n_test"], settings=replace(QUICK["settings"], layer=1, condition_layer=1), progress=False)
+    whole = run_bench(tiny, out=tmp_path / "whole", **kw)
+    real, ran, interrupt = harness.run_task, [], [True]
+
+    def ctrl_c_in_the_second_task(model, task, *args, **kwargs):
+        ran.append(task.name)
+        if len(ran) == 2 and interrupt.pop():
+            raise KeyboardInterrupt
+        return real(model, task, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_task", ctrl_c_in_the_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny, out=tmp_path / "cut", **kw)
+    assert ran == ["refusal", "sycophancy"] and not (tmp_path / "cut" / "summary.json").exists()
+    resumed = run_bench(tiny, out=tmp_path / "cut", **kw)
+    assert ran == ["refusal", "sycophancy", "sycophancy"]  # refusal was not run again
+    assert resumed["run"]["resources"]["distributed"]["skipped"] == 1
+
+    def rows(folder):
+        return [without_timings(json.loads(line)) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole") and len(rows(tmp_path / "whole")) == 2 * 3 * QUICK["n_test"]
+    same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (whole, resumed)]  # NaN-safe
+    assert same[0] == same[1] and list(resumed["tasks"]) == ["refusal", "sycophancy"]
+    assert "failed" not in resumed["tasks"]["sycophancy"]["methods"]["caa"]
+
+
+def test_method_groups_and_their_merge():
+    """Best-of-n rides with CZAO, every group carries the unsteered reference, choice tasks drop the
+    generation-only methods; merging restores the whole-task row order and recomputes the ratios that
+    compare entries of different items (best-of-n against the unsteered sample)."""
+    ms = ["unsteered", "caa", "czao", "bestofn", "unsteered-sampled"]
+    assert harness.method_groups("generate", ms) == [["unsteered"], ["unsteered", "caa"], ["unsteered", "czao", "bestofn"],
+                                                     ["unsteered", "unsteered-sampled"]]
+    assert harness.method_groups("choice", ms) == [["unsteered"], ["unsteered", "caa"]]
+    assert harness.method_groups("generate", ["unsteered", "bestofn"]) == [["unsteered"], ["unsteered", "bestofn"]]
+
+    def part(group, ppl):
+        rows = [{"method": m, "item": i} for i in (1, 0) for m in group]
+        entry = {"kind": "generate", "fit_info": {f"fit_{group[-1]}": 1},
+                 "methods": {m: {"ppl": ppl[m], "setting": m} for m in group}}
+        return group, rows, entry
+
+    task = harness.Task("t", "generate", "", "", "")
+    rows, entry = harness.merge_groups(task, ms, [part(["unsteered"], {"unsteered": 2.0}),
+                                                  part(["unsteered", "czao", "bestofn"], {"unsteered": 2.0, "czao": 3.0, "bestofn": 5.0}),
+                                                  part(["unsteered", "unsteered-sampled"], {"unsteered": 2.0, "unsteered-sampled": 4.0})])
+    assert [(r["item"], r["method"]) for r in rows] == [(i, m) for i in (0, 1) for m in ("unsteered", "czao", "bestofn", "unsteered-sampled")]
+    assert list(entry["methods"]) == ["unsteered", "czao", "bestofn", "unsteered-sampled"]
+    assert entry["methods"]["bestofn"]["ppl_ratio_same_decoding"] == pytest.approx(5.0 / 4.0)  # not NaN: the other item's sample
+    assert entry["methods"]["czao"]["ppl_ratio"] == pytest.approx(1.5) and set(entry["fit_info"]) == {"fit_unsteered", "fit_bestofn", "fit_unsteered-sampled"}
+    choice = harness.Task("c", "choice", "", "", "")
+    rows, entry = harness.merge_groups(choice, ms, [part(["unsteered"], {"unsteered": 1.0}), part(["unsteered", "caa"], {"unsteered": 1.0, "caa": 1.0})])
+    assert [(r["method"], r["item"]) for r in rows] == [("unsteered", 0), ("unsteered", 1), ("caa", 0), ("caa", 1)]  # method by method
+    assert set(entry["not_applicable"]) == {"czao", "bestofn", "unsteered-sampled"} and "ppl_ratio" not in entry["methods"]["caa"]

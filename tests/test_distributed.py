@@ -34,6 +34,9 @@ from czao_lens.distributed import (
 )
 from czao_lens.diagnostics.tracing import TraceJob, load_caa, rank_layers, ranking_from_effects, trace_item
 from czao_lens.paths import default_data_dir
+from czao_lens.steering import SteeringError
+from czao_lens.steering import lqr
+from czao_lens.steering.lqr import block_jacobians, jacobian_prompts
 
 pytestmark = pytest.mark.real
 
@@ -154,7 +157,10 @@ def test_a_killed_worker_has_its_items_rerun_elsewhere_once(pool, prompt_file, r
             killed.append(pool.actors[0])
             ray.kill(pool.actors[0])
 
-    rep = run_items(_job(), read_prompt_file(prompt_file), tmp_path, pool=pool, progress=False, on_row=kill_one)
+    # One prompt per chunk: after the first row three remain, so actors[0] either has one in flight or
+    # gets the next one, and its death is seen either way (with two chunks of two, actors[0] may already
+    # have finished its chunk when it is killed, and nothing is lost: the test then failed at random).
+    rep = run_items(_job(batch_size=1), read_prompt_file(prompt_file), tmp_path, pool=pool, progress=False, on_row=kill_one)
     assert killed and rep.workers_lost >= 1 and rep.retried >= 1
     assert not any(a is killed[0] for a in pool.actors) and len(pool.actors) == 2  # replaced
     streamed = [json.loads(line)["key"] for line in (tmp_path / STREAM).read_text().splitlines()]
@@ -187,20 +193,47 @@ def test_an_interrupted_run_resumes_with_only_the_missing_items(pool, prompt_fil
     assert len(read_rows(tmp_path / STREAM)) == 4
 
 
-def test_a_bench_task_on_ray_gives_the_in_process_files(pool, smol, tmp_path):
-    """Fitting (CAA) and scoring of a task on a worker: the same rows and summary as in-process."""
-    kw = dict(data=default_data_dir(), tasks=["refusal"], methods=["unsteered", "caa"],
+def test_a_bench_task_on_ray_gives_the_in_process_files(pool, smol, tmp_path, monkeypatch):
+    """Fitting (A-LQR: contrast, setpoint, Jacobians) and scoring of a task on a worker: the same rows
+    and summary as in-process; on Ray the driver computes the Jacobians on the workers once and ships
+    them with the job."""
+    kw = dict(data=default_data_dir(), tasks=["refusal"], methods=["unsteered", "lqr"],
               n_fit=QUICK["n_fit"], n_test=QUICK["n_test"], settings=QUICK["settings"], progress=False)
+    monkeypatch.setenv("CZAO_LENS_CACHE", str(tmp_path / "cache-in"))  # each arm computes its Jacobians (no cache hit)
     local = run_bench(smol, out=tmp_path / "in", **kw)
+    monkeypatch.setenv("CZAO_LENS_CACHE", str(tmp_path / "cache-ray"))
     remote = run_bench(smol, out=tmp_path / "ray", pool=pool, **kw)
+    monkeypatch.undo()
+    jac = remote["run"]["resources"]["jacobians"]
+    assert jac["backend"].startswith("ray") and jac["layers"] == list(QUICK["settings"].jac_layers)
+    assert "backend" not in local["run"]["resources"]["jacobians"]
     rows = {k: [without_timings(json.loads(x)) for x in (tmp_path / k / "results.jsonl").read_text().splitlines()]
             for k in ("in", "ray")}
     assert len(rows["in"]) == 2 * QUICK["n_test"] and rows["in"] == rows["ray"]
     same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (local, remote)]  # NaN-safe
     assert same[0] == same[1]
     assert remote["run"]["resources"]["distributed"]["backend"].startswith("ray")
-    assert "failed" not in local["tasks"]["refusal"]["methods"]["caa"]  # a fitted method, not only references
+    assert "failed" not in local["tasks"]["refusal"]["methods"]["lqr"]  # a fitted method, not only references
     assert (tmp_path / "ray" / "report.md").read_text().count("|") > 10
+
+
+def test_bench_items_of_task_x_method_on_ray_give_the_whole_task_files(pool, smol, tmp_path):
+    """Items of (task, method group) on 2 workers (best-of-n with CZAO, the unsteered reference in every
+    item) against a whole task in-process: the same rows, in the same order, and the same summary
+    (the merge's order for choice tasks: tests/test_bench.py::test_method_groups_and_their_merge)."""
+    kw = dict(data=default_data_dir(), tasks=["sentiment"], methods=["unsteered", "czao", "bestofn"],
+              n_fit=QUICK["n_fit"], n_test=QUICK["n_test"], settings=QUICK["settings"], progress=False)
+    local = run_bench(smol, out=tmp_path / "in", **kw)
+    remote = run_bench(smol, out=tmp_path / "ray", pool=pool, items="method", **kw)
+    stream = read_rows(tmp_path / "ray" / "tasks" / RESULTS)
+    assert [r["key"] for r in stream] == ["sentiment/unsteered", "sentiment/unsteered+czao+bestofn"]
+    assert len({r["timing"]["worker"] for r in stream}) == 2  # the task's items ran side by side
+    rows = {k: [without_timings(json.loads(x)) for x in (tmp_path / k / "results.jsonl").read_text().splitlines()]
+            for k in ("in", "ray")}
+    assert len(rows["in"]) == 3 * QUICK["n_test"] and rows["in"] == rows["ray"]
+    assert [r["method"] for r in rows["ray"][:3]] == ["unsteered", "czao", "bestofn"]  # item by item, as one task
+    same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (local, remote)]  # NaN-safe
+    assert same[0] == same[1] and remote["tasks"]["sentiment"]["methods"]["czao"]["passes_per_token"] >= 1
 
 
 def test_tracing_items_on_ray_ranks_layers_as_in_process(pool, smol, tmp_path):
@@ -213,6 +246,42 @@ def test_tracing_items_on_ray_ranks_layers_as_in_process(pool, smol, tmp_path):
     remote = ranking_from_effects(MODEL, smol.cfg.n_layers, [(r["total_effect"], r["effects"]) for r in rows],
                                   kinds=("resid",), position="subject_last")
     assert torch.equal(local.scores["resid"], remote.scores["resid"]) and local.top(3) == remote.top(3)
+
+
+def test_block_jacobians_on_ray_equal_the_in_process_ones(pool, smol, tiny, tmp_path):
+    """Shards of layers on 2 workers, summed over the prompts there: the same Jacobians as in-process,
+    cached per model as in-process, and the shards' run folder gone once the cache entry is written."""
+    prompts, layers = jacobian_prompts(smol, 2), [12, 13, 14]
+    local = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=None)
+    remote = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool, layers_per_item=2)
+    assert remote.layers == layers and remote.A.shape == local.A.shape
+    assert torch.equal(remote.A, local.A)  # same code, same summation order, one thread each
+    info = remote.meta["distributed"]
+    assert info["items"] == 2 and info["backend"].startswith("ray") and len(info["workers"]) == 2
+    names = [p.name for p in tmp_path.iterdir()]
+    assert len(names) == 1 and names[0].startswith(local.meta["fingerprint"])  # the cache entry, no run folder left
+    hit = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool)  # the per-model cache
+    assert torch.equal(hit.A, local.A) and hit.meta["seconds"] == remote.meta["seconds"]
+    with pytest.raises(SteeringError, match="differs from the model"):  # workers hold other weights: refused, not mixed
+        block_jacobians(tiny, prompts=prompts, layers=[1], cache_dir=None, pool=pool)
+
+
+def test_interrupted_jacobians_resume_from_the_finished_shards(pool, smol, tmp_path, monkeypatch):
+    prompts, layers = jacobian_prompts(smol, 1), [20, 21]
+    real = lqr.run_items
+
+    def ctrl_c_after_one_shard(*args, **kw):
+        def stop(row):
+            raise KeyboardInterrupt
+        return real(*args, on_row=stop, **kw)
+
+    monkeypatch.setattr(lqr, "run_items", ctrl_c_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool, layers_per_item=1)
+    monkeypatch.undo()
+    resumed = block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=tmp_path, pool=pool, layers_per_item=1)
+    assert resumed.meta["distributed"]["skipped"] == 1  # only the other layer ran
+    assert torch.equal(resumed.A, block_jacobians(smol, prompts=prompts, layers=layers, cache_dir=None).A)
 
 
 def test_a_rerun_with_other_settings_is_refused(prompt_file, tmp_path, smol):

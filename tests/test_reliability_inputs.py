@@ -270,6 +270,10 @@ BAD_ARGS = [
     (["steer"], "--multiplier", "inf", "--multiplier"),
     (["steer", "--method", "sae", "--sae-path", "/no/such/sae"], "--features", "1,x", "/no/such/sae"),
     (["steer"], "--layers-json", "/no/such/layers.json", "does not exist"),
+    (["steer", "--method", "caa"], "--workers", "2", "nothing to run on workers"),
+    (["steer", "--method", "lqr"], "--workers", "-1", "workers"),
+    (["steer", "--method", "lqr"], "--ray-address", "127.0.0.1:9", "cannot reach the Ray cluster"),  # nothing listens on port 9
+    (["bench", "--quick"], "--ray-address", "127.0.0.1:9", "cannot reach the Ray cluster"),
     (["landscape", "--constraint", SPEC], "-p", "", "empty"),
     (["landscape", "-p", "x", "--constraint", SPEC], "--n", "1", "--n"),
     (["landscape", "-p", "x", "--constraint", SPEC], "--layer", "31", "31"),
@@ -285,6 +289,7 @@ BAD_ARGS = [
     (["bench"], "--n-test", "0", "n_test"),
     (["bench"], "-n", "0", "--max-new-tokens"),
     (["bench"], "--task", "nope", "nope"),
+    (["bench"], "--items", "item", "--items"),
     (["sae", "train"], "--hook", "blocks.99.hook_resid_post", "99"),
     (["sae", "train"], "--tokens", "0", "--tokens"),
     (["sae", "train"], "--recipe", "/no/such/recipe.json", "/no/such/recipe.json"),

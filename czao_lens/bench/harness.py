@@ -4,8 +4,10 @@ Per task: load and split the data; fit each method on the fit split (a failure t
 method failed for that task, the run goes on); then loop over test items and, for each item, run
 every fitted method in turn (interleaving keeps load drift out of the wall-clock ratios). A method
 that raises on one item records that item as a failure with the error, and the loop goes on.
-Rows go to ``results.jsonl`` as they are produced; ``summary.json``, ``report.md`` and
-``report.html`` are written at the end.
+Each task is one item of :func:`czao_lens.distributed.run_items` (in this process or on a Ray worker):
+its rows go to ``tasks/stream.jsonl`` when the task is done, so a rerun into the same ``out`` skips
+finished tasks; ``results.jsonl``, ``summary.json``, ``report.md`` and ``report.html`` are written at
+the end, in task order.
 """
 
 from __future__ import annotations
@@ -71,28 +73,37 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(methods), key=METHODS.index)
 
 
-class _Resources:
-    """Lazily built things several tasks share: A-LQR's Jacobians and the SAE."""
+def bench_jacobians(model: HookedTransformer, s: BenchSettings, *, progress: bool = False,
+                    pool: WorkerPool | None = None) -> tuple[Any, dict]:
+    """A-LQR's Jacobians for the bench (in this process, or sharded over ``pool``'s workers: the same
+    numbers) and what to report about them."""
+    from czao_lens.steering.lqr import block_jacobians
 
-    def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, out: Path, sae: Any, sae_recipe: str,
-                 exclude: set[str], progress: bool):
-        self.model, self.s, self.data, self.out, self._sae, self.sae_recipe = model, s, data, out, sae, sae_recipe
-        self.exclude, self.progress, self._jac, self.info = exclude, progress, None, {}
+    t0 = time.perf_counter()
+    if s.jac_layers is None:  # all layers: shares the cache with `czao-lens steer --method lqr`
+        jac = block_jacobians(model, n_prompts=s.jac_prompts, chat=s.chat, progress=progress,
+                              pool=pool).subset(range(s.layer, model.cfg.n_layers))
+    else:
+        jac = block_jacobians(model, n_prompts=s.jac_prompts, layers=s.jac_layers, chat=s.chat, progress=progress, pool=pool)
+    info = {"layers": list(jac.layers), "prompts": s.jac_prompts, "seconds": time.perf_counter() - t0}
+    if pool is not None:
+        info["backend"] = pool.where
+    return jac, info
+
+
+class _Resources:
+    """Lazily built things several tasks share: A-LQR's Jacobians (unless given) and the SAE."""
+
+    def __init__(self, model: HookedTransformer, s: BenchSettings, data: Path, sae: Any, sae_recipe: str,
+                 exclude: set[str], progress: bool, jacobians: tuple[Any, dict] | None = None):
+        self.model, self.s, self.data, self._sae, self.sae_recipe = model, s, data, sae, sae_recipe
+        self.exclude, self.progress, self._jac, self.info = exclude, progress, jacobians, {}
 
     def jacobians(self):
         if self._jac is None:
-            from czao_lens.steering.lqr import block_jacobians
-
-            n = self.model.cfg.n_layers
-            t0 = time.perf_counter()
-            if self.s.jac_layers is None:  # all layers: shares the cache with `czao-lens steer --method lqr`
-                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, chat=self.s.chat,
-                                            progress=self.progress).subset(range(self.s.layer, n))
-            else:
-                self._jac = block_jacobians(self.model, n_prompts=self.s.jac_prompts, layers=self.s.jac_layers, chat=self.s.chat,
-                                            progress=self.progress)
-            self.info["jacobians"] = {"layers": list(self._jac.layers), "prompts": self.s.jac_prompts, "seconds": time.perf_counter() - t0}
-        return self._jac
+            self._jac = bench_jacobians(self.model, self.s, progress=self.progress)
+        self.info["jacobians"] = self._jac[1]
+        return self._jac[0]
 
     def sae(self):
         if self._sae is None:
@@ -283,16 +294,26 @@ def summarise(task: Task, rows: list[dict], fitted: dict[str, Fitted], errors: d
             s["max_steps"] = max(steps) if steps else 0
             s["optimized_tokens_per_item"] = mean([r.get("optimized_tokens", 0) for r in good])
         out[m] = s
-    if task.kind == "generate" and "unsteered" in out:
-        for m, s in out.items():
-            s["ppl_ratio"] = s["ppl"] / out["unsteered"]["ppl"] if out["unsteered"]["ppl"] else math.nan
-            # Fluency against the unsteered model with the same decoding: sampled methods against a
-            # sample of the unsteered model (when it ran), greedy ones against greedy.
-            ref = out.get("unsteered-sampled") if m in SAMPLED else out["unsteered"]
-            s["ppl_ratio_same_decoding"] = s["ppl"] / ref["ppl"] if ref and ref.get("ppl") else math.nan
+    compare_methods(task.kind, out)
     for m, e in errors.items():
         out[m] = {"failed": e}
     return out
+
+
+def compare_methods(kind: str, out: dict[str, dict]) -> None:
+    """The summary fields that compare one method's entry with another's (set in place; failed
+    methods skipped): the perplexity ratios of generation tasks."""
+    base = out.get("unsteered", {})
+    if kind != "generate" or "ppl" not in base:
+        return
+    for m, s in out.items():
+        if "failed" in s:
+            continue
+        s["ppl_ratio"] = s["ppl"] / base["ppl"] if base["ppl"] else math.nan
+        # Fluency against the unsteered model with the same decoding: sampled methods against a
+        # sample of the unsteered model (when it ran), greedy ones against greedy.
+        ref = out.get("unsteered-sampled") if m in SAMPLED else base
+        s["ppl_ratio_same_decoding"] = s["ppl"] / ref["ppl"] if ref and ref.get("ppl") else math.nan
 
 
 def check_bench_layers(model: HookedTransformer, s: BenchSettings) -> None:
@@ -312,11 +333,9 @@ def check_bench_layers(model: HookedTransformer, s: BenchSettings) -> None:
 
 
 def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchSettings, store: ActivationStore,
-             res: _Resources, reference: torch.Tensor, *, progress: bool = True,
-             write: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+             res: _Resources, reference: torch.Tensor, *, progress: bool = True) -> tuple[list[dict], dict]:
     """One task: fit every method on its fit split, score every fitted method on its test items.
-    Returns the rows (``write`` sees each as it is produced) and the task's summary entry."""
-    write = write or (lambda row: None)
+    Returns the rows and the task's summary entry."""
     bar = tqdm(total=len(task.test), desc=task.name, unit="item", disable=not progress)
     rows: list[dict] = []
     if task.kind == "generate":
@@ -329,15 +348,12 @@ def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchS
                 rows.append(_row_generate(model, task, i, prompt, f, **kw))
                 if f.name == "czao" and "error" not in rows[-1]:
                     czao_passes = rows[-1]["passes_per_token"]
-                write(rows[-1])
             bar.update(1)
     else:
         fitted, errors, info = fit_choice(model, task, methods, s, store, res, reference, bar)
         for f in fitted.values():
             bar.set_postfix_str(f.name)
             rows += _rows_choice(model, task, f, reference, settings_chat(s))
-        for r in rows:
-            write(r)
         bar.update(len(task.test))
     bar.close()
     for m, e in errors.items():
@@ -345,10 +361,54 @@ def run_task(model: HookedTransformer, task: Task, methods: list[str], s: BenchS
     entry = {
         "kind": task.kind, "description": task.description, "source": task.source, "n_fit": len(task.fit),
         "n_test": len(task.test), "second_evaluator": task.second_name,
-        "not_applicable": {m: "scores fixed answers: nothing is generated to select or constrain"
-                           for m in methods if task.kind == "choice" and m in GENERATE_ONLY},
+        "not_applicable": _not_applicable(task.kind, methods),
         "fit_info": info, "methods": summarise(task, rows, fitted, errors, s.seed),
     }
+    return rows, entry
+
+
+def _not_applicable(kind: str, methods: Sequence[str]) -> dict[str, str]:
+    return {m: "scores fixed answers: nothing is generated to select or constrain"
+            for m in methods if kind == "choice" and m in GENERATE_ONLY}
+
+
+def method_groups(kind: str, methods: Sequence[str]) -> list[list[str]]:
+    """The bench items of one task when items are (task, method group): the unsteered reference alone,
+    then each other method with the unsteered model beside it (so its wall-clock ratio is timed
+    against the unsteered model on the same worker, interleaved item by item as in a whole task);
+    best-of-n goes with CZAO, whose passes per token on each item set its n."""
+    rest = [m for m in methods if m != "unsteered" and not (kind == "choice" and m in GENERATE_ONLY)]
+    groups = [["unsteered"]]
+    for m in rest:
+        if m == "bestofn" and "czao" in rest:
+            continue
+        groups.append(["unsteered", m] + (["bestofn"] if m == "czao" and "bestofn" in rest else []))
+    return groups
+
+
+def merge_groups(task: Task, methods: Sequence[str], parts: Sequence[tuple[list[str], list[dict], dict]]) -> tuple[list[dict], dict]:
+    """One task's rows and summary entry from its (method group) items: ``parts`` holds each group's
+    methods, rows and entry, the unsteered group first. Rows come in the order of a whole-task run
+    (generation: item by item, methods in turn; choice: method by method) and the fields that compare
+    methods are recomputed over the merged entry."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = [r for group, rs, _ in parts for r in rs if r["method"] in group and (r["method"] != "unsteered" or group == ["unsteered"])]
+    if task.kind == "generate":
+        rows.sort(key=lambda r: (r["item"], order[r["method"]]))
+    else:
+        rows.sort(key=lambda r: (order[r["method"]], r["item"]))
+    entry = dict(parts[0][2])
+    info: dict[str, Any] = {}
+    got: dict[str, dict] = {}
+    for group, _, e in parts:
+        for k, v in e["fit_info"].items():
+            info.setdefault(k, v)
+        for m in group:
+            if m in e["methods"] and (m != "unsteered" or group == ["unsteered"]):
+                got[m] = e["methods"][m]
+    compare_methods(task.kind, got)
+    entry.update(fit_info=info, not_applicable=_not_applicable(task.kind, methods),
+                 methods={m: got[m] for m in sorted(got, key=order.__getitem__)})
     return rows, entry
 
 
@@ -359,12 +419,12 @@ def _test_prompts(task_list: Sequence[Task]) -> set[str]:
 
 @dataclass
 class BenchTaskJob(ItemJob):
-    """One bench task per item, on a Ray worker: the same fit and scoring as in-process
-    (:func:`run_task`); SAE and A-LQR Jacobians are built once per worker and shared by its tasks."""
+    """One bench task per item (:func:`run_task`: its fits, then its test items through every method),
+    in this process or on a Ray worker; the SAE and A-LQR Jacobians are built once per process and
+    shared by the tasks it runs."""
 
     model_name: str
     data: str
-    out: str
     tasks: list[str]
     methods: list[str]
     n_fit: int
@@ -374,44 +434,70 @@ class BenchTaskJob(ItemJob):
     sae_recipe: str
     concept_threshold: float
     exclude: list[str]
+    progress: bool = False  # per-task bars (in-process runs)
+    jacobians: Any = None  # (BlockJacobians, info) computed once by the driver for every worker
+    items: str = "task"  # or "method": one item per (task, method group), see method_groups
 
     def setup(self, model) -> Any:
-        import os
-
         s, data = self.settings, Path(self.data)
         tasks = {t.name: t for t in load_tasks(self.tasks, data, n_fit=self.n_fit, n_test=self.n_test, seed=s.seed,
                                                   concept_threshold=self.concept_threshold)}
-        # each worker's own SAE folder: two workers training at once must not write the same files
-        res = _Resources(model, s, data, Path(self.out) / f"worker-{os.getpid()}", self.sae, self.sae_recipe,
-                         set(self.exclude), progress=False)
+        res = _Resources(model, s, data, self.sae, self.sae_recipe, set(self.exclude), progress=self.progress,
+                         jacobians=self.jacobians)
         reference = neutral_reference(model, chat=settings_chat(s))
         return tasks, ActivationStore(model), res, reference
 
     def run(self, model, state: Any, key: str, payload: Any) -> dict:
+        """``payload``: None for a whole task (``key`` is its name), else ``{"task", "methods"}``."""
         tasks, store, res, reference = state
-        rows, entry = run_task(model, tasks[key], self.methods, self.settings, store, res, reference, progress=False)
+        task, methods = (key, self.methods) if payload is None else (payload["task"], payload["methods"])
+        rows, entry = run_task(model, tasks[task], methods, self.settings, store, res, reference, progress=self.progress)
         return {"rows": rows, "summary": entry, "resources": dict(res.info)}
 
+    def work(self, task_list: Sequence[Task]) -> list[tuple[str, Any]]:
+        """The run's items: one per task, or one per (task, method group) in task order."""
+        if self.items == "task":
+            return [(t.name, None) for t in task_list]
+        return [(f"{t.name}/{'+'.join(g)}", {"task": t.name, "methods": g}) for t in task_list
+                for g in method_groups(t.kind, self.methods)]
+
     def describe(self) -> dict:
-        return {"job": "bench", "model": self.model_name, "data": self.data, "tasks": self.tasks, "methods": self.methods, "n_fit": self.n_fit,
+        # The task list is not a setting: a task's rows do not depend on the others, so a rerun with more
+        # --task adds them to a finished run.
+        return {"job": "bench", "model": self.model_name, "data": self.data, "methods": self.methods, "n_fit": self.n_fit,
                 "n_test": self.n_test, "settings": asdict(self.settings), "sae_recipe": self.sae_recipe,
-                "sae": "given" if self.sae is not None else "cached recipe", "concept_threshold": self.concept_threshold}
+                "sae": "given" if self.sae is not None else "cached recipe", "concept_threshold": self.concept_threshold,
+                "items": self.items}
 
 
-def _run_tasks_distributed(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path,
-                           backend: Backend | None, pool: WorkerPool | None, progress: bool) -> tuple[list[dict], dict, dict]:
-    """Tasks as items of :func:`run_items` (resumable in ``out/tasks``); rows and summaries in task order."""
-    rep = run_items(job, [(t.name, None) for t in task_list], out / "tasks", backend, pool=pool, progress=progress)
+def _run_tasks(model: HookedTransformer, task_list: list[Task], job: BenchTaskJob, out: Path, pool: WorkerPool | None,
+               progress: bool) -> tuple[list[dict], dict, dict]:
+    """The job's items through :func:`run_items` (resumable in ``out/tasks``), on ``pool`` or in this
+    process; rows and summaries in task order (method-group items merged per task by :func:`merge_groups`).
+    The resources (SAE, Jacobians) are reported per item and, merged, at the top."""
+    work = job.work(task_list)
+    rep = run_items(job, work, out / "tasks", pool=pool, model=model, progress=progress)
     rows: list[dict] = []
     entries: dict[str, Any] = {}
     info: dict[str, Any] = {"distributed": {k: v for k, v in rep.to_dict().items() if k != "keys_run"}}
-    for r in read_rows(out / "tasks" / RESULTS):
-        if "error" in r:  # the task itself raised (not one method or item): reported, the other tasks stand
-            info.setdefault("failed_tasks", {})[r["key"]] = r["error"]
+    by_key = {r["key"]: r for r in read_rows(out / "tasks" / RESULTS)}
+    for r in by_key.values():
+        info.setdefault("per_item", {})[r["key"]] = r.get("resources", {})
+        for k, v in r.get("resources", {}).items():
+            info.setdefault(k, v)
+    for t in task_list:
+        mine = [(key, payload, by_key[key]) for key, payload in work if key.split("/")[0] == t.name]
+        bad = {key: r["error"] for key, _, r in mine if "error" in r}
+        if bad and (job.items == "task" or mine[0][0] in bad):  # no unsteered reference: the task failed
+            info.setdefault("failed_tasks", {}).update(bad)
             continue
-        rows += r["rows"]
-        entries[r["key"]] = r["summary"]
-        info.setdefault("workers", {})[r["key"]] = r["resources"]
+        if job.items == "task":
+            task_rows, entries[t.name] = mine[0][2]["rows"], mine[0][2]["summary"]
+        else:  # a failed group: its methods are reported failed, the task's other methods stand
+            task_rows, entries[t.name] = merge_groups(t, job.methods, [(p["methods"], r["rows"], r["summary"]) for _, p, r in mine if "error" not in r])
+            entries[t.name]["methods"].update({m: {"failed": r["error"]} for _, p, r in mine if "error" in r
+                                               for m in p["methods"] if m != "unsteered"})
+        rows += task_rows
     return rows, entries, info
 
 
@@ -432,16 +518,20 @@ def run_bench(
     backend: Backend | None = None,
     pool: WorkerPool | None = None,
     model_name: str | None = None,
+    items: str = "task",
 ) -> dict:
     """Run the benchmark and write results.jsonl, summary.json, report.md and report.html to ``out``.
 
     ``sae`` is an SAELens SAE at ``blocks.{layer-1}.hook_resid_post``; when None, the cached sparse SAE
     of ``sae_recipe`` (:func:`czao_lens.sae_cache.cached_sae`; trained once if absent, its corpus
-    leaving every bench pool out) is used. With a Ray
-    ``backend`` (or an open ``pool``) each task runs on a worker (:class:`BenchTaskJob`), rows come
-    back per task and a rerun into the same ``out`` skips finished tasks; the files are the same
-    as in-process apart from timings. ``model`` is then used only for the layer check, and workers load
-    ``model_name`` (default: ``model.cfg.model_name``, right for the embedded models).
+    leaving every bench pool out) is used. Each task is an item of :func:`run_items`
+    (:class:`BenchTaskJob`): rows are kept per task in ``out/tasks`` and a rerun into the same ``out``
+    (after Ctrl-C or a crash) skips the finished tasks. With a Ray ``backend`` (or an open ``pool``)
+    each task runs on a worker and the files are the same as in-process apart from timings; ``model``
+    is then used only for the layer check, and workers load ``model_name`` (default:
+    ``model.cfg.model_name``, right for the embedded models). ``items="method"`` splits each task into
+    (task, method group) items (:func:`method_groups`) so more workers are busy; rows and summaries
+    are the same apart from timings.
     """
     from czao_lens.bench.report import write_report
 
@@ -451,6 +541,8 @@ def run_bench(
     except PromptError as exc:
         raise BenchError(str(exc)) from None
     methods = check_methods(methods)
+    if items not in ("task", "method"):
+        raise BenchError(f"items must be 'task' or 'method', got {items!r}")
     check_bench_layers(model, s)
     data, out = Path(data), Path(out)
     task_list = load_tasks(list(tasks), data, n_fit=n_fit, n_test=n_test, seed=s.seed, concept_threshold=concept_threshold)
@@ -459,27 +551,22 @@ def run_bench(
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_start = time.perf_counter()
     summary: dict[str, Any] = {"tasks": {}, "fit": {}}
-    if pool is not None or (backend is not None and backend.uses_ray):
-        name = pool.model_name if pool is not None else (model_name or model.cfg.model_name)
-        job = BenchTaskJob(name, str(data), str(out), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe, concept_threshold,
-                           sorted(exclude))
-        rows, summary["tasks"], resources = _run_tasks_distributed(model, task_list, job, out, backend, pool, progress)
-        with open(out / "results.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        threads = backend.threads if backend is not None else pool.backend.threads
-    else:
-        store = ActivationStore(model)
-        res = _Resources(model, s, data, out, sae, sae_recipe, exclude, progress)
-        reference = neutral_reference(model, chat=settings_chat(s))
-        with open(out / "results.jsonl", "w") as fh:
-            def write(row: dict) -> None:
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-
-            for task in task_list:
-                _, summary["tasks"][task.name] = run_task(model, task, methods, s, store, res, reference,
-                                                          progress=progress, write=write)
-        resources, threads = res.info, torch.get_num_threads()
+    on_ray = pool is not None or (backend is not None and backend.uses_ray)
+    name = pool.model_name if pool is not None else (model_name or model.cfg.model_name)
+    own = WorkerPool(backend, name) if on_ray and pool is None else None  # one pool for the Jacobians and the tasks
+    pool = pool or own
+    try:
+        # On Ray, A-LQR's Jacobians are computed once, sharded over the workers, and shipped with the job.
+        jac = bench_jacobians(model, s, progress=progress, pool=pool) if on_ray and "lqr" in methods else None
+        job = BenchTaskJob(name, str(data), [t.name for t in task_list], methods, n_fit, n_test, s, sae, sae_recipe,
+                           concept_threshold, sorted(exclude), progress=progress and not on_ray, jacobians=jac, items=items)
+        rows, summary["tasks"], resources = _run_tasks(model, task_list, job, out, pool, progress)
+    finally:
+        if own is not None:
+            own.close()
+    with open(out / "results.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    threads = pool.backend.threads if on_ray else torch.get_num_threads()
     summary["run"] = {
         "started": started, "seconds": time.perf_counter() - t_start, "model": model.cfg.model_name,
         "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "chat": s.chat, "data": str(data),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from czao_lens.artifacts import register_artifact
+from czao_lens.distributed import RESULTS, Backend, ItemJob, WorkerPool, read_rows, run_items, tensor_from_text, tensor_to_text
 from czao_lens.errors import CzaoLensError
 from czao_lens.models import model_fingerprint
 from czao_lens.paths import cache_root
@@ -146,10 +148,11 @@ def _prefix_run(model: HookedTransformer, toks: Tensor, layers: Sequence[int]) -
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device or "cpu", 1)
     got: dict[int, Tensor] = {}
     hooks = [(resid_hook(l), (lambda l: lambda a, hook: got.__setitem__(l, a[:, -1].detach().clone()))(l)) for l in layers]
+    stop = max(layers) + 1  # later blocks are not needed (and a shard of early layers is cheaper)
     with torch.no_grad():
-        model(toks[:, :-1], past_kv_cache=cache, return_type=None)
+        model(toks[:, :-1], past_kv_cache=cache, return_type=None, stop_at_layer=stop)
         with model.hooks(fwd_hooks=hooks):
-            model(toks[:, -1:], past_kv_cache=cache, return_type=None)
+            model(toks[:, -1:], past_kv_cache=cache, return_type=None, stop_at_layer=stop)
     # The second call appended the last token; drop it so each block sees only the prefix.
     for e in cache.entries:
         e.past_keys, e.past_values = e.past_keys[:, :-1], e.past_values[:, :-1]
@@ -174,6 +177,82 @@ def last_position_jacobian(model: HookedTransformer, layer: int, x: Tensor, entr
     return torch.cat(rows, 0)  # row i = gradient of output i
 
 
+def _encode_jacobian_prompts(model: HookedTransformer, prompts: Sequence[str]) -> list[Tensor]:
+    rows = [encode_prompts(model, p, chat=False).tokens for p in prompts]
+    if any(t.shape[1] < 2 for t in rows):
+        raise SteeringError("Jacobian prompts need at least two tokens")
+    return rows
+
+
+def _jacobian_sums(model: HookedTransformer, enc_rows: Sequence[Tensor], layers: Sequence[int], progress: bool = False) -> Tensor:
+    """``[len(layers), d, d]``: for each layer, the sum over prompts (in prompt order) of its last-position
+    Jacobian. The in-process path runs it on every layer, a Ray worker on a shard of layers: the same
+    code and summation order, so the sums are the same numbers wherever they ran."""
+    from tqdm.auto import tqdm
+
+    d = model.cfg.d_model
+    S = torch.zeros(len(layers), d, d)
+    for toks in tqdm(enc_rows, disable=not progress, desc="jacobians"):
+        cache, xs = _prefix_run(model, toks, layers)
+        for i, l in enumerate(layers):
+            S[i] += last_position_jacobian(model, l, xs[l][0], cache.entries[l]).detach().cpu()
+    return S
+
+
+@dataclass
+class JacobianJob(ItemJob):
+    """Block Jacobians on Ray workers (:func:`czao_lens.distributed.run_items`): an item is a shard of
+    layers, its row the per-layer sums over every prompt (:func:`_jacobian_sums`), as exact bits."""
+
+    model_name: str
+    fingerprint: str  # of the driver's model: a worker that loaded other weights refuses every item
+    prompts: list[str]
+
+    def setup(self, model) -> Any:
+        fp = model_fingerprint(model)
+        if fp != self.fingerprint:
+            raise SteeringError(f"the worker's model {self.model_name!r} (fingerprint {fp}) differs from the model the "
+                                f"Jacobians are for ({self.fingerprint}); give the workers the same model")
+        return _encode_jacobian_prompts(model, self.prompts)
+
+    def run(self, model, state: Any, key: str, payload: list[int]) -> dict:
+        return {"layers": list(payload), "sums": tensor_to_text(_jacobian_sums(model, state, payload))}
+
+    def describe(self) -> dict:
+        return {"job": "block_jacobians", "model": self.model_name, "fingerprint": self.fingerprint,
+                "prompts_hash": texts_hash(self.prompts)}
+
+
+def _jacobian_sums_on_workers(job: JacobianJob, layers: list[int], run_dir: Path, backend: Backend | None,
+                              pool: WorkerPool | None, layers_per_item: int, progress: bool) -> tuple[Tensor, dict]:
+    """Shards of ``layers_per_item`` layers as items of :func:`run_items` (resumable in ``run_dir``);
+    the sums come back in layer order whatever order the shards finished in."""
+    shards = [layers[i:i + layers_per_item] for i in range(0, len(layers), layers_per_item)]
+    rep = run_items(job, [("layers" + "-".join(map(str, sh)), sh) for sh in shards], run_dir, backend, pool=pool,
+                    progress=progress)
+    rows = read_rows(run_dir / RESULTS)
+    bad = [r for r in rows if "error" in r]
+    if bad:  # a rerun must try again, not skip the failed shards: drop the run
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise SteeringError(f"{len(bad)} of {len(rows)} Jacobian shard(s) failed on the workers; "
+                            f"{bad[0]['key']}: {bad[0]['error']}")
+    sums = torch.cat([tensor_from_text(r["sums"]) for r in rows])
+    info = {"backend": rep.backend, "items": len(rows), "skipped": rep.skipped,
+            "workers": sorted({r["timing"]["worker"] for r in rows})}
+    return sums, info
+
+
+def _resumable_dir(path: Path | None) -> Path | None:
+    """Where a Ray run keeps its finished shards: beside the cache entry (None without a writable cache)."""
+    if path is None:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path.with_name(f".{path.name}.run")
+
+
 def block_jacobians(
     model: HookedTransformer,
     *,
@@ -183,6 +262,10 @@ def block_jacobians(
     chat: bool | None = None,
     cache_dir: str | Path | None = "default",
     progress: bool = False,
+    backend: Backend | None = None,
+    pool: WorkerPool | None = None,
+    model_name: str | None = None,
+    layers_per_item: int = 4,
 ) -> BlockJacobians:
     """Average last-position Jacobians of the blocks over ``prompts`` (default: built-in set of ``n_prompts``,
     formatted as :func:`jacobian_prompts` says for ``chat``).
@@ -190,11 +273,18 @@ def block_jacobians(
     Cached on disk under ``cache_dir`` (default ``$CZAO_LENS_CACHE/jacobians``; ``None`` disables it),
     one artifact folder per model fingerprint, prompt set and layers. ``meta["seconds"]`` records how
     long the computation took.
+
+    With a Ray ``backend`` (or an open ``pool``) the layers are split into shards of ``layers_per_item``
+    and each shard runs on a worker (which loads ``model_name``, default ``model.cfg.model_name``, and
+    must get the same weights); the result equals the in-process one. An interrupted run resumes
+    from the shards already finished (kept beside the cache entry until it is written).
     """
     layers = check_layers(model, layers if layers is not None else range(model.cfg.n_layers))
     prompts = list(prompts) if prompts is not None else jacobian_prompts(model, n_prompts, chat=chat)
     if not prompts:
         raise SteeringError("block_jacobians needs at least one prompt")
+    if layers_per_item < 1:
+        raise SteeringError(f"layers_per_item must be >= 1, got {layers_per_item}")
     fp = model_fingerprint(model)
     key = hashlib.sha256(f"{fp}|{texts_hash(prompts)}|{layers}".encode()).hexdigest()[:16]
     path = None
@@ -207,24 +297,29 @@ def block_jacobians(
             except CzaoLensError as exc:  # damaged or stale: recompute, and replace the entry below
                 warnings.warn(f"czao-lens: the Jacobian cache entry {path} is unreadable ({exc}); recomputing it.")
     t0 = time.perf_counter()
-    d = model.cfg.d_model
-    A = torch.zeros(len(layers), d, d)
-    enc_rows = [encode_prompts(model, p, chat=False).tokens for p in prompts]
-    from tqdm.auto import tqdm
-
-    for toks in tqdm(enc_rows, disable=not progress, desc="jacobians"):
-        if toks.shape[1] < 2:
-            raise SteeringError("Jacobian prompts need at least two tokens")
-        cache, xs = _prefix_run(model, toks, layers)
-        for i, l in enumerate(layers):
-            A[i] += last_position_jacobian(model, l, xs[l][0], cache.entries[l]).detach()
-    A /= len(enc_rows)
+    enc_rows = _encode_jacobian_prompts(model, prompts)
+    extra: dict[str, Any] = {}
+    run_dir = None
+    if pool is not None or (backend is not None and backend.uses_ray):
+        job = JacobianJob(pool.model_name if pool is not None else (model_name or model.cfg.model_name), fp, prompts)
+        run_dir = _resumable_dir(path)
+        tmp = None if run_dir is not None else Path(tempfile.mkdtemp(prefix="czao-lens-jac-"))
+        try:
+            S, extra["distributed"] = _jacobian_sums_on_workers(job, layers, run_dir or tmp, backend, pool, layers_per_item, progress)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        S = _jacobian_sums(model, enc_rows, layers, progress)
+    A = S / len(enc_rows)
     seconds = time.perf_counter() - t0
     jac = BlockJacobians(A, layers, {"fingerprint": fp, "model_name": model.cfg.model_name, "n_layers": model.cfg.n_layers,
                                      "n_prompts": len(prompts), "mean_tokens": sum(t.shape[1] for t in enc_rows) / len(enc_rows),
-                                     "seconds": seconds, "prompts_hash": texts_hash(prompts)})
+                                     "seconds": seconds, "prompts_hash": texts_hash(prompts), **extra})
     if path is not None:
         _save_atomic(jac, path)
+        if "distributed" in extra and run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the shards are in the entry now
     return jac
 
 

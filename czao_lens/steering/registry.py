@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 from transformer_lens import HookedTransformer
 
 from czao_lens.artifacts import Artifact
+from czao_lens.distributed import Backend
 from czao_lens.perturb import Intervention
 from czao_lens.steering.cast import CAST, evaluate_condition, fit_condition
 from czao_lens.steering.common import (
@@ -365,12 +366,15 @@ def caa_fit_input(
     negative: str | None = None,
     jac_prompts: int = 24,
     progress: bool = False,
+    jacobian_backend: Backend | None = None,
+    model_name: str | None = None,
     **hyper: Any,
 ) -> FitInput:
     """The input ``czao-lens steer`` fits from: letter-balanced A/B items of ``behavior``; for a CAST
     condition, refusal question stems against TruthfulQA stems (half to fit, half held out);
-    ActAdd's two texts; Jacobians from ``jac_prompts`` prompts. Only what ``needs`` asks for is
-    loaded. ``hyper`` sets other :class:`FitInput` fields (multiplier, lam, readout, sae, features...).
+    ActAdd's two texts; Jacobians from ``jac_prompts`` prompts (on Ray workers that load ``model_name``
+    when ``jacobian_backend`` asks for Ray). Only what ``needs`` asks for is loaded. ``hyper`` sets
+    other :class:`FitInput` fields (multiplier, lam, readout, sae, features...).
     """
     from czao_lens.steering.data import balance_letters, load_ab, load_truthfulqa, split_items
     from czao_lens.steering.lqr import block_jacobians
@@ -387,5 +391,6 @@ def caa_fit_input(
         inp.trigger, inp.heldout_trigger = split_items(harmful, 0.5)
         inp.other, inp.heldout_other = split_items(benign, 0.5)
     if "jacobians" in needs and inp.jacobians is None:
-        inp.jacobians = block_jacobians(model, n_prompts=jac_prompts, progress=progress)
+        inp.jacobians = block_jacobians(model, n_prompts=jac_prompts, progress=progress, backend=jacobian_backend,
+                                        model_name=model_name)
     return inp
