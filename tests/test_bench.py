@@ -250,3 +250,13 @@ def test_method_groups_and_their_merge():
     rows, entry = harness.merge_groups(choice, ms, [part(["unsteered"], {"unsteered": 1.0}), part(["unsteered", "caa"], {"unsteered": 1.0, "caa": 1.0})])
     assert [(r["method"], r["item"]) for r in rows] == [("unsteered", 0), ("unsteered", 1), ("caa", 0), ("caa", 1)]  # method by method
     assert set(entry["not_applicable"]) == {"czao", "bestofn", "unsteered-sampled"} and "ppl_ratio" not in entry["methods"]["caa"]
+
+
+def test_the_trilemma_chart_leaves_out_a_method_whose_every_item_failed():
+    from czao_lens.bench.report import trilemma_figure
+
+    ok = {"satisfaction": 0.5, "ci": [0.25, 0.75], "ppl_ratio": 1.1, "passes_per_token": 2.0, "wall_ratio": 1.5}
+    nan = float("nan")
+    dead = {"satisfaction": nan, "ci": [nan, nan], "ppl_ratio": nan, "passes_per_token": nan, "wall_ratio": nan}
+    fig = trilemma_figure({"tasks": {"sentiment": {"kind": "generate", "methods": {"czao": ok, "caa": dead}}}})
+    assert [t.name for t in fig.data] == ["czao"]

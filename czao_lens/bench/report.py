@@ -99,7 +99,8 @@ def trilemma_figure(summary: dict) -> go.Figure:
         gen = t["kind"] == "generate"
         r, c = k // cols + 1, k % cols + 1
         for m, s in t["methods"].items():
-            if "failed" in s:
+            # A method whose every item failed has NaN figures: no point to draw (plotly refuses a NaN size).
+            if "failed" in s or not math.isfinite(s.get("passes_per_token", math.nan)):
                 continue
             x = s.get("ppl_ratio", math.nan) if gen else s["kl"]
             size = 9 + 7 * math.log2(max(s["passes_per_token"], 1.0))
