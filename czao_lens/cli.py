@@ -967,5 +967,45 @@ def sae_features(
 app.add_typer(sae_app, name="sae")
 
 
+# ----------------------------------------------------------------------------- studies
+
+# Written out so that --help needs no torch import; tests check it against czao_lens.studies.STUDIES.
+STUDY_NAMES = ("steerability", "pareto")
+
+
+@app.command()
+def study(
+    name: str = typer.Argument(..., help="Study: " + ", ".join(STUDY_NAMES) + " (docs/findings.md)."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Model(s) for studies that run models; repeat. Default: smollm2-135m-instruct."),
+    bench_dir: Optional[List[Path]] = typer.Option(None, "--bench", help="Bench output folder(s) for studies that read them (pareto); repeat, e.g. one per model."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (default $CZAO_LENS_DATA or ../shared/data)."),
+    layer: Optional[int] = typer.Option(None, help="Steering layer (default: 12, or the last layer of a smaller model)."),
+    quick: bool = typer.Option(False, help="Tiny sizes: checks the harness end to end (CI)."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(DEFAULT_OUT / "studies", help="Folder; the study writes OUT/NAME/table.json and figure.html."),
+) -> None:
+    """Run one of the studies of docs/findings.md and save its table and figure."""
+    if name not in STUDY_NAMES:
+        _fail(f"unknown study {name!r}; known: {', '.join(STUDY_NAMES)}")
+    models_ = list(model or [DEFAULT_MODEL])
+    if layer is not None:
+        pf.check_at_least(layer, 0, "--layer")
+        for m_ in models_:
+            pf.check_model_layers(m_, [layer])
+    for folder in bench_dir or []:
+        if not (folder / "summary.json").is_file():
+            _fail(f"no bench summary at {folder / 'summary.json'}: run `czao-lens bench --out {folder}` first")
+    from czao_lens.studies import StudyError, StudySettings, run_study
+
+    try:
+        settings = StudySettings(models=models_, quick=quick, data=data or default_data_dir(), bench=list(bench_dir or []),
+                                 seed=seed, layer=layer, load=_load)
+        result = run_study(name, settings, out)
+    except StudyError as exc:
+        _fail(str(exc))
+    typer.echo(result.answer)
+    typer.echo(f"saved {out / name / 'table.json'} and {out / name / 'figure.html'} ({result.seconds:.0f} s)")
+
+
 if __name__ == "__main__":  # python -m czao_lens.cli
     app()

@@ -1,0 +1,176 @@
+"""What every study shares: its result (a table, a figure, a two-sentence answer) saved in one layout,
+rank correlation with a bootstrap interval, and the Pareto front of several objectives."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import plotly.graph_objects as go
+import torch
+from transformer_lens import HookedTransformer
+
+from czao_lens.errors import CzaoLensError
+from czao_lens.plots import save_figure
+
+
+class StudyError(CzaoLensError, ValueError):
+    """A study asked for something it cannot do (unknown name, missing bench output, bad setting)."""
+
+
+@dataclass
+class StudySettings:
+    """What a study run is given. ``quick`` shrinks every size to a harness check (CI); the rest are
+    the full form's defaults. ``load`` turns a model name into a model (tests pass a tiny one)."""
+
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])
+    quick: bool = False
+    data: Path | None = None
+    bench: list[Path] = field(default_factory=list)
+    seed: int = 0
+    layer: int | None = None
+    load: Callable[[str], HookedTransformer] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise StudyError("a study needs at least one model")
+        if self.layer is not None and self.layer < 0:
+            raise StudyError(f"layer must be >= 0, got {self.layer}")
+
+    def model(self, name: str) -> HookedTransformer:
+        if self.load is not None:
+            return self.load(name)
+        from czao_lens.models import load_model
+
+        return load_model(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "load"}
+        d["data"] = None if self.data is None else str(self.data)
+        d["bench"] = [str(p) for p in self.bench]
+        return d
+
+
+@dataclass
+class StudyResult:
+    """One study's outcome: rows of its table, summary statistics, the figure and the answer."""
+
+    name: str
+    question: str
+    rows: list[dict[str, Any]]
+    stats: dict[str, Any]
+    answer: str
+    settings: dict[str, Any]
+    seconds: float
+    figure: go.Figure | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "question": self.question, "answer": self.answer, "stats": self.stats,
+                "rows": self.rows, "settings": self.settings, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyResult":
+        return cls(**{k: d[k] for k in ("name", "question", "rows", "stats", "answer", "settings", "seconds")})
+
+    def save(self, out: str | Path, *, png: bool = True) -> Path:
+        """``out/table.json`` and ``out/figure.html`` (and ``figure.png`` where kaleido works)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.json").write_text(json.dumps(self.to_dict(), indent=1, default=_jsonable) + "\n")
+        if self.figure is not None:
+            save_figure(self.figure, out / "figure.html", png=png)
+        return out / "table.json"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON: {type(x).__name__}")
+
+
+class Timer:
+    """Wall time of a study, read when its result is built."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return round(time.perf_counter() - self.t0, 1)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def ranks(x: Sequence[float]) -> torch.Tensor:
+    """Ranks from 1, ties sharing their mean rank (as Spearman's rho needs)."""
+    v = torch.as_tensor(list(x), dtype=torch.float64)
+    order = torch.argsort(v)
+    r = torch.empty_like(v)
+    r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
+    for u in torch.unique(v):
+        tie = v == u
+        if int(tie.sum()) > 1:
+            r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation; NaN when either side is constant or there are under 3 points."""
+    if len(x) != len(y):
+        raise StudyError(f"rank correlation of {len(x)} against {len(y)} values")
+    if len(x) < 3:
+        return math.nan
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float(rx.norm() * ry.norm())
+    return float((rx @ ry) / den) if den > 0 else math.nan
+
+
+def spearman_ci(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
+                level: float = 0.95) -> dict[str, Any]:
+    """Spearman's rho with a percentile bootstrap interval over the points (resampled in pairs)."""
+    rho = spearman(x, y)
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    boots = []
+    for _ in range(n_boot if n >= 3 else 0):
+        idx = torch.randint(0, n, (n,), generator=g).tolist()
+        b = spearman([x[i] for i in idx], [y[i] for i in idx])
+        if math.isfinite(b):
+            boots.append(b)
+    if boots:
+        levels = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+        q = torch.tensor(boots, dtype=torch.float64).quantile(levels).tolist()
+    else:
+        q = [math.nan, math.nan]
+    return {"rho": rho, "ci": q, "n": n}
+
+
+def pareto_front(points: Sequence[Sequence[float]], maximise: Sequence[bool]) -> list[bool]:
+    """Which points no other point dominates (at least as good on every objective, better on one).
+    ``maximise[k]`` says the direction of objective k; a NaN objective is never on the front."""
+    def better_eq(a: float, b: float, up: bool) -> bool:
+        return a >= b if up else a <= b
+
+    def better(a: float, b: float, up: bool) -> bool:
+        return a > b if up else a < b
+
+    out = []
+    for i, p in enumerate(points):
+        if any(not math.isfinite(v) for v in p):
+            out.append(False)
+            continue
+        dominated = any(
+            j != i and all(math.isfinite(v) for v in q)
+            and all(better_eq(q[k], p[k], up) for k, up in enumerate(maximise))
+            and any(better(q[k], p[k], up) for k, up in enumerate(maximise))
+            for j, q in enumerate(points)
+        )
+        out.append(not dominated)
+    return out

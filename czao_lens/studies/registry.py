@@ -1,0 +1,47 @@
+"""The registry of studies: name -> the question it answers and the function that runs it.
+
+Each study is one module with ``QUESTION`` and ``run(settings) -> StudyResult``; ``czao-lens study
+NAME`` runs it and saves ``OUT/NAME/table.json`` and ``figure.html`` (docs/findings.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from czao_lens.studies import pareto, steerability
+from czao_lens.studies.common import StudyError, StudyResult, StudySettings
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    question: str
+    run: Callable[[StudySettings], StudyResult]
+    needs: str  # "models" (loads each --model) or "bench" (reads --bench folders)
+
+
+STUDIES: dict[str, Study] = {
+    "steerability": Study("steerability", steerability.QUESTION, steerability.run, "models"),
+    "pareto": Study("pareto", pareto.QUESTION, pareto.run, "bench"),
+}
+
+
+def get_study(name: str) -> Study:
+    """The study called ``name``, or a :class:`StudyError` that lists the known ones."""
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise StudyError(f"unknown study {name!r}; known: {', '.join(STUDIES)}") from None
+
+
+def run_study(name: str, settings: StudySettings, out: str | Path | None = None) -> StudyResult:
+    """Run one study and, with ``out``, save it under ``out/name``."""
+    study = get_study(name)
+    if study.needs == "bench" and not settings.bench:
+        raise StudyError(f"study {name} reads bench outputs: give --bench FOLDER")
+    result = study.run(settings)
+    if out is not None:
+        result.save(Path(out) / name)
+    return result

@@ -1,0 +1,159 @@
+"""Studies (docs/findings.md): their statistics, the quick form of each, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from czao_lens.cli import STUDY_NAMES, app
+from czao_lens.studies import STUDIES, StudyError, StudySettings, run_study
+from czao_lens.studies.common import pareto_front, spearman, spearman_ci
+from czao_lens.studies.pareto import read_summaries
+
+runner = CliRunner()
+finite = st.floats(-100, 100, allow_nan=False)
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite, finite), min_size=3, max_size=12))
+def test_spearman_matches_scipy(pairs):
+    from scipy.stats import spearmanr
+
+    x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+    ref = spearmanr(x, y).statistic
+    got = spearman(x, y)
+    assert (math.isnan(got) and math.isnan(ref)) or got == pytest.approx(ref, abs=1e-9)
+
+
+def test_spearman_ci_brackets_a_clear_trend():
+    x = list(range(12))
+    y = [v + (0.5 if v % 3 == 0 else 0.0) for v in x]
+    r = spearman_ci(x, y, n_boot=300)
+    assert r["rho"] > 0.95 and r["ci"][0] <= r["rho"] <= r["ci"][1] and r["n"] == 12
+    assert math.isnan(spearman([1, 2], [2, 1]))
+    with pytest.raises(StudyError, match="3 against 2"):
+        spearman([1, 2, 3], [1, 2])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, math.nan]), st.integers(0, 4), st.integers(0, 4)),
+                min_size=1, max_size=10))
+def test_pareto_front_is_exactly_the_undominated_points(points):
+    up = (True, False, False)
+    front = pareto_front(points, up)
+
+    def dominates(q, p):
+        return (all(math.isfinite(v) for v in q) and all((a >= b) if u else (a <= b) for a, b, u in zip(q, p, up))
+                and any((a > b) if u else (a < b) for a, b, u in zip(q, p, up)))
+
+    for p, on in zip(points, front):
+        if any(not math.isfinite(v) for v in p):
+            assert not on
+        else:
+            assert on == (not any(dominates(q, p) for q in points))
+
+
+def _summary(model: str, tasks: dict) -> dict:
+    return {"run": {"model": model}, "tasks": tasks}
+
+
+def _gen_task(methods: dict) -> dict:
+    return {"kind": "generate", "methods": {m: {"satisfaction": s, "ci": [s - 0.1, s + 0.1], "ppl_ratio_same_decoding": p,
+                                                "row_passes_per_token": c} for m, (s, p, c) in methods.items()}}
+
+
+@pytest.fixture
+def bench_dirs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, model, meths in ((a, "m1", {"unsteered": (0.3, 1.0, 1.0), "czao": (0.8, 1.0, 2.0), "bestofn": (0.8, 1.2, 2.0),
+                                       "caa": (0.6, 2.5, 1.0)}),
+                            (b, "m2", {"unsteered": (0.3, 1.0, 1.0), "czao": (0.5, 1.1, 2.0), "bestofn": (0.9, 1.0, 2.0),
+                                       "caa": {"failed": "boom"}})):
+        d.mkdir()
+        t = _gen_task({k: v for k, v in meths.items() if isinstance(v, tuple)})
+        t["methods"].update({k: v for k, v in meths.items() if isinstance(v, dict)})
+        (d / "summary.json").write_text(json.dumps(_summary(model, {"sentiment": t})))
+    return a, b
+
+
+def test_pareto_study_fronts_and_files(bench_dirs, tmp_path):
+    res = run_study("pareto", StudySettings(bench=list(bench_dirs)), tmp_path / "out")
+    front = {(r["model"], r["method"]) for r in res.rows if r["on_front"]}
+    # m1: bestofn is dominated by czao (same satisfaction and compute, worse perplexity); caa trades fluency for compute
+    assert front == {("m1", "unsteered"), ("m1", "czao"), ("m1", "caa"), ("m2", "unsteered"), ("m2", "bestofn")}
+    assert res.stats["sentiment"]["on_every_front"] == ["unsteered"]
+    assert all(r["method"] != "caa" for r in res.rows if r["model"] == "m2")  # a failed method has no point
+    saved = json.loads((tmp_path / "out" / "pareto" / "table.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(res.rows)) and (tmp_path / "out" / "pareto" / "figure.html").is_file()
+    assert "unsteered" in res.answer
+
+
+def test_pareto_study_refuses_bad_bench_folders(bench_dirs, tmp_path):
+    a, _ = bench_dirs
+    with pytest.raises(StudyError, match="two bench folders"):
+        read_summaries([a, a])
+    with pytest.raises(StudyError, match="no bench summary"):
+        read_summaries([tmp_path / "nowhere"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "summary.json").write_text('{"tasks": 3}')
+    with pytest.raises(StudyError, match="not a bench summary"):
+        read_summaries([tmp_path / "bad"])
+    with pytest.raises(StudyError, match="give --bench"):
+        run_study("pareto", StudySettings())
+
+
+@pytest.fixture(scope="module")
+def tiny_long(smol):
+    """The tiny random model with room for CAA's long sycophancy questions."""
+    from conftest import tiny_config
+    from transformer_lens import HookedTransformer
+
+    model = HookedTransformer(tiny_config(n_ctx=1024), tokenizer=smol.tokenizer, default_padding_side="left")
+    return model.eval()
+
+
+@pytest.mark.real
+def test_steerability_quick_harness(tiny_long, tmp_path):
+    tiny = tiny_long
+    res = run_study("steerability", StudySettings(models=["tiny"], quick=True, load=lambda name: tiny), tmp_path)
+    assert [r["behaviour"] for r in res.rows] == ["refusal", "sycophancy"]
+    for r in res.rows:
+        assert 0.0 <= r["anti_share"] <= 1.0 and -1.0 <= r["consistency"] <= 1.0
+        assert all(math.isfinite(r[k]) for k in ("p_unsteered", "p_up", "p_down", "steerability", "vector_norm"))
+        assert r["layer"] == tiny.cfg.n_layers - 1 and r["n_test"] == 4
+    assert set(res.stats) == {"multiplier", "tiny", "pooled"}
+    assert (tmp_path / "steerability" / "table.json").is_file() and (tmp_path / "steerability" / "figure.html").is_file()
+
+
+@pytest.mark.real
+def test_steerability_caa_raises_refusal_on_smollm2(smol, tmp_path):
+    """The study's CAA vector moves SmolLM2's answers on refusal the intended way on most items."""
+    from czao_lens.studies.steerability import behaviour_row
+
+    row, swing = behaviour_row(smol, "refusal", layer=12, n_fit=8, n_test=8, multiplier=2.0, chat=True, seed=0, data=None)
+    assert row["p_up"] > row["p_unsteered"] > row["p_down"]
+    assert row["anti_share"] < 0.5 and len(swing) == 8
+
+
+def test_study_cli_help_names_and_errors(tmp_path, bench_dirs):
+    assert set(STUDY_NAMES) == set(STUDIES)
+    res = runner.invoke(app, ["study", "--help"])
+    assert res.exit_code == 0 and all(n in res.output for n in STUDY_NAMES)
+    res = runner.invoke(app, ["study", "no-such-study"])
+    assert res.exit_code == 2 and "unknown study 'no-such-study'" in res.output
+    res = runner.invoke(app, ["study", "pareto", "--bench", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "no bench summary" in res.output
+    res = runner.invoke(app, ["study", "pareto"])
+    assert res.exit_code == 2 and "give --bench" in res.output
+    res = runner.invoke(app, ["study", "steerability", "--layer", "99"])
+    assert res.exit_code == 2 and "99" in res.output
+    res = runner.invoke(app, ["study", "pareto", "--bench", str(bench_dirs[0]), "--bench", str(bench_dirs[1]),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "pareto" / "table.json").read_text())["name"] == "pareto"
