@@ -141,6 +141,31 @@ def test_steerability_caa_raises_refusal_on_smollm2(smol, tmp_path):
     assert row["anti_share"] < 0.5 and len(swing) == 8
 
 
+@pytest.mark.real
+def test_sensitivity_quick_harness(smol, tmp_path):
+    res = run_study("sensitivity", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    assert [r["layer"] for r in res.rows] == [1, smol.cfg.n_layers - 1]
+    for r in res.rows:
+        assert r["roughness"] > 0 and math.isfinite(r["lyapunov_local"]) and math.isfinite(r["lyapunov_ahead"])
+        assert r["steps"] >= 1 and r["z_norm"] > 0  # the banned word was likely, so CZAO had to move
+    assert len(res.stats["prompt_words"]["smollm2-135m-instruct"]) == 1
+    assert (tmp_path / "sensitivity" / "figure.html").is_file()
+    with pytest.raises(StudyError, match="no prompt"):
+        run_study("sensitivity", StudySettings(quick=True, load=lambda name: _Unsure(smol)))
+
+
+class _Unsure:
+    """SmolLM2 with flat next-token logits: no prompt has a confident next word."""
+
+    def __init__(self, model):
+        self.model, self.cfg, self.tokenizer = model, model.cfg, model.tokenizer
+
+    def __call__(self, tokens, **kw):
+        import torch
+
+        return torch.zeros(tokens.shape[0], tokens.shape[1], self.cfg.d_vocab)
+
+
 def test_study_cli_help_names_and_errors(tmp_path, bench_dirs):
     assert set(STUDY_NAMES) == set(STUDIES)
     res = runner.invoke(app, ["study", "--help"])
