@@ -970,7 +970,7 @@ app.add_typer(sae_app, name="sae")
 # ----------------------------------------------------------------------------- studies
 
 # Written out so that --help needs no torch import; tests check it against czao_lens.studies.STUDIES.
-STUDY_NAMES = ("steerability", "pareto", "sensitivity")
+STUDY_NAMES = ("localization", "sensitivity", "steerability", "pareto")
 
 
 @app.command()

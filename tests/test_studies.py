@@ -154,6 +154,20 @@ def test_sensitivity_quick_harness(smol, tmp_path):
         run_study("sensitivity", StudySettings(quick=True, load=lambda name: _Unsure(smol)))
 
 
+@pytest.mark.real
+def test_localization_quick_harness(smol, tmp_path):
+    res = run_study("localization", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    L = smol.cfg.n_layers
+    assert [r["layer"] for r in res.rows] == [1, L // 2, L - 1]
+    for r in res.rows:
+        assert math.isfinite(r["trace_score"]) and -1 <= r["caa_effect"] <= 1
+    s = res.stats["smollm2-135m-instruct/refusal"]
+    assert s["top_trace_layer"] in (1, L // 2, L - 1) and 1 <= s["caa_rank_of_top_trace_layer"] <= 3
+    # CAA in the middle of the network moves SmolLM2 towards refusal more than at its first block
+    assert res.rows[1]["caa_effect"] > res.rows[0]["caa_effect"]
+    assert (tmp_path / "localization" / "table.json").is_file()
+
+
 class _Unsure:
     """SmolLM2 with flat next-token logits: no prompt has a confident next word."""
 
