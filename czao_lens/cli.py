@@ -970,7 +970,7 @@ app.add_typer(sae_app, name="sae")
 # ----------------------------------------------------------------------------- studies
 
 # Written out so that --help needs no torch import; tests check it against czao_lens.studies.STUDIES.
-STUDY_NAMES = ("localization", "sensitivity", "steerability", "pareto")
+STUDY_NAMES = ("steps", "localization", "sensitivity", "steerability", "pareto")
 
 
 @app.command()
@@ -980,6 +980,7 @@ def study(
     bench_dir: Optional[List[Path]] = typer.Option(None, "--bench", help="Bench output folder(s) for studies that read them (pareto); repeat, e.g. one per model."),
     data: Optional[Path] = typer.Option(None, help="Data folder (default $CZAO_LENS_DATA or ../shared/data)."),
     layer: Optional[int] = typer.Option(None, help="Steering layer (default: 12, or the last layer of a smaller model)."),
+    layers_json: Optional[Path] = typer.Option(None, "--layers-json", help="Tracing's layers.json for studies that pick layers (steps); default: a small trace."),
     quick: bool = typer.Option(False, help="Tiny sizes: checks the harness end to end (CI)."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "studies", help="Folder; the study writes OUT/NAME/table.json and figure.html."),
@@ -992,6 +993,8 @@ def study(
         pf.check_at_least(layer, 0, "--layer")
         for m_ in models_:
             pf.check_model_layers(m_, [layer])
+    if layers_json is not None and not layers_json.is_file():
+        _fail(f"{layers_json} does not exist (write it with `czao-lens trace`)")
     for folder in bench_dir or []:
         if not (folder / "summary.json").is_file():
             _fail(f"no bench summary at {folder / 'summary.json'}: run `czao-lens bench --out {folder}` first")
@@ -999,7 +1002,7 @@ def study(
 
     try:
         settings = StudySettings(models=models_, quick=quick, data=data or default_data_dir(), bench=list(bench_dir or []),
-                                 seed=seed, layer=layer, load=_load)
+                                 seed=seed, layer=layer, layers_json=layers_json, load=_load)
         result = run_study(name, settings, out)
     except StudyError as exc:
         _fail(str(exc))

@@ -168,6 +168,20 @@ def test_localization_quick_harness(smol, tmp_path):
     assert (tmp_path / "localization" / "table.json").is_file()
 
 
+@pytest.mark.real
+def test_steps_quick_harness(smol, tmp_path):
+    res = run_study("steps", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    assert {(r["type"], r["rank"], r["n_layers"]) for r in res.rows} == {
+        (t, r, k) for t in ("banned words", "sentiment") for r in (4, 16) for k in (1, 2)}
+    traced = res.stats["layers"]["smollm2-135m-instruct"]
+    for r in res.rows:
+        assert r["layers"] == sorted(traced[: r["n_layers"]]) and r["seed_line"]
+        assert r["row_passes_per_token"] >= 1.0 and 0 <= r["satisfaction"] <= 1
+    # a banned word the model was sure to say forces a search at every setting
+    assert all(r["optimized_share"] > 0 and r["mean_steps"] >= 1 for r in res.rows if r["type"] == "banned words")
+    assert (tmp_path / "steps" / "figure.html").is_file()
+
+
 class _Unsure:
     """SmolLM2 with flat next-token logits: no prompt has a confident next word."""
 

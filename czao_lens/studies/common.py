@@ -15,6 +15,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from czao_lens.errors import CzaoLensError
+from czao_lens.prompts import encode_prompts
 from czao_lens.plots import save_figure
 
 
@@ -33,6 +34,7 @@ class StudySettings:
     bench: list[Path] = field(default_factory=list)
     seed: int = 0
     layer: int | None = None
+    layers_json: Path | None = None
     load: Callable[[str], HookedTransformer] | None = None
 
     def __post_init__(self) -> None:
@@ -52,6 +54,7 @@ class StudySettings:
         d = {k: v for k, v in asdict(self).items() if k != "load"}
         d["data"] = None if self.data is None else str(self.data)
         d["bench"] = [str(p) for p in self.bench]
+        d["layers_json"] = None if self.layers_json is None else str(self.layers_json)
         return d
 
 
@@ -102,6 +105,45 @@ class Timer:
 
     def __call__(self) -> float:
         return round(time.perf_counter() - self.t0, 1)
+
+
+# ----------------------------------------------------------------------------- prompts and constraints
+
+
+def confident_word_prompts(model, prompts: list[str], n: int, min_p: float = 0.3) -> list[tuple[str, str]]:
+    """The first ``n`` prompts whose unsteered next token is a word the model is sure of (p >= ``min_p``,
+    so banning it below 0.05 takes a real move), with that word."""
+    out = []
+    for p in prompts:
+        enc = encode_prompts(model, p, chat=False)
+        with torch.no_grad():
+            probs = model(enc.tokens, attention_mask=enc.attention_mask)[0, -1].float().softmax(-1)
+        tok = int(probs.argmax())
+        word = model.tokenizer.decode([tok]).strip()
+        if word.isalpha() and len(word) > 1 and float(probs[tok]) >= min_p:
+            out.append((p, word))
+        if len(out) == n:
+            break
+    return out
+
+
+def word_pool(data: Path, seed: int = 0) -> list[str]:
+    """Prompts to look for confident next words in: the sentiment task's fit prompts (negative RTP prefixes)."""
+    from czao_lens.bench.tasks import load_task
+
+    return load_task("sentiment", data, n_fit=80, n_test=1, seed=seed).fit
+
+
+def constraint_suite(model: HookedTransformer, data: Path, n: int, seed: int = 0) -> dict[str, list[tuple[str, Any]]]:
+    """``n`` (prompt, constraint) pairs per constraint type: banned words (the word the model is sure
+    to say next), and the bench's sentiment, profanity and concept tasks on their fit prompts."""
+    from czao_lens.bench.tasks import load_task
+    from czao_lens.constraints import AvoidTokens
+
+    tasks = {name: load_task(name, data, n_fit=max(n, 24), n_test=1, seed=seed) for name in ("sentiment", "profanity", "concept")}
+    suite = {"banned words": [(p, AvoidTokens([w])) for p, w in confident_word_prompts(model, word_pool(data, seed), n)]}
+    suite.update({name: [(p, t.constraint) for p in t.fit[:n]] for name, t in tasks.items()})
+    return suite
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from czao_lens.studies import localization, pareto, sensitivity, steerability
+from czao_lens.studies import localization, pareto, sensitivity, steerability, steps
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings
 
 
@@ -23,6 +23,7 @@ class Study:
 
 
 STUDIES: dict[str, Study] = {
+    "steps": Study("steps", steps.QUESTION, steps.run, "models"),
     "steerability": Study("steerability", steerability.QUESTION, steerability.run, "models"),
     "pareto": Study("pareto", pareto.QUESTION, pareto.run, "bench"),
     "localization": Study("localization", localization.QUESTION, localization.run, "models"),

@@ -24,36 +24,17 @@ import torch
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from czao_lens.bench.tasks import load_task
 from czao_lens.constraints import AvoidTokens
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.diagnostics.landscape import loss_landscape
 from czao_lens.diagnostics.lyapunov import lyapunov_spectrum
 from czao_lens.paths import default_data_dir
-from czao_lens.prompts import encode_prompts
-from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, spearman_ci
+from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, confident_word_prompts, spearman_ci, word_pool
 
 QUESTION = ("Does landscape roughness track Lyapunov sensitivity across layers, and does either predict "
             "the steps CZAO needs at a layer?")
 FULL = {"prompts": 4, "grid": 9, "layer_step": 2}
 QUICK = {"prompts": 1, "grid": 3, "layer_step": None}
-
-
-def first_word_prompts(model, prompts: list[str], n: int, min_p: float = 0.3) -> list[tuple[str, str]]:
-    """The first ``n`` prompts whose unsteered next token is a word the model is sure of (p >= ``min_p``,
-    so banning it below 0.05 takes a real move), with that word."""
-    out = []
-    for p in prompts:
-        enc = encode_prompts(model, p, chat=False)
-        with torch.no_grad():
-            probs = model(enc.tokens, attention_mask=enc.attention_mask)[0, -1].float().softmax(-1)
-        tok = int(probs.argmax())
-        word = model.tokenizer.decode([tok]).strip()
-        if word.isalpha() and len(word) > 1 and float(probs[tok]) >= min_p:
-            out.append((p, word))
-        if len(out) == n:
-            break
-    return out
 
 
 def model_rows(model, name: str, *, prompts: list[tuple[str, str]], layers: list[int], grid: int, seed: int) -> list[dict[str, Any]]:
@@ -84,14 +65,14 @@ def run(settings: StudySettings) -> StudyResult:
     sizes = QUICK if settings.quick else FULL
     timer = Timer()
     data = settings.data or default_data_dir()
-    pool = load_task("sentiment", data, n_fit=80, n_test=1, seed=settings.seed).fit
+    pool = word_pool(data, settings.seed)
     rows: list[dict[str, Any]] = []
     used: dict[str, list[tuple[str, str]]] = {}
     for name in settings.models:
         model = settings.model(name)
         L = model.cfg.n_layers
         layers = ([1, L - 1] if sizes["layer_step"] is None else list(range(1, L, sizes["layer_step"])))
-        used[name] = first_word_prompts(model, pool, sizes["prompts"])
+        used[name] = confident_word_prompts(model, pool, sizes["prompts"])
         if not used[name]:
             raise StudyError(f"{name}: no prompt of the sentiment pool has a confident next word to ban")
         rows += model_rows(model, name, prompts=used[name], layers=layers, grid=sizes["grid"], seed=settings.seed)
