@@ -182,6 +182,15 @@ def test_steps_quick_harness(smol, tmp_path):
     assert (tmp_path / "steps" / "figure.html").is_file()
 
 
+@pytest.mark.real
+def test_gaming_quick_harness(smol, tmp_path):
+    res = run_study("gaming", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    assert [r["level"] for r in res.rows] == ["unsteered", "light", "strong"]
+    for r in res.rows:
+        assert 0 <= r["gaming"] <= r["accepted"] <= 1 and len(r["texts"]) == r["n"] == 1
+    assert set(res.stats) == {f"smollm2-135m-instruct/sentiment/{lv}" for lv in ("unsteered", "light", "strong")}
+
+
 class _Unsure:
     """SmolLM2 with flat next-token logits: no prompt has a confident next word."""
 
