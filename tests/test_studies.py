@@ -191,6 +191,16 @@ def test_gaming_quick_harness(smol, tmp_path):
     assert set(res.stats) == {f"smollm2-135m-instruct/sentiment/{lv}" for lv in ("unsteered", "light", "strong")}
 
 
+@pytest.mark.real
+def test_conjunction_quick_harness(smol, tmp_path):
+    res = run_study("conjunction", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    (row,) = res.rows
+    assert row["pair"] == "sentiment+avoid word" and set(row) >= {"unsteered", "A", "B", "A&B"}
+    assert row["unsteered"]["b"] is False  # the banned word is the one the model was sure to say
+    s = res.stats["smollm2-135m-instruct/sentiment+avoid word"]
+    assert s["n"] == 1 and 0 <= s["both_under_conjunction"] <= 1 and s["row_passes"]["A&B"] >= 1
+
+
 class _Unsure:
     """SmolLM2 with flat next-token logits: no prompt has a confident next word."""
 

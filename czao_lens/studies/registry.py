@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from czao_lens.studies import gaming, localization, pareto, sensitivity, steerability, steps
+from czao_lens.studies import conjunction, gaming, localization, pareto, sensitivity, steerability, steps
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings
 
 
@@ -28,6 +28,7 @@ STUDIES: dict[str, Study] = {
     "pareto": Study("pareto", pareto.QUESTION, pareto.run, "bench"),
     "localization": Study("localization", localization.QUESTION, localization.run, "models"),
     "gaming": Study("gaming", gaming.QUESTION, gaming.run, "models"),
+    "conjunction": Study("conjunction", conjunction.QUESTION, conjunction.run, "models"),
     "sensitivity": Study("sensitivity", sensitivity.QUESTION, sensitivity.run, "models"),
 }
 
