@@ -201,6 +201,30 @@ def test_conjunction_quick_harness(smol, tmp_path):
     assert s["n"] == 1 and 0 <= s["both_under_conjunction"] <= 1 and s["row_passes"]["A&B"] >= 1
 
 
+@pytest.mark.real
+def test_reachability_quick_harness(smol, tmp_path):
+    res = run_study("reachability", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    (row,) = res.rows
+    assert row["type"] == "banned words" and set(row) >= {"rho@12/1", "rho@6/1", "lyapunov_ahead"}
+    # the banned word is the model's confident next word: moving off it takes a positive radius
+    assert 0 < row["rho@12/1"] <= 1.0
+    s = res.stats["smollm2-135m-instruct"]
+    assert s["layers"] == [12, 6] and math.isnan(s["auroc_activation_probe"])  # one prompt: nothing to predict
+
+
+def test_cv_logistic_auroc_separates_separable_data():
+    import torch
+
+    from czao_lens.studies.common import cv_logistic_auroc
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0.0, 1.0] * 20)
+    x = torch.randn(40, 5, generator=g) + 3 * y[:, None] * torch.tensor([1.0, 0, 0, 0, 0])
+    assert cv_logistic_auroc(x, y) > 0.9
+    assert cv_logistic_auroc(torch.randn(40, 5, generator=g), y) < 0.8  # noise: no better than chance by much
+    assert math.isnan(cv_logistic_auroc(x, torch.zeros(40)))
+
+
 class _Unsure:
     """SmolLM2 with flat next-token logits: no prompt has a confident next word."""
 

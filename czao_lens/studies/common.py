@@ -216,3 +216,37 @@ def pareto_front(points: Sequence[Sequence[float]], maximise: Sequence[bool]) ->
         )
         out.append(not dominated)
     return out
+
+
+def cv_logistic_auroc(x: torch.Tensor, y: torch.Tensor, *, folds: int = 4, l2: float = 1.0, seed: int = 0) -> float:
+    """Out-of-fold AUROC of an L2 logistic regression on standardised features (NaN when a class is
+    missing or there are fewer examples than folds). For small predictors of a binary outcome."""
+    from czao_lens.probes import auroc
+
+    y = y.float()
+    n = len(y)
+    if n < folds or y.min() == y.max():
+        return math.nan
+    fold = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % folds
+    scores = torch.zeros(n)
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        if y[tr].min() == y[tr].max():
+            scores[te] = float(y[tr][0])
+            continue
+        mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
+        xt = (x[tr] - mu) / sd
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        b = torch.zeros((), requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, y[tr]) + l2 * (w @ w) / len(xt)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            scores[te] = ((x[te] - mu) / sd) @ w + b
+    return auroc(scores, y)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from czao_lens.studies import conjunction, gaming, localization, pareto, sensitivity, steerability, steps
+from czao_lens.studies import conjunction, gaming, localization, pareto, reachability, sensitivity, steerability, steps
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings
 
 
@@ -27,6 +27,7 @@ STUDIES: dict[str, Study] = {
     "steerability": Study("steerability", steerability.QUESTION, steerability.run, "models"),
     "pareto": Study("pareto", pareto.QUESTION, pareto.run, "bench"),
     "localization": Study("localization", localization.QUESTION, localization.run, "models"),
+    "reachability": Study("reachability", reachability.QUESTION, reachability.run, "models"),
     "gaming": Study("gaming", gaming.QUESTION, gaming.run, "models"),
     "conjunction": Study("conjunction", conjunction.QUESTION, conjunction.run, "models"),
     "sensitivity": Study("sensitivity", sensitivity.QUESTION, sensitivity.run, "models"),
