@@ -970,7 +970,7 @@ app.add_typer(sae_app, name="sae")
 # ----------------------------------------------------------------------------- studies
 
 # Written out so that --help needs no torch import; tests check it against czao_lens.studies.STUDIES.
-STUDY_NAMES = ("steps", "localization", "sensitivity", "reachability", "gaming", "conjunction", "steerability", "pareto")
+STUDY_NAMES = ("steps", "localization", "sensitivity", "reachability", "gaming", "conjunction", "steerability", "pareto", "cast_transfer")
 
 
 @app.command()

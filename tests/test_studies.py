@@ -225,6 +225,26 @@ def test_cv_logistic_auroc_separates_separable_data():
     assert math.isnan(cv_logistic_auroc(x, torch.zeros(40)))
 
 
+@pytest.mark.real
+def test_cast_transfer_quick_harness(smol, tmp_path):
+    res = run_study("cast_transfer", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    assert len(res.rows) == 2 * 5 and {r["recipe"] for r in res.rows} == {
+        "today (refusal vs TruthfulQA)", "fixed (refusal vs other CAA + TruthfulQA)"}
+    for r in res.rows:
+        assert 0 <= r["fire_rate"] <= 1 and r["n"] == 4
+    for s in res.stats.values():
+        assert 0 <= s["in_distribution"] <= 1 and 0 <= s["format_shift"] <= 1 and 0 <= s["category_shift"] <= 1
+
+
+def test_cast_transfer_sets_keep_fit_and_test_apart():
+    from czao_lens.studies.cast_transfer import prompt_sets
+
+    sets = prompt_sets(8, None, 0)
+    fit = {p for k, v in sets.items() if k.startswith("fit:") for p in v}
+    test = {p for k, v in sets.items() if k.startswith("test:") for p in v}
+    assert not fit & test and all(len(v) >= 4 for v in sets.values())
+
+
 class _Unsure:
     """SmolLM2 with flat next-token logits: no prompt has a confident next word."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from czao_lens.studies import conjunction, gaming, localization, pareto, reachability, sensitivity, steerability, steps
+from czao_lens.studies import cast_transfer, conjunction, gaming, localization, pareto, reachability, sensitivity, steerability, steps
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings
 
 
@@ -25,6 +25,7 @@ class Study:
 STUDIES: dict[str, Study] = {
     "steps": Study("steps", steps.QUESTION, steps.run, "models"),
     "steerability": Study("steerability", steerability.QUESTION, steerability.run, "models"),
+    "cast_transfer": Study("cast_transfer", cast_transfer.QUESTION, cast_transfer.run, "models"),
     "pareto": Study("pareto", pareto.QUESTION, pareto.run, "bench"),
     "localization": Study("localization", localization.QUESTION, localization.run, "models"),
     "reachability": Study("reachability", reachability.QUESTION, reachability.run, "models"),
