@@ -89,7 +89,8 @@ def test_package_contracts_name_every_submodule():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     inner = {c["containers"][0]: {n.strip() for layer in c["layers"] for n in layer.split("|")}
              for c in cfg if c["type"] == "layers" and "containers" in c}
-    assert set(inner) == {"czao_lens.constraints", "czao_lens.diagnostics", "czao_lens.steering", "czao_lens.bench"}
+    assert set(inner) == {"czao_lens.constraints", "czao_lens.diagnostics", "czao_lens.steering", "czao_lens.bench",
+                          "czao_lens.studies"}
     for pkg, listed in inner.items():
         have = {m.split(".")[2] for m in _modules() if m.startswith(pkg + ".")}
         assert have == listed, f"{pkg}: missing {sorted(have - listed)}, stale {sorted(listed - have)}"
