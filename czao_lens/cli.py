@@ -989,6 +989,10 @@ def study(
     if name not in STUDY_NAMES:
         _fail(f"unknown study {name!r}; known: {', '.join(STUDY_NAMES)}")
     models_ = list(model or [DEFAULT_MODEL])
+    from czao_lens.models import check_model_name
+
+    for m_ in models_:  # every name before the first model loads: a study runs them one after another
+        check_model_name(m_)
     if layer is not None:
         pf.check_at_least(layer, 0, "--layer")
         for m_ in models_:

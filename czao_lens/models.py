@@ -283,7 +283,11 @@ def _load_local(path: Path, *, dtype: torch.dtype, rebuild: bool, progress: bool
     )
 
 
-def _load_official(name: str, *, dtype: torch.dtype) -> HookedTransformer:
+def check_model_name(name: str) -> None:
+    """Refuse, before anything loads, a name that is not an embedded model, an existing path or an
+    official TransformerLens name (for commands that load several models one after another)."""
+    if name in EMBEDDED or Path(name).expanduser().exists():
+        return
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
@@ -294,6 +298,10 @@ def _load_official(name: str, *, dtype: torch.dtype) -> HookedTransformer:
             "file, a local Hugging Face folder, or an official TransformerLens model name "
             "(see transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)."
         ) from None
+
+
+def _load_official(name: str, *, dtype: torch.dtype) -> HookedTransformer:
+    check_model_name(name)
     try:
         return HookedTransformer.from_pretrained(name, dtype=dtype, device="cpu")
     except OSError as exc:  # no network, or the hub refused
