@@ -1010,8 +1010,9 @@ def study(
         result = run_study(name, settings, out)
     except StudyError as exc:
         _fail(str(exc))
+    typer.echo(result.markdown())
     typer.echo(result.answer)
-    typer.echo(f"saved {out / name / 'table.json'} and {out / name / 'figure.html'} ({result.seconds:.0f} s)")
+    typer.echo(f"saved {out / name / 'table.json'}, table.md and figure.html ({result.seconds:.0f} s)")
 
 
 if __name__ == "__main__":  # python -m czao_lens.cli

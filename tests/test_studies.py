@@ -89,6 +89,8 @@ def test_pareto_study_fronts_and_files(bench_dirs, tmp_path):
     assert front == {("m1", "unsteered"), ("m1", "czao"), ("m1", "caa"), ("m2", "unsteered"), ("m2", "bestofn")}
     assert res.stats["sentiment"]["on_every_front"] == ["unsteered"]
     assert all(r["method"] != "caa" for r in res.rows if r["model"] == "m2")  # a failed method has no point
+    md = (tmp_path / "out" / "pareto" / "table.md").read_text()
+    assert "| m1 | sentiment | czao | 0.8 | 1 | 2 | True |" in md and res.answer in md
     saved = json.loads((tmp_path / "out" / "pareto" / "table.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(res.rows)) and (tmp_path / "out" / "pareto" / "figure.html").is_file()
     assert "unsteered" in res.answer

@@ -28,6 +28,7 @@ from czao_lens.steering.cast import fit_condition
 from czao_lens.steering.data import load_ab, load_truthfulqa, split_items
 from czao_lens.studies.common import StudyResult, StudySettings, Timer
 
+COLUMNS = ("model", "recipe", "set", "n", "fire_rate", "should_fire")
 QUESTION = "Does a CAST condition fitted on one data set's prompts fire on the same category in another format, and stay off same-format prompts of other categories?"
 SEEN = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination")  # the fixed recipe's other side
 UNSEEN = ("myopic-reward", "sycophancy")  # held out of both recipes
@@ -79,7 +80,7 @@ def run(settings: StudySettings) -> StudyResult:
                 rows.append({"model": name, "recipe": recipe, "set": key.split(":", 1)[1], "n": len(sets[key]),
                              "fire_rate": float(fired.float().mean()), "should_fire": should, "layer": layer})
     stats = recipe_stats(rows)
-    return StudyResult("cast_transfer", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows))
+    return StudyResult("cast_transfer", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows), columns=COLUMNS)
 
 
 def recipe_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class StudyResult:
     settings: dict[str, Any]
     seconds: float
     figure: go.Figure | None = None
+    columns: tuple[str, ...] = ()  # what the markdown table shows (all keys of the first row when empty)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "question": self.question, "answer": self.answer, "stats": self.stats,
@@ -79,11 +80,19 @@ class StudyResult:
     def from_dict(cls, d: dict[str, Any]) -> "StudyResult":
         return cls(**{k: d[k] for k in ("name", "question", "rows", "stats", "answer", "settings", "seconds")})
 
+    def markdown(self) -> str:
+        """The rows as a markdown table (numbers to 2-3 significant places)."""
+        # Prompts and texts stay out: they quote the data sets, which are not redistributed here.
+        first = self.rows[0] if self.rows else {}
+        cols = list(self.columns) or [k for k, v in first.items() if not isinstance(v, (list, dict)) and k not in ("prompt", "text")]
+        return markdown_table(self.rows, cols)
+
     def save(self, out: str | Path, *, png: bool = True) -> Path:
-        """``out/table.json`` and ``out/figure.html`` (and ``figure.png`` where kaleido works)."""
+        """``out/table.json``, ``out/table.md`` and ``out/figure.html`` (and ``figure.png`` where kaleido works)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.json").write_text(json.dumps(self.to_dict(), indent=1, default=_jsonable) + "\n")
+        (out / "table.md").write_text(f"{self.question}\n\n{self.markdown()}\n\n{self.answer}\n")
         if self.figure is not None:
             save_figure(self.figure, out / "figure.html", png=png)
         return out / "table.json"
@@ -95,6 +104,22 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON: {type(x).__name__}")
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    if isinstance(v, list):
+        return ", ".join(_cell(x) for x in v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of ``columns`` of ``rows`` (a missing key is left blank)."""
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    return head + "".join("\n| " + " | ".join(_cell(r[c]) if c in r else "" for c in columns) + " |" for r in rows)
 
 
 class Timer:

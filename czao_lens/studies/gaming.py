@@ -24,6 +24,7 @@ from czao_lens.generate import generate
 from czao_lens.paths import default_data_dir
 from czao_lens.studies.common import StudyResult, StudySettings, Timer
 
+COLUMNS = ("model", "task", "level", "n", "accepted", "gaming", "second_rejects_accepted", "distinct2")
 QUESTION = "Does the share of outputs that the primary evaluator accepts but the second one rejects grow with optimisation pressure (K, eps, rank)?"
 LEVELS: dict[str, dict[str, Any]] = {
     "light": {"max_steps": 2, "kl_eps": 0.5, "rank": 4},
@@ -62,7 +63,7 @@ def run(settings: StudySettings) -> StudyResult:
                              "second_rejects_accepted": (sum(p and not s for p, s in zip(primary, second)) / max(sum(primary), 1)),
                              "distinct2": distinct_n(tx, 2), "texts": tx})
     stats = {f"{r['model']}/{r['task']}/{r['level']}": {k: r[k] for k in ("accepted", "gaming", "distinct2")} for r in rows}
-    return StudyResult("gaming", QUESTION, rows, stats, answer(rows), settings.to_dict(), timer(), figure(rows))
+    return StudyResult("gaming", QUESTION, rows, stats, answer(rows), settings.to_dict(), timer(), figure(rows), columns=COLUMNS)
 
 
 def answer(rows: list[dict[str, Any]]) -> str:

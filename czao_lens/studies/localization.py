@@ -26,6 +26,7 @@ from czao_lens.steering.evaluate import answer_text_probability
 from czao_lens.steering.vectors import vector_from_pooled
 from czao_lens.studies.common import StudyResult, StudySettings, Timer, spearman_ci
 
+COLUMNS = ("model", "behaviour", "layer", "trace_score", "caa_effect", "p_steered")
 QUESTION = "Does the layer that causal tracing ranks first steer best (CAA at one layer at a time)? Compare Hase et al. 2023."
 FULL = {"behaviours": ("refusal", "sycophancy"), "n_trace": 8, "n_samples": 3, "n_fit": 24, "n_test": 24,
         "multiplier": 2.0, "layer_step": 1}
@@ -77,7 +78,7 @@ def run(settings: StudySettings) -> StudyResult:
                 "caa_rank_of_top_trace_layer": 1 + [r["layer"] for r in by_caa].index(top_trace),
                 "n_layers": len(mine),
             }
-    return StudyResult("localization", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows))
+    return StudyResult("localization", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows), columns=COLUMNS)
 
 
 def answer(stats: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, pareto_front
 
+COLUMNS = ("model", "task", "method", "satisfaction", "fluency_cost", "compute", "on_front")
 QUESTION = "Which methods are on the satisfaction / fluency / compute Pareto front, per task, on both models?"
 
 
@@ -66,7 +67,7 @@ def run(settings: StudySettings) -> StudyResult:
                 rows.append({"model": model, "task": task, "kind": t["kind"], "method": m, "satisfaction": p[0],
                              "ci": s.get("ci"), "fluency_cost": p[1], "compute": p[2], "on_front": on})
     stats = front_stats(rows)
-    return StudyResult("pareto", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows))
+    return StudyResult("pareto", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows), columns=COLUMNS)
 
 
 def front_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:

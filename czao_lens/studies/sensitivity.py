@@ -31,6 +31,7 @@ from czao_lens.diagnostics.lyapunov import lyapunov_spectrum
 from czao_lens.paths import default_data_dir
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, confident_word_prompts, spearman_ci, word_pool
 
+COLUMNS = ("model", "layer", "roughness", "lyapunov_local", "lyapunov_ahead", "steps", "z_norm", "satisfied")
 QUESTION = ("Does landscape roughness track Lyapunov sensitivity across layers, and does either predict "
             "the steps CZAO needs at a layer?")
 FULL = {"prompts": 4, "grid": 9, "layer_step": 2}
@@ -84,7 +85,7 @@ def run(settings: StudySettings) -> StudyResult:
         stats[name] = {f"{a}_vs_{b}": spearman_ci([r[a] for r in mine], [r[b] for r in mine], seed=settings.seed)
                        for a, b in pairs}
     return StudyResult("sensitivity", QUESTION, rows, stats, answer(stats, settings.models), settings.to_dict(),
-                       timer(), figure(rows))
+                       timer(), figure(rows), columns=COLUMNS)
 
 
 def answer(stats: dict[str, Any], models: list[str]) -> str:

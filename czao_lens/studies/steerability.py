@@ -28,6 +28,7 @@ from czao_lens.steering.evaluate import answer_text_probability
 from czao_lens.steering.vectors import vector_from_pooled
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, spearman_ci
 
+COLUMNS = ("model", "behaviour", "consistency", "p_unsteered", "p_up", "p_down", "steerability", "anti_share")
 QUESTION = ("Is CAA anti-steerable on part of the inputs (Tan et al. 2024), and does the consistency of the "
             "training differences predict per-behaviour steerability (Braun et al. 2025)?")
 BEHAVIOURS = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination", "myopic-reward", "refusal", "sycophancy")
@@ -85,7 +86,7 @@ def run(settings: StudySettings) -> StudyResult:
             "anti_share_range": [min(r["anti_share"] for r in mine), max(r["anti_share"] for r in mine)],
         }
     return StudyResult("steerability", QUESTION, rows, stats, answer(rows, stats, settings.models), settings.to_dict(),
-                       timer(), figure(rows, swings, stats))
+                       timer(), figure(rows, swings, stats), columns=COLUMNS)
 
 
 def answer(rows: list[dict[str, Any]], stats: dict[str, Any], models: list[str]) -> str:

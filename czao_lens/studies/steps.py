@@ -23,6 +23,7 @@ from czao_lens.paths import default_data_dir
 from czao_lens.prompts import resolve_chat
 from czao_lens.studies.common import StudyResult, StudySettings, Timer, constraint_suite
 
+COLUMNS = ("model", "type", "rank", "n_layers", "seed_line", "mean_steps", "max_steps", "optimized_share", "row_passes_per_token", "satisfaction", "unreachable_share")
 QUESTION = "How many sequential steps (and passes per token) does CZAO need as the rank r and the number of layers |R| grow, per constraint type?"
 FULL = {"ranks": (4, 8, 16, 32, 64), "n_layers": (1, 2, 3), "prompts": 4, "max_new_tokens": 16, "n_trace": 4}
 QUICK = {"ranks": (4, 16), "n_layers": (1, 2), "prompts": 1, "max_new_tokens": 3, "n_trace": 1,
@@ -71,7 +72,7 @@ def run(settings: StudySettings) -> StudyResult:
                 "unreachable_share": statistics.fmean(float(res.unreachable) for res in results),
             })
     stats = {"layers": used_layers, **summary_stats(rows)}
-    return StudyResult("steps", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows))
+    return StudyResult("steps", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows), columns=COLUMNS)
 
 
 def summary_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
