@@ -541,15 +541,20 @@ def sparse_corpus(
     batch_size: int = 32,
     include_data: bool = True,
     seed: int = 0,
+    chat: bool | None = None,
     progress: bool = False,
 ) -> tuple[list[str], dict[str, Any]]:
     """The corpus of a sparse SAE: data-folder texts minus every bench pool, plus the model's own answers.
 
     Generation prompts are :data:`CORPUS_PROMPTS` followed by the kept data texts (seeded shuffle),
     cycled; each generation is stored as ``prompt + "\\n" + answer`` (sampled, temperature 0.8,
-    top-p 0.95, batched). Returns ``(texts, info)`` with the counts and the generation throughput.
+    top-p 0.95, batched), chat-formatted when the model has a chat template (``chat=None``; a base
+    model such as Gemma-3-270m continues the raw prompt). Returns ``(texts, info)`` with the counts
+    and the generation throughput.
     """
     from czao_lens.generate import generate
+
+    chat = resolve_chat(model, chat)
 
     if n_generations < 0 or max_new_tokens < 1 or batch_size < 1:
         raise SAEError("n_generations must be >= 0, max_new_tokens and batch_size >= 1")
@@ -576,7 +581,7 @@ def sparse_corpus(
         n = min(batch_size, n_generations - start)
         prompts = [gen_prompts[(start + i) % len(gen_prompts)] for i in range(n)]
         res = generate(model, prompts, max_new_tokens=max_new_tokens, greedy=False, temperature=0.8, top_p=0.95,
-                       seed=seed + start, chat=True)
+                       seed=seed + start, chat=chat)
         texts += [f"{p}\n{t.strip()}" for p, t in zip(prompts, res.texts)]
         n_new += sum(len(t) for t in res.new_tokens)
         bar.update(n)
@@ -587,7 +592,7 @@ def sparse_corpus(
     if not texts:
         raise SAEError("the corpus is empty: no generations and no data folder")
     random.Random(seed).shuffle(texts)
-    info = {"n_texts": len(texts), "n_generations": n_generations, "generated_tokens": n_new,
+    info = {"n_texts": len(texts), "n_generations": n_generations, "generated_tokens": n_new, "chat": chat,
             "generation_seconds": round(gen_seconds, 1),
             "generation_tokens_per_second": round(n_new / gen_seconds, 1) if gen_seconds > 0 and n_new else None,
             "data_texts_kept": len(kept), "data_texts_excluded_bench_pools": excluded}

@@ -301,6 +301,15 @@ def test_sae_corpus_generations_on_a_base_model(gemma):
         build_corpus(gemma, n_generations=2, max_new_tokens=2, include_data=False, chat=True)
 
 
+def test_sparse_sae_corpus_on_a_base_model(gemma):
+    """The bench's sparse-SAE corpus (cached_sae) generates raw text on Gemma: it forced the chat
+    template and every SAE arm of a Gemma bench failed at fit time."""
+    from czao_lens.sae import CORPUS_PROMPTS, sparse_corpus
+
+    texts, info = sparse_corpus(gemma, n_generations=2, batch_size=2, max_new_tokens=4, include_data=False)
+    assert info["chat"] is False and sorted(t.split("\n")[0] for t in texts) == sorted(CORPUS_PROMPTS[:2])
+
+
 POS = ["I love this wonderful day", "What a great and happy result", "This is lovely and kind"]
 NEG = ["I hate this awful day", "What a terrible and sad result", "This is nasty and cruel"]
 PROBE = ["I think that the movie was", "Honestly, my week has been"]
