@@ -26,7 +26,7 @@ from czao_lens.paths import default_data_dir
 from czao_lens.prompts import resolve_chat
 from czao_lens.steering.cast import fit_condition
 from czao_lens.steering.data import load_ab, load_truthfulqa, split_items
-from czao_lens.studies.common import StudyResult, StudySettings, Timer
+from czao_lens.studies.common import StudyResult, StudySettings
 
 COLUMNS = ("model", "recipe", "set", "n", "fire_rate", "should_fire")
 QUESTION = "Does a CAST condition fitted on one data set's prompts fire on the same category in another format, and stay off same-format prompts of other categories?"
@@ -60,15 +60,12 @@ SHOULD_FIRE = {"test:refusal stems": True, "test:refusal with A/B choices": True
 
 def run(settings: StudySettings) -> StudyResult:
     """Both recipes on every model: the fire rate on every test set."""
-    sizes = QUICK if settings.quick else FULL
-    timer = Timer()
-    data = settings.data or default_data_dir()
+    sizes, timer, data = settings.start(FULL, QUICK)
     sets = prompt_sets(sizes["n"], data, settings.seed)
     rows: list[dict[str, Any]] = []
-    for name in settings.models:
-        model = settings.model(name)
+    for name, model in settings.loaded():
         chat = resolve_chat(model, None)
-        layer = settings.layer if settings.layer is not None else min(12, model.cfg.n_layers - 1)
+        layer = settings.layer_for(model)
         recipes = {
             "today (refusal vs TruthfulQA)": fit_condition(model, sets["fit:refusal"], sets["fit:truthfulqa"], layer, chat=chat),
             "fixed (refusal vs other CAA + TruthfulQA)": fit_condition(

@@ -8,13 +8,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import plotly.graph_objects as go
 import torch
 from transformer_lens import HookedTransformer
 
 from czao_lens.errors import CzaoLensError
+from czao_lens.paths import default_data_dir
 from czao_lens.prompts import encode_prompts
 from czao_lens.plots import save_figure
 
@@ -42,6 +43,28 @@ class StudySettings:
             raise StudyError("a study needs at least one model")
         if self.layer is not None and self.layer < 0:
             raise StudyError(f"layer must be >= 0, got {self.layer}")
+
+    def start(self, full: dict[str, Any], quick: dict[str, Any]) -> tuple[dict[str, Any], "Timer", Path]:
+        """What every study starts with: its sizes (the quick form for a harness check, else the full
+        one), a wall-clock timer and the data folder."""
+        return (quick if self.quick else full), Timer(), self.data_dir()
+
+    def data_dir(self) -> Path:
+        return Path(self.data) if self.data is not None else default_data_dir()
+
+    def layer_for(self, model: HookedTransformer) -> int:
+        """The steering layer on ``model``: ``layer``, else 12 (the bench's), or the last one of a smaller model."""
+        n = model.cfg.n_layers
+        if self.layer is None:
+            return min(12, n - 1)
+        if self.layer >= n:
+            raise StudyError(f"layer {self.layer} is out of range for a model with {n} layers")
+        return self.layer
+
+    def loaded(self) -> Iterator[tuple[str, HookedTransformer]]:
+        """Each model by name, loaded one at a time (only one is held at once)."""
+        for name in self.models:
+            yield name, self.model(name)
 
     def model(self, name: str) -> HookedTransformer:
         if self.load is not None:

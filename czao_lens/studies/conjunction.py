@@ -18,8 +18,7 @@ from czao_lens.bench.tasks import load_task
 from czao_lens.constraints import AvoidConcept, AvoidTokens, ConsistentWithDocument, NoProfanity, Sentiment
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.generate import generate
-from czao_lens.paths import default_data_dir
-from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, confident_word_prompts, word_pool
+from czao_lens.studies.common import StudyError, StudyResult, StudySettings, confident_word_prompts, word_pool
 
 QUESTION = "How often is a conjunction of two constraints feasible when each part is, and at what cost?"
 FULL = {"prompts": 8, "max_new_tokens": 20, "pairs": ("sentiment+avoid word", "no profanity+on document", "no violence+positive")}
@@ -43,14 +42,10 @@ def pair_items(model, name: str, n: int, data, seed: int) -> list[tuple[str, Any
 
 def run(settings: StudySettings) -> StudyResult:
     """Every pair on every model: A, B and A & B per prompt, and unsteered text for reference."""
-    sizes = QUICK if settings.quick else FULL
-    timer = Timer()
-    data = settings.data or default_data_dir()
-    layer = settings.layer if settings.layer is not None else 12
+    sizes, timer, data = settings.start(FULL, QUICK)
     rows: list[dict[str, Any]] = []
-    for name in settings.models:
-        model = settings.model(name)
-        cfg = CZAOConfig(layers=(min(layer, model.cfg.n_layers - 1),), seed=settings.seed)
+    for name, model in settings.loaded():
+        cfg = CZAOConfig(layers=(settings.layer_for(model),), seed=settings.seed)
         for pair in sizes["pairs"]:
             for prompt, a, b in tqdm(pair_items(model, pair, sizes["prompts"], data, settings.seed), desc=f"conjunction {name} {pair}"):
                 def ok(text: str) -> tuple[bool, bool]:

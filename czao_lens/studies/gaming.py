@@ -21,8 +21,7 @@ from czao_lens.bench.metrics import distinct_n
 from czao_lens.bench.tasks import load_task
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.generate import generate
-from czao_lens.paths import default_data_dir
-from czao_lens.studies.common import StudyResult, StudySettings, Timer
+from czao_lens.studies.common import StudyResult, StudySettings
 
 COLUMNS = ("model", "task", "level", "n", "accepted", "gaming", "second_rejects_accepted", "distinct2")
 QUESTION = "Does the share of outputs that the primary evaluator accepts but the second one rejects grow with optimisation pressure (K, eps, rank)?"
@@ -38,14 +37,10 @@ QUICK = {"tasks": ("sentiment",), "prompts": 1, "max_new_tokens": 3, "levels": (
 
 def run(settings: StudySettings) -> StudyResult:
     """Every (task, level) on every model: acceptance, gaming and distinct-2."""
-    sizes = QUICK if settings.quick else FULL
-    timer = Timer()
-    data = settings.data or default_data_dir()
-    layer = settings.layer if settings.layer is not None else 12
+    sizes, timer, data = settings.start(FULL, QUICK)
     rows: list[dict[str, Any]] = []
-    for name in settings.models:
-        model = settings.model(name)
-        lay = min(layer, model.cfg.n_layers - 1)
+    for name, model in settings.loaded():
+        lay = settings.layer_for(model)
         for tname in sizes["tasks"]:
             task = load_task(tname, data, n_fit=max(sizes["prompts"], 8), n_test=1, seed=settings.seed)
             prompts = task.fit[: sizes["prompts"]]

@@ -18,13 +18,12 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from czao_lens.diagnostics.tracing import load_caa, rank_layers, trace_item
-from czao_lens.paths import default_data_dir
 from czao_lens.prompts import resolve_chat
 from czao_lens.steering.common import Pooled, item_activations
 from czao_lens.steering.data import items_hash, load_ab
 from czao_lens.steering.evaluate import answer_text_probability
 from czao_lens.steering.vectors import vector_from_pooled
-from czao_lens.studies.common import StudyResult, StudySettings, Timer, spearman_ci
+from czao_lens.studies.common import StudyResult, StudySettings, spearman_ci
 
 COLUMNS = ("model", "behaviour", "layer", "trace_score", "caa_effect", "p_steered")
 QUESTION = "Does the layer that causal tracing ranks first steer best (CAA at one layer at a time)? Compare Hase et al. 2023."
@@ -56,12 +55,9 @@ def behaviour_rows(model, name: str, behaviour: str, sizes: dict, *, chat: bool,
 
 def run(settings: StudySettings) -> StudyResult:
     """Every behaviour on every model; per (model, behaviour), rho over layers and the top layers."""
-    sizes = QUICK if settings.quick else FULL
-    timer = Timer()
-    data = settings.data or default_data_dir()
+    sizes, timer, data = settings.start(FULL, QUICK)
     rows: list[dict[str, Any]] = []
-    for name in settings.models:
-        model = settings.model(name)
+    for name, model in settings.loaded():
         chat = resolve_chat(model, None)
         for b in sizes["behaviours"]:
             rows += behaviour_rows(model, name, b, sizes, chat=chat, data=data, seed=settings.seed)

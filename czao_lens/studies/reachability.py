@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 
 from czao_lens.czao import CZAOConfig, reachability_margin
 from czao_lens.diagnostics.lyapunov import lyapunov_spectrum
-from czao_lens.paths import default_data_dir
 from czao_lens.probes import auroc
 from czao_lens.prompts import encode_prompts
 from czao_lens.sites import resid_hook
-from czao_lens.studies.common import StudyResult, StudySettings, Timer, constraint_suite, cv_logistic_auroc
+from czao_lens.studies.common import StudyResult, StudySettings, constraint_suite, cv_logistic_auroc
 
 QUESTION = ("How is the reachability margin distributed per constraint type, can unreachability be predicted from the "
             "prompt's activations or Lyapunov sensitivity, and is it a property of the prompt, the layer or the budget?")
@@ -37,15 +36,12 @@ QUICK = {"prompts": 1, "budgets": (1.0,), "iters": 2, "types": ("banned words",)
 def run(settings: StudySettings) -> StudyResult:
     """Margins per (prompt, layer, budget) on every model, the predictors' AUROC and the label's
     stability across layers and budgets."""
-    sizes = QUICK if settings.quick else FULL
-    timer = Timer()
-    data = settings.data or default_data_dir()
+    sizes, timer, data = settings.start(FULL, QUICK)
     rows: list[dict[str, Any]] = []
     stats: dict[str, Any] = {}
-    for name in settings.models:
-        model = settings.model(name)
+    for name, model in settings.loaded():
         L = model.cfg.n_layers
-        main = settings.layer if settings.layer is not None else min(12, L - 1)
+        main = settings.layer_for(model)
         layers = (main, max(1, main // 2))
         suite = constraint_suite(model, data, sizes["prompts"], settings.seed)
         items = [(t, p, c) for t in sizes.get("types", tuple(suite)) for p, c in suite[t]]

@@ -28,8 +28,7 @@ from czao_lens.constraints import AvoidTokens
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.diagnostics.landscape import loss_landscape
 from czao_lens.diagnostics.lyapunov import lyapunov_spectrum
-from czao_lens.paths import default_data_dir
-from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, confident_word_prompts, spearman_ci, word_pool
+from czao_lens.studies.common import StudyError, StudyResult, StudySettings, confident_word_prompts, spearman_ci, word_pool
 
 COLUMNS = ("model", "layer", "roughness", "lyapunov_local", "lyapunov_ahead", "steps", "z_norm", "satisfied")
 QUESTION = ("Does landscape roughness track Lyapunov sensitivity across layers, and does either predict "
@@ -63,14 +62,11 @@ def model_rows(model, name: str, *, prompts: list[tuple[str, str]], layers: list
 
 def run(settings: StudySettings) -> StudyResult:
     """Every model of ``settings``: per-layer rows and Spearman's rho of each pair, with bootstrap CIs."""
-    sizes = QUICK if settings.quick else FULL
-    timer = Timer()
-    data = settings.data or default_data_dir()
+    sizes, timer, data = settings.start(FULL, QUICK)
     pool = word_pool(data, settings.seed)
     rows: list[dict[str, Any]] = []
     used: dict[str, list[tuple[str, str]]] = {}
-    for name in settings.models:
-        model = settings.model(name)
+    for name, model in settings.loaded():
         L = model.cfg.n_layers
         layers = ([1, L - 1] if sizes["layer_step"] is None else list(range(1, L, sizes["layer_step"])))
         used[name] = confident_word_prompts(model, pool, sizes["prompts"])

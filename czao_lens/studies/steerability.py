@@ -26,7 +26,7 @@ from czao_lens.steering.common import Pooled, item_activations
 from czao_lens.steering.data import items_hash, load_ab
 from czao_lens.steering.evaluate import answer_text_probability
 from czao_lens.steering.vectors import vector_from_pooled
-from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, spearman_ci
+from czao_lens.studies.common import StudyResult, StudySettings, spearman_ci
 
 COLUMNS = ("model", "behaviour", "consistency", "p_unsteered", "p_up", "p_down", "steerability", "anti_share")
 QUESTION = ("Is CAA anti-steerable on part of the inputs (Tan et al. 2024), and does the consistency of the "
@@ -60,20 +60,16 @@ def behaviour_row(model, behaviour: str, *, layer: int, n_fit: int, n_test: int,
 def run(settings: StudySettings) -> StudyResult:
     """Every behaviour on every model of ``settings``; Spearman's rho of consistency against
     steerability per model and pooled, with bootstrap intervals."""
-    sizes = QUICK if settings.quick else FULL
+    sizes, timer, data = settings.start(FULL, QUICK)
     behaviours = sizes.get("behaviours", BEHAVIOURS)
-    timer = Timer()
     rows: list[dict[str, Any]] = []
     swings: dict[tuple[str, str], list[float]] = {}
-    for name in settings.models:
-        model = settings.model(name)
-        layer = settings.layer if settings.layer is not None else min(12, model.cfg.n_layers - 1)
-        if layer >= model.cfg.n_layers:
-            raise StudyError(f"layer {layer} is out of range for {name} ({model.cfg.n_layers} layers)")
+    for name, model in settings.loaded():
+        layer = settings.layer_for(model)
         chat = resolve_chat(model, None)
         for b in tqdm(behaviours, desc=f"steerability {name}"):
             row, swing = behaviour_row(model, b, layer=layer, n_fit=sizes["n_fit"], n_test=sizes["n_test"],
-                                       multiplier=sizes["multiplier"], chat=chat, seed=settings.seed, data=settings.data)
+                                       multiplier=sizes["multiplier"], chat=chat, seed=settings.seed, data=data)
             rows.append({"model": name, "layer": layer, **row})
             swings[(name, b)] = swing
     stats: dict[str, Any] = {"multiplier": sizes["multiplier"]}

@@ -19,9 +19,8 @@ from tqdm.auto import tqdm
 
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.diagnostics.tracing import load_caa, load_layers, rank_layers, trace_item
-from czao_lens.paths import default_data_dir
 from czao_lens.prompts import resolve_chat
-from czao_lens.studies.common import StudyResult, StudySettings, Timer, constraint_suite
+from czao_lens.studies.common import StudyResult, StudySettings, constraint_suite
 
 COLUMNS = ("model", "type", "rank", "n_layers", "seed_line", "mean_steps", "max_steps", "optimized_share", "row_passes_per_token", "satisfaction", "unreachable_share")
 QUESTION = "How many sequential steps (and passes per token) does CZAO need as the rank r and the number of layers |R| grow, per constraint type?"
@@ -40,13 +39,10 @@ def traced_layers(model, settings: StudySettings, n_trace: int, data) -> list[in
 
 def run(settings: StudySettings) -> StudyResult:
     """Every (type, rank, |R|) on every model: steps, passes, satisfaction."""
-    sizes = QUICK if settings.quick else FULL
-    timer = Timer()
-    data = settings.data or default_data_dir()
+    sizes, timer, data = settings.start(FULL, QUICK)
     rows: list[dict[str, Any]] = []
     used_layers: dict[str, list[int]] = {}
-    for name in settings.models:
-        model = settings.model(name)
+    for name, model in settings.loaded():
         best = traced_layers(model, settings, sizes["n_trace"], data)
         used_layers[name] = best[:3]
         suite = constraint_suite(model, data, sizes["prompts"], settings.seed)
