@@ -230,12 +230,13 @@ def test_cv_logistic_auroc_separates_separable_data():
 @pytest.mark.real
 def test_cast_transfer_quick_harness(smol, tmp_path):
     res = run_study("cast_transfer", StudySettings(quick=True, load=lambda name: smol), tmp_path)
-    assert len(res.rows) == 2 * 5 and {r["recipe"] for r in res.rows} == {
-        "today (refusal vs TruthfulQA)", "fixed (refusal vs other CAA + TruthfulQA)"}
+    assert len(res.rows) == 3 * 6 and {r["recipe"] for r in res.rows} == {
+        "today (refusal vs TruthfulQA)", "same-format contrast (refusal vs other CAA + TruthfulQA)",
+        "two formats (stems and A/B on both sides)"}
     for r in res.rows:
         assert 0 <= r["fire_rate"] <= 1 and r["n"] == 4
     for s in res.stats.values():
-        assert 0 <= s["in_distribution"] <= 1 and 0 <= s["format_shift"] <= 1 and 0 <= s["category_shift"] <= 1
+        assert all(0 <= s[k] <= 1 for k in ("in_distribution", "format_shift", "unseen_format", "category_shift"))
 
 
 def test_cast_transfer_sets_keep_fit_and_test_apart():

@@ -6,13 +6,15 @@ it had learned "CAA-authored question" against "TruthfulQA question". So the con
 tested on
 
 - the same refusal questions in another format: with their A/B ``Choices:`` block (should fire);
-- same-format questions of other categories: stems of CAA behaviours that neither recipe saw
-  (should not fire);
+- the same refusal questions wrapped as a task request, a format no recipe is fitted on (should fire);
+- same-format questions of other categories: stems of CAA behaviours that no recipe saw (should not
+  fire);
 - RealToxicityPrompts threat prefixes: other source and format, harmful content but not requests
   (reported, not scored).
 
-The fixed recipe contrasts refusal stems with same-format stems of other CAA behaviours plus
-TruthfulQA (several sources), so format alone cannot separate its two sides.
+Two other recipes: a same-format contrast (refusal stems against stems of other CAA behaviours plus
+TruthfulQA: format alone cannot separate its sides), and a two-format one (stems and A/B questions on
+both sides), which is then tested on the task-request format it never saw.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ COLUMNS = ("model", "recipe", "set", "n", "fire_rate", "should_fire")
 QUESTION = "Does a CAST condition fitted on one data set's prompts fire on the same category in another format, and stay off same-format prompts of other categories?"
 SEEN = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination")  # the fixed recipe's other side
 UNSEEN = ("myopic-reward", "sycophancy")  # held out of both recipes
+# A format no recipe is fitted on.
+TASK_FORMAT = "Here is a task from a user. Complete it carefully.\n\nTask: {}\n\nYour response:"
 FULL = {"n": 32}
 QUICK = {"n": 4}
 
@@ -41,20 +45,24 @@ def prompt_sets(n: int, data, seed: int) -> dict[str, list[str]]:
     data = data or default_data_dir()
     refusal_fit, refusal_test = split_items(load_ab("refusal", "fit", data_dir=data), 0.5, seed)
     tqa_fit, tqa_test = split_items(load_truthfulqa(data_dir=data), 0.5, seed)
-    seen = [it for b in SEEN for it in load_ab(b, "fit", n=n, seed=seed, data_dir=data)]
+    seen = [it for b in SEEN for it in load_ab(b, "fit", n=n, seed=seed, data_dir=data)][: 2 * n]
     return {
         "fit:refusal": [it.stem() for it in refusal_fit[:n]],
+        "fit:refusal with A/B choices": [it.question for it in refusal_fit[:n]],
         "fit:truthfulqa": [it.stem() for it in tqa_fit[:n]],
-        "fit:other CAA behaviours": [it.stem() for it in seen][: 2 * n],
+        "fit:other CAA behaviours": [it.stem() for it in seen],
+        "fit:other CAA with A/B choices": [it.question for it in seen],
         "test:refusal stems": [it.stem() for it in refusal_test[:n]],
         "test:refusal with A/B choices": [it.question for it in refusal_test[:n]],
+        "test:refusal as a task request": [TASK_FORMAT.format(it.stem()) for it in refusal_test[:n]],
         "test:truthfulqa": [it.stem() for it in tqa_test[:n]],
         "test:unseen CAA behaviours": [it.stem() for b in UNSEEN for it in load_ab(b, "test", n=n // 2, seed=seed, data_dir=data)],
         "test:RTP threat prefixes": load_task("concept", data, n_fit=n, n_test=1, seed=seed).fit[:n],
     }
 
 
-SHOULD_FIRE = {"test:refusal stems": True, "test:refusal with A/B choices": True, "test:truthfulqa": False,
+SHOULD_FIRE = {"test:refusal stems": True, "test:refusal with A/B choices": True, "test:refusal as a task request": True,
+               "test:truthfulqa": False,
                "test:unseen CAA behaviours": False, "test:RTP threat prefixes": None}
 
 
@@ -68,8 +76,11 @@ def run(settings: StudySettings) -> StudyResult:
         layer = settings.layer_for(model)
         recipes = {
             "today (refusal vs TruthfulQA)": fit_condition(model, sets["fit:refusal"], sets["fit:truthfulqa"], layer, chat=chat),
-            "fixed (refusal vs other CAA + TruthfulQA)": fit_condition(
+            "same-format contrast (refusal vs other CAA + TruthfulQA)": fit_condition(
                 model, sets["fit:refusal"], sets["fit:other CAA behaviours"] + sets["fit:truthfulqa"], layer, chat=chat),
+            "two formats (stems and A/B on both sides)": fit_condition(
+                model, sets["fit:refusal"] + sets["fit:refusal with A/B choices"],
+                sets["fit:other CAA behaviours"] + sets["fit:other CAA with A/B choices"] + sets["fit:truthfulqa"], layer, chat=chat),
         }
         for recipe, cond in recipes.items():
             for key, should in SHOULD_FIRE.items():
@@ -89,6 +100,7 @@ def recipe_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{key[0]}/{key[1]}"] = {
             "in_distribution": 0.5 * (rate["refusal stems"] + 1 - rate["truthfulqa"]),
             "format_shift": 0.5 * (rate["refusal with A/B choices"] + 1 - rate["truthfulqa"]),
+            "unseen_format": 0.5 * (rate["refusal as a task request"] + 1 - rate["truthfulqa"]),
             "category_shift": 0.5 * (rate["refusal stems"] + 1 - rate["unseen CAA behaviours"]),
             "fires_on_rtp_threats": rate["RTP threat prefixes"],
         }
@@ -96,8 +108,9 @@ def recipe_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def answer(stats: dict[str, Any]) -> str:
-    parts = [f"{k}: balanced accuracy in distribution {s['in_distribution']:.2f}, under a format shift {s['format_shift']:.2f}, "
-             f"against unseen same-format categories {s['category_shift']:.2f}" for k, s in stats.items()]
+    parts = [f"{k}: balanced accuracy in distribution {s['in_distribution']:.2f}, with A/B choices {s['format_shift']:.2f}, "
+             f"as a task request (no recipe saw it) {s['unseen_format']:.2f}, against unseen same-format categories "
+             f"{s['category_shift']:.2f}" for k, s in stats.items()]
     return "; ".join(parts) + "."
 
 
