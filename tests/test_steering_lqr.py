@@ -9,6 +9,7 @@ import torch
 
 from czao_lens.prompts import encode_prompts
 from czao_lens.steering import load_ab
+from czao_lens.steering.common import contrastive_activations
 from czao_lens.steering.evaluate import answer_text_probability
 from czao_lens.steering.lqr import (
     ALQR,
@@ -132,10 +133,30 @@ def test_alqr_concepts_sum_and_save_load(tiny, tiny_jac, tmp_path):
     path = both.save(tmp_path / "c")
     back = ALQR.load(path, tiny)
     torch.testing.assert_close(back.Kv, both.Kv)
+    torch.testing.assert_close(back.offset, both.offset)
+    torch.testing.assert_close(back.beta, both.beta)
     with pytest.raises(SteeringError, match="A/B pair"):
         fit_alqr(tiny, tiny_jac, items=[])
     with pytest.raises(SteeringError, match="zero"):
         fit_alqr(tiny, tiny_jac, pos_texts=POS, neg_texts=POS)
+
+
+def test_alqr_setpoint_sits_on_the_contrast(tiny, tiny_jac):
+    """The setpoint is relative to the contrast's midpoint: at the negative examples' own states the
+    control pushes towards the positive side for every lambda >= 0, however far the states' projection
+    sits from 0 (the old absolute setpoint lambda |E| could lie below both means and push backwards)."""
+    ctrl = fit_alqr(tiny, tiny_jac, pos_texts=POS, neg_texts=NEG, lam=0.0)
+    P, N = contrastive_activations(tiny, POS, NEG, ctrl.layers, paired=False)
+    for i, l in enumerate(ctrl.layers):
+        v = ctrl.v[0, i]
+        torch.testing.assert_close(ctrl.offset[0, i], v @ (P[l].mean(0) + N[l].mean(0)) / 2)
+        for lam in (0.0, 0.5, 2.0):
+            coef = ctrl.with_lambda(lam).beta[0, i] - N[l].mean(0) @ v  # the control's sign at the negative mean
+            assert coef > 0
+    shifted = ALQR(ctrl.layers, ctrl.v, ctrl.E_norm, ctrl.Kv, ctrl.lam, offset=ctrl.offset + 1e3)
+    assert (shifted.beta - ctrl.beta).sub(1e3).abs().max() < 1e-3
+    with pytest.raises(SteeringError, match="offset"):
+        ALQR(ctrl.layers, ctrl.v, ctrl.E_norm, ctrl.Kv, ctrl.lam, offset=torch.zeros(2, 3))
 
 
 @pytest.fixture(scope="session")

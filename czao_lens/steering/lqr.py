@@ -17,7 +17,12 @@ Model of the residual stream at the last position, over the blocks ``l = l0 .. L
 
   and raises :class:`RiccatiError` on a singular or ill-conditioned ``P``.
 * The setpoint comes from contrastive means ``E_l`` (positive minus negative at the last token):
-  ``v_l = E_l / |E_l|``, ``beta_l = lambda |E_l|``. Online, ``e_l = (beta_l - v_l^T x_l) v_l`` and
+  ``v_l = E_l / |E_l|``, ``beta_l = o_l + lambda |E_l|`` with ``o_l = v_l^T (mean_pos + mean_neg) / 2``, the
+  contrast's midpoint: lambda = 0.5 aims at the positive mean, 0 at the midpoint. (Until 2026-12-07 the
+  setpoint was absolute, ``beta_l = lambda |E_l|``. The states' projection on ``v_l`` sits far from 0 (on
+  Gemma-3-270m at layer 12, 890 for the negative mean, 1130 for the positive, with |E| = 240), so that
+  setpoint lay below both means and the control pushed the wrong way; controllers saved without ``offset``
+  keep it.) Online, ``e_l = (beta_l - v_l^T x_l) v_l`` and
   ``u_l = K_l e_l = (beta_l - v_l^T x_l) (K_l v_l)``; ``K_l v_l`` is precomputed, so every step is
   O(d): a dot product in a hook on ``blocks.l.hook_resid_pre`` and an axpy on ``blocks.l.hook_resid_post``.
   The feedback reads the *live* state, so it reacts to the control already applied upstream.
@@ -36,7 +41,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -421,6 +426,7 @@ class ALQR(Intervention, SteeringArtifact):
     lam: Tensor  # [n_concepts]
     positions: Positions = "last"
     meta: dict = field(default_factory=dict)
+    offset: Tensor | None = None  # [n_concepts, n_layers] v_l^T of the contrast's midpoint (None: 0, the old absolute setpoint)
 
     WHAT = "A-LQR controller"
 
@@ -437,10 +443,19 @@ class ALQR(Intervention, SteeringArtifact):
             raise SteeringError(f"A-LQR has {len(self.layers)} layers but tensors for {v.shape[1]}")
         if not all(torch.isfinite(t).all() for t in (v, E, K, lam)):
             raise SteeringError("A-LQR tensors contain NaN or inf")
+        if self.offset is not None:
+            o = self.offset
+            if not (isinstance(o, Tensor) and o.is_floating_point() and o.shape == E.shape and torch.isfinite(o).all()):
+                raise SteeringError(f"A-LQR offset must be finite floats of shape {tuple(E.shape)} [concepts, layers]")
 
     @property
     def beta(self) -> Tensor:
-        return self.lam[:, None] * self.E_norm
+        """The setpoint per concept and layer: the midpoint's projection plus lambda |E_l|."""
+        base = self.offset if self.offset is not None else torch.zeros_like(self.E_norm)
+        return base + self.lam[:, None] * self.E_norm
+
+    def _with(self, **changes) -> "ALQR":
+        return replace(self, meta=dict(self.meta), **changes)
 
     def with_lambda(self, lam: float | Sequence[float]) -> "ALQR":
         lam_t = torch.as_tensor(lam, dtype=torch.float32).reshape(-1)
@@ -448,19 +463,22 @@ class ALQR(Intervention, SteeringArtifact):
             lam_t = lam_t.expand(self.v.shape[0]).clone()
         if lam_t.numel() != self.v.shape[0]:
             raise SteeringError(f"one lambda per concept ({self.v.shape[0]}), got {lam_t.numel()}")
-        return ALQR(self.layers, self.v, self.E_norm, self.Kv, lam_t, self.positions, dict(self.meta))
+        return self._with(lam=lam_t)
 
     def with_positions(self, positions: Positions) -> "ALQR":
         _check_positions(positions)
-        return ALQR(self.layers, self.v, self.E_norm, self.Kv, self.lam, positions, dict(self.meta))
+        return self._with(positions=positions)
 
     def __add__(self, other: "ALQR") -> "ALQR":
         """Steer two concepts at once: their controls add (the gains must come from the same Riccati run)."""
         if other.layers != self.layers or other.positions != self.positions:
             raise SteeringError("concepts can be summed only over the same layers and positions")
         cat = lambda a, b: torch.cat([a, b], 0)  # noqa: E731
+        zero = lambda c: c.offset if c.offset is not None else torch.zeros_like(c.E_norm)  # noqa: E731
+        offset = None if self.offset is None and other.offset is None else cat(zero(self), zero(other))
         return ALQR(self.layers, cat(self.v, other.v), cat(self.E_norm, other.E_norm), cat(self.Kv, other.Kv),
-                    cat(self.lam, other.lam), self.positions, {**self.meta, "concepts": [self.meta.get("concept"), other.meta.get("concept")]})
+                    cat(self.lam, other.lam), self.positions, {**self.meta, "concepts": [self.meta.get("concept"), other.meta.get("concept")]},
+                    offset)
 
     def _mask(self, act: Tensor, layout: TokenLayout | None) -> Tensor:
         b, n = act.shape[:2]
@@ -512,13 +530,14 @@ class ALQR(Intervention, SteeringArtifact):
         return {"layers": list(self.layers), "positions": self.positions, "meta": self.meta}
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"v": self.v, "E_norm": self.E_norm, "Kv": self.Kv, "lam": self.lam}
+        t = {"v": self.v, "E_norm": self.E_norm, "Kv": self.Kv, "lam": self.lam}
+        return t if self.offset is None else {**t, "offset": self.offset}
 
     @classmethod
     def from_dict(cls, params: dict[str, Any], tensors: dict[str, Tensor]) -> "ALQR":
         _check_positions(params["positions"])
         return cls([int(l) for l in params["layers"]], tensors["v"], tensors["E_norm"], tensors["Kv"], tensors["lam"],
-                   params["positions"], dict(params.get("meta", {})))
+                   params["positions"], dict(params.get("meta", {})), tensors.get("offset"))
 
     def saved_model_info(self) -> dict[str, Any]:
         return meta_model_info(self.meta, int(self.v.shape[-1]))
@@ -572,6 +591,7 @@ def fit_alqr(
     else:
         P, N = contrastive_activations(model, pos_texts, neg_texts, layers, hook="resid_pre", store=store, paired=False)
     E = torch.stack([P[l].mean(0) - N[l].mean(0) for l in layers])
+    mid = torch.stack([(P[l].mean(0) + N[l].mean(0)) / 2 for l in layers])
     zero = E.norm(dim=-1) <= 1e-6 * torch.stack([P[l].norm(dim=-1).mean() for l in layers])
     if zero.all():
         raise SteeringError("the contrastive mean difference is zero at every layer: no setpoint direction")
@@ -579,10 +599,11 @@ def fit_alqr(
     En = torch.where(zero, torch.zeros_like(E[:, 0]), E.norm(dim=-1))
     v = torch.where(zero[:, None], torch.zeros_like(E), E / E.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     Kv = torch.einsum("lij,lj->li", gains.K, v)
+    offset = (v * mid).sum(-1)  # the midpoint's projection (0 where a layer has no setpoint)
     meta = fit_meta(model, "alqr", concept=concept, q=q, r=r, qf=qf, data_hash=data_hash,
                     jacobian_prompts=jac.meta.get("n_prompts"), max_condition=gains.max_condition, readout=readout,
                     **({"chat": chat} if items is not None else {}))
-    return ALQR(layers, v[None], En[None], Kv[None], torch.tensor([float(lam)]), positions, meta)
+    return ALQR(layers, v[None], En[None], Kv[None], torch.tensor([float(lam)]), positions, meta, offset[None])
 
 
 # ----------------------------------------------------------------------------- tracking diagnostic
