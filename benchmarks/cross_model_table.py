@@ -3,9 +3,9 @@
     python benchmarks/cross_model_table.py --bench runs/bench_smol_choice --bench runs/bench_smol_gen \
         --bench runs/bench_gemma_full --bench runs/bench_gemma_gen
 
-Folders are grouped by the model their summary names and merged: a task measured in two folders of
-one model takes the methods of the later folder that the earlier one lacks or had failed (a rerun
-of one arm, such as the SAE arm after a fix, next to the first run of the others). Per task, one row per method: satisfaction with its 95% interval on
+Folders are grouped by the model their summary names and merged in the order given: a task measured
+in two folders of one model takes every method of the later folder except its unsteered reference
+(a rerun of one arm after a fix replaces that arm of the first run). Per task, one row per method: satisfaction with its 95% interval on
 each model, the paired difference to unsteered, the fluency cost (perplexity ratio with the same
 decoding and KL per token for generation tasks; p(answer text) and KL on neutral prompts for choice
 tasks), the compute (row passes per token) and the chosen setting. Prints markdown; the last lines
@@ -48,9 +48,7 @@ def read(folders: list[Path]) -> tuple[dict[str, dict[str, dict]], dict[str, lis
         for task, t in summary["tasks"].items():
             have = runs.setdefault(model, {}).setdefault(task, t)
             if have is not t:
-                for m, s in t["methods"].items():
-                    if m not in have["methods"] or "failed" in have["methods"][m]:
-                        have["methods"][m] = s
+                have["methods"].update({m: s for m, s in t["methods"].items() if m != "unsteered"})
     return runs, lines
 
 
