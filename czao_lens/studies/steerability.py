@@ -70,7 +70,7 @@ def run(settings: StudySettings) -> StudyResult:
         for b in tqdm(behaviours, desc=f"steerability {name}"):
             row, swing = behaviour_row(model, b, layer=layer, n_fit=sizes["n_fit"], n_test=sizes["n_test"],
                                        multiplier=sizes["multiplier"], chat=chat, seed=settings.seed, data=data)
-            rows.append({"model": name, "layer": layer, **row})
+            rows.append({"model": name, "layer": layer, **row, "swings": swing})
             swings[(name, b)] = swing
     stats: dict[str, Any] = {"multiplier": sizes["multiplier"]}
     for name in settings.models + ["pooled"]:
