@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from czao_lens.czao import CZAOConfig, reachability_margin
 from czao_lens.diagnostics.lyapunov import lyapunov_spectrum
 from czao_lens.probes import auroc
-from czao_lens.prompts import encode_prompts
 from czao_lens.sites import resid_hook
+from czao_lens.store import ActivationStore
 from czao_lens.studies.common import StudyResult, StudySettings, constraint_suite, cv_logistic_auroc
 
 QUESTION = ("How is the reachability margin distributed per constraint type, can unreachability be predicted from the "
@@ -45,7 +45,7 @@ def run(settings: StudySettings) -> StudyResult:
         layers = (main, max(1, main // 2))
         suite = constraint_suite(model, data, sizes["prompts"], settings.seed)
         items = [(t, p, c) for t in sizes.get("types", tuple(suite)) for p, c in suite[t]]
-        feats, lyap = [], []
+        lyap = []
         for ctype, prompt, c in tqdm(items, desc=f"reachability {name}"):
             row: dict[str, Any] = {"model": name, "type": ctype, "prompt": prompt}
             tight, loose = sizes["budgets"][0], sizes["budgets"][-1]
@@ -53,14 +53,12 @@ def run(settings: StudySettings) -> StudyResult:
                 r = reachability_margin(model, prompt, c, CZAOConfig(layers=(l,), seed=settings.seed), b_max=b,
                                         iters=sizes["iters"])
                 row[f"rho@{l}/{b:g}"] = r["rho"]
-            enc = encode_prompts(model, prompt, chat=False)
-            with torch.no_grad():
-                _, cache = model.run_with_cache(enc.tokens, names_filter=resid_hook(main))
-            feats.append(cache[resid_hook(main)][0, -1].float())
             lyap.append(float(lyapunov_spectrum(model, [prompt], l0=main, k=1, seed=settings.seed).summary["lambda_0"]))
             row["lyapunov_ahead"] = lyap[-1]
             rows.append(row)
-        stats[name] = model_stats([r for r in rows if r["model"] == name], layers, sizes["budgets"], torch.stack(feats),
+        # The prompts' last-token residuals at the main layer, through the activation store in one pass.
+        feats = ActivationStore(model).last_token([p for _, p, _ in items], resid_hook(main))[resid_hook(main)].float()
+        stats[name] = model_stats([r for r in rows if r["model"] == name], layers, sizes["budgets"], feats,
                                   torch.tensor(lyap), settings.seed)
     return StudyResult("reachability", QUESTION, rows, stats, answer(stats), settings.to_dict(), timer(), figure(rows, stats))
 
