@@ -274,6 +274,8 @@ def test_study_cli_help_names_and_errors(tmp_path, bench_dirs):
     assert res.exit_code == 2 and "Unknown model 'no-such-model'" in res.output
     res = runner.invoke(app, ["study", "steps", "--layers-json", str(tmp_path / "nowhere.json")])
     assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["study", "steerability", "--layer", "-1"])
+    assert res.exit_code == 2 and "--layer must be >= 0" in res.output
     res = runner.invoke(app, ["study", "steerability", "--layer", "99"])
     assert res.exit_code == 2 and "99" in res.output
     res = runner.invoke(app, ["study", "pareto", "--bench", str(bench_dirs[0]), "--bench", str(bench_dirs[1]),
