@@ -37,7 +37,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from czao_lens.artifacts import Artifact, model_info, register_artifact
-from czao_lens.constraints import SAT_TOL, Constraint, ConstraintError, Context, checked_violation
+from czao_lens.constraints import (
+    SAT_TOL, Constraint, ConstraintError, Context, banned_token_ids, checked_violation, split_conjunction,
+)
 from czao_lens.errors import ArtifactError, CzaoLensError
 from czao_lens.generate import DecodeStep, StepDeltas, check_sampling, generate_tokens, stop_token_ids
 from czao_lens.probes import ValueProbe, probe_for
@@ -445,9 +447,13 @@ class CZAOController:
         self._probe_x: list[Tensor] = []
         self._probe_y: list[Tensor] = []
         self.probe_hook = resid_hook(model.cfg.n_layers - 1, "post")
-        if config.fallback == "mask" and constraint.level == "token" and not hasattr(constraint, "banned_ids"):
+        # A conjunction's token parts are scored exactly beside its sequence part's probe.
+        split = split_conjunction(constraint) if self.value is not None else None
+        self.exact_parts: tuple[Constraint, ...] = split[1] if split is not None else ()
+        self.banned = banned_token_ids(constraint, model.tokenizer)
+        if config.fallback == "mask" and constraint.level == "token" and self.banned is None:
             raise CZAOError("fallback='mask' needs a constraint with banned tokens (e.g. AvoidTokens)")
-        auto = "mask" if hasattr(constraint, "banned_ids") else "flag"
+        auto = "mask" if self.banned is not None else "flag"
         self.fallback: str = auto if config.fallback == "auto" else config.fallback
         if seed_z is not None and seed_z.shape != (subspace.dim,):
             raise CZAOError(f"seed_z has shape {tuple(seed_z.shape)}; the subspace has {subspace.dim} coefficients")
@@ -504,17 +510,24 @@ class CZAOController:
 
     def _screen(self, step: DecodeStep, base_lp: Tensor) -> float:
         if self.value is not None:
-            return self._value_violation(step.activations[self.value.hook][0])
+            return self._value_violation(step.activations[self.value.hook][0], base_lp[None])
         seq = self.constraint.level == "sequence"
         texts = self._texts(step, base_lp.argmax(-1, keepdim=True), None) if seq else None
         return float(self._violation(base_lp[None], texts)[0])
 
-    def _value_violation(self, acts: Tensor) -> float | Tensor:
-        """V from the value probe: how far the predicted violation is above the acceptance level."""
+    def _value_violation(self, acts: Tensor, lp: Tensor) -> float | Tensor:
+        """V from the value probe: how far the predicted violation is above the acceptance level, plus
+        a conjunction's token parts scored exactly on the log-probabilities ``lp`` ([n, vocab])."""
         assert self.value is not None
         accept = self.value.threshold if self.cfg.probe_accept is None else self.cfg.probe_accept
         v = (self.value.predict(acts) - accept).clamp_min(0)
+        if self.exact_parts:
+            v = v + self._exact_violation(lp).reshape(v.shape)
         return float(v) if v.ndim == 0 else v
+
+    def _exact_violation(self, lp: Tensor) -> Tensor:
+        """The token-level parts of a probed conjunction, summed as And sums them: ``[n]``."""
+        return torch.stack([checked_violation(p, logprobs=lp, context=self.context) for p in self.exact_parts]).sum(0)
 
     def _evaluate(self, step: DecodeStep, Z: Tensor, base_lp: Tensor, lim: _Limits, *, exact: bool = False) -> "Search[Scores]":
         """Score candidates z: asks the loop for one batched forward (plus rollouts, or a probe read,
@@ -526,7 +539,7 @@ class CZAOController:
             # The candidates' own activations at the probe's hook, from the one batched forward.
             logits, _, acts = yield CandidateBatch(Z, 0, self.value.hook)
             lp = logits.float().log_softmax(-1)
-            return self._scored(Z, lp, base_lp, self._value_violation(acts), logits, lim, surrogate=False)
+            return self._scored(Z, lp, base_lp, self._value_violation(acts, lp), logits, lim, surrogate=False)
         seq = self.constraint.level == "sequence"
         use_probe = seq and self.probe is not None and not exact
         capture = self.probe_hook if seq and self.cfg.surrogate else None
@@ -581,6 +594,8 @@ class CZAOController:
             p0 = float(self.value.predict(step.activations[self.value.hook][0]))
             accept = self.value.threshold if self.cfg.probe_accept is None else self.cfg.probe_accept
             v0 = max(0.0, p0 - accept)
+            if self.exact_parts:
+                v0 += float(self._exact_violation(base_lp[None])[0])
         else:
             v0 = self._screen(step, base_lp)
         skip = v0 <= SAT_TOL and (self.value is None or self.cfg.screen)
@@ -733,8 +748,8 @@ class CZAOController:
     def _mask(self, step: DecodeStep, logits: Tensor) -> Tensor:
         """Fallback: token-level guided decoding. Ban the tokens that would violate the constraint."""
         bias = torch.zeros_like(step.logits)
-        if hasattr(self.constraint, "banned_ids"):
-            bias[0, self.constraint.banned_ids(self.model.tokenizer)] = float("-inf")
+        if self.banned is not None:
+            bias[0, self.banned] = float("-inf")
             return bias
         # Sequence level: test the top next tokens as one-token continuations and ban violators.
         top = logits.float().topk(32).indices

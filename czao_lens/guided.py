@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.constraints import Constraint, Context
+from czao_lens.constraints import Constraint, Context, banned_token_ids
 from czao_lens.errors import CzaoLensError
 from czao_lens.generate import DecodeStep, check_sampling, generate_tokens
 from czao_lens.probes import ValueProbe, probe_for
@@ -58,18 +58,22 @@ class GuidedResult:
 class ProbeGuide:
     """The controller: re-rank the top-``k`` next tokens by the value probe (no residual change)."""
 
-    def __init__(self, model: HookedTransformer, probe: ValueProbe, *, top_k: int = 8, strength: float = 1.0) -> None:
+    def __init__(self, model: HookedTransformer, probe: ValueProbe, *, top_k: int = 8, strength: float = 1.0,
+                 banned: Tensor | None = None) -> None:
         if top_k < 1 or top_k > model.cfg.d_vocab:
             raise GuidanceError(f"top_k must be in 1..{model.cfg.d_vocab}, got {top_k}")
         if not (strength >= 0 and strength < float("inf")):
             raise GuidanceError(f"strength must be a finite number >= 0, got {strength}")
         self.probe, self.top_k, self.strength = probe, top_k, strength
+        self.banned = banned  # token ids never taken (a conjunction's token-level parts)
         self.start_layer = model.cfg.n_layers  # nothing to perturb: the loop runs its plain forward
         self.read_hooks: Sequence[str] = ()
         self.p_chosen: list[Tensor] = []  # [batch] per step: p_violation of each row's best-ranked token
 
     def __call__(self, step: DecodeStep) -> None:
         lp = step.logits.float().log_softmax(-1)
+        if self.banned is not None:
+            lp[:, self.banned] = float("-inf")
         top = lp.topk(self.top_k, dim=-1)
         p = self.probe.predict(step.next_token_activations(top.indices, self.probe.hook))  # [batch, k]
         score = top.values + self.strength * (1 - p).clamp_min(1e-6).log()
@@ -105,7 +109,7 @@ def generate_guided(
     if value is None:
         raise GuidanceError(f"no value probe for {constraint.describe()} on this model: train one with "
                             "`czao-lens probe train --constraint SPEC` (token-level constraints need none: use CZAO)")
-    guide = ProbeGuide(model, value, top_k=top_k, strength=strength)
+    guide = ProbeGuide(model, value, top_k=top_k, strength=strength, banned=banned_token_ids(constraint, model.tokenizer))
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     enc = encode_prompts(model, prompts, chat=chat)
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from czao_lens.artifacts import Artifact, check_model, model_info, register_artifact
-from czao_lens.constraints import Constraint, Context
+from czao_lens.constraints import Constraint, Context, split_conjunction
 from czao_lens.errors import CzaoLensError
 from czao_lens.generate import DecodeStep, generate
 from czao_lens.paths import cache_root
@@ -445,8 +445,17 @@ def probe_path(model: HookedTransformer, constraint: Constraint, hook: str | Non
     return cache_root() / "probes" / info["fingerprint"] / f"{constraint.to_dict().get('type', 'constraint')}-{key}"
 
 
+def probed_part(constraint: Constraint) -> Constraint:
+    """The constraint a value probe for ``constraint`` predicts: the constraint itself, or the one
+    sequence-level part of a conjunction whose other parts are token-level (scored exactly)."""
+    split = split_conjunction(constraint)
+    return constraint if split is None else split[0]
+
+
 def find_probe(model: HookedTransformer, constraint: Constraint, hook: str | None = None) -> ValueProbe | None:
-    """The cached probe for this model and constraint, or ``None`` (a broken cache entry counts as none)."""
+    """The cached probe for this model and constraint (for a conjunction of one sequence-level part
+    with token-level ones: that part's probe), or ``None`` (a broken cache entry counts as none)."""
+    constraint = probed_part(constraint)
     if constraint.level != "sequence":
         return None
     path = probe_path(model, constraint, hook)
@@ -471,7 +480,7 @@ def probe_for(model: HookedTransformer, constraint: Constraint, probe: "ValuePro
         return find_probe(model, constraint)
     if not isinstance(probe, ValueProbe):
         raise ProbeError(f"probe must be a ValueProbe, 'auto' or None, got {type(probe).__name__}")
-    probe.check(model, constraint)
+    probe.check(model, probed_part(constraint))
     return probe
 
 
@@ -502,5 +511,5 @@ def train_probe(
 
 __all__ = [
     "ProbeError", "Rollouts", "ValueProbe", "auroc", "calibration", "collect_rollouts", "contrastive_directions", "corpus_prompts", "rollout_residuals", "default_probe_hook",
-    "find_probe", "fit_probe", "probe_for", "probe_path", "spec_key", "train_probe",
+    "find_probe", "fit_probe", "probe_for", "probe_path", "probed_part", "spec_key", "train_probe",
 ]

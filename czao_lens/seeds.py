@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.constraints import Constraint
+from czao_lens.constraints import Constraint, banned_token_ids
 from czao_lens.probes import ValueProbe
 from czao_lens.subspace import Subspace, SubspaceError, orthonormal
 
@@ -37,13 +37,11 @@ def seed_directions(
     """The known good direction per layer of R for this constraint, or ``None`` when there is none."""
     if probe is not None and probe.directions is not None:
         return {l: probe.directions[l].float() for l in layers}
-    banned = getattr(constraint, "banned_ids", None)
-    if callable(banned):
-        ids = banned(model.tokenizer)
-        if len(ids):
-            w_u = model.W_U.detach().float()  # [d, vocab]
-            u = w_u.mean(1) - w_u[:, ids].mean(1)
-            return {l: u for l in layers}
+    ids = banned_token_ids(constraint, model.tokenizer)
+    if ids is not None and len(ids):
+        w_u = model.W_U.detach().float()  # [d, vocab]
+        u = w_u.mean(1) - w_u[:, ids].mean(1)
+        return {l: u for l in layers}
     return None
 
 

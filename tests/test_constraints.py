@@ -26,11 +26,13 @@ from czao_lens.constraints import (
     Regex,
     Sentiment,
     Weighted,
+    banned_token_ids,
     checked_violation,
     constraint_from_spec,
     known_types,
     load_constraint,
     register,
+    split_conjunction,
 )
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -324,6 +326,20 @@ def test_mixed_composite_needs_logits_and_texts(tokenizer):
     v = real.violation(logprobs=logits, texts=["I hate this awful day.", "I love this!"], context=ctx)
     assert v[0] > 0 and v[1] == 0
     assert real.check_text("I love red.") and not real.check_text("I love blue.")
+
+
+def test_banned_token_ids_and_conjunction_split(tokenizer):
+    """What CZAO's mask fallback bans and what a value probe covers, for each kind of composite."""
+    blue, red = AvoidTokens(["blue"]), AvoidTokens(["red"])
+    ids = lambda c: banned_token_ids(c, tokenizer)  # noqa: E731
+    union = set(blue.banned_ids(tokenizer).tolist()) | set(red.banned_ids(tokenizer).tolist())
+    assert set(ids(blue & red & Sentiment(min_compound=0.0)).tolist()) == union
+    assert torch.equal(ids(Weighted(blue, 2.0)), blue.banned_ids(tokenizer))
+    assert ids(blue | red) is None and ids(Sentiment(min_compound=0.0)) is None
+    sent = Sentiment(min_compound=0.0)
+    assert split_conjunction(blue & sent & red) == (sent, (blue, red))
+    assert split_conjunction(sent) is None and split_conjunction(blue & red) is None
+    assert split_conjunction(sent & NoProfanity()) is None  # two sequence parts: no one probe covers them
 
 
 # ----------------------------------------------------------------------------- spec, registry, checks

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from czao_lens.artifacts import model_info
-from czao_lens.constraints import Regex, Sentiment
+from czao_lens.constraints import AvoidTokens, Regex, Sentiment
 from czao_lens.czao import CZAOConfig, CZAOController, CZAOError, build_subspace, generate_czao
 from czao_lens.generate import generate
 from czao_lens.guided import GuidanceError, ProbeGuide, generate_guided
-from czao_lens.probes import ProbeError, ValueProbe, default_probe_hook
+from czao_lens.probes import ProbeError, ValueProbe, default_probe_hook, probe_for
 from czao_lens.prompts import encode_prompts
 
 NO_E = Regex("e", must_match=False)  # sequence level: the text must not contain an "e"
@@ -79,14 +79,23 @@ class _Both:
         return None
 
 
-def test_probe_scored_search_chooses_what_the_exact_path_chooses(tiny):
+#: The tiny model's greedy first word on each of PROMPTS (a conjunction bans them beside NO_E).
+FIRST_WORDS = ["Preserving", "motivates", "Guid", "cyn", "wallet", "unp"]
+NO_E_NOR_FIRST = NO_E & AvoidTokens(FIRST_WORDS)
+
+
+@pytest.mark.parametrize("constraint", [NO_E, NO_E_NOR_FIRST], ids=["sequence", "conjunction"])
+def test_probe_scored_search_chooses_what_the_exact_path_chooses(tiny, constraint):
+    """A conjunction of a sequence-level part and token-level parts takes the part's probe and scores
+    the token parts exactly: its search is the exact path's, step for step."""
     cfg = CZAOConfig(layers=(1,), rank=4, max_steps=3, n_dirs=8, mu=1.0, lookahead=1, probe_accept=0.0, kl_eps=20.0)
     exact_cfg = CZAOConfig(**{**cfg.__dict__, "value_probe": False})
-    probe = oracle(tiny)
+    probe = probe_for(tiny, constraint, oracle(tiny))
     nontrivial = 0
     for prompt in PROMPTS:
         sub = build_subspace(tiny, prompt, cfg)
-        both = _Both(CZAOController(tiny, NO_E, sub, exact_cfg), CZAOController(tiny, NO_E, sub, cfg, value=probe))
+        both = _Both(CZAOController(tiny, constraint, sub, exact_cfg),
+                     CZAOController(tiny, constraint, sub, cfg, value=probe))
         assert both.exact.value is None and both.probed.value is probe
         generate(tiny, prompt, max_new_tokens=1, controller=both)
         (v_exact, s_exact, v_probe, s_probe), = both.found
@@ -134,6 +143,25 @@ def test_the_budget_also_stops_a_search_midway(tiny):
         assert spent <= 2.0 * 6 + one_batch
         assert sum(r.row_passes for r in f.records) > 2.0 * 6 + one_batch  # uncapped, the search runs on
     assert any(r.optimized and r.steps < 10 and not r.satisfied for c in capped for r in c.records)
+
+
+def test_a_conjunction_masks_its_banned_words_when_the_search_fails(tiny):
+    """With one search step and a tight KL bound the search cannot satisfy NO_E, so the fallback acts:
+    the conjunction's banned words are masked (before: it was flagged and the first word came out)."""
+    base = generate(tiny, PROMPTS, max_new_tokens=1)
+    assert [tiny.tokenizer.decode(row).strip() for row in base.new_tokens] == FIRST_WORDS
+    cfg = CZAOConfig(layers=(1,), rank=4, max_steps=1, n_dirs=2, kl_eps=1e-4, budget=None)
+    rs = generate_czao(tiny, PROMPTS, NO_E_NOR_FIRST, cfg, probe=oracle(tiny), max_new_tokens=1)
+    assert all(r.records[0].p_violation is not None for r in rs), "the conjunction must use its part's probe"
+    assert any(r.records[0].fallback == "mask" for r in rs)
+    for r, word in zip(rs, FIRST_WORDS):
+        assert word.lower() not in r.text.lower(), (r.prompt, r.text)
+
+
+def test_probe_guided_decoding_never_takes_a_conjunctions_banned_words(tiny):
+    rs = generate_guided(tiny, PROMPTS, NO_E_NOR_FIRST, probe=oracle(tiny, TokenOracle), top_k=8, max_new_tokens=1)
+    for r, word in zip(rs, FIRST_WORDS):
+        assert word.lower() not in r.text.lower(), (r.prompt, r.text)
 
 
 def test_a_probe_for_another_constraint_or_not_a_probe_is_refused(tiny):

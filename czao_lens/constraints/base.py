@@ -277,6 +277,32 @@ class Weighted(Constraint):
         return f"{self.weight:g}*{self.constraint.describe()}"
 
 
+def banned_token_ids(constraint: Constraint, tokenizer: Any) -> Tensor | None:
+    """Token ids that no satisfying continuation may take next, or ``None`` when the constraint bans
+    none for sure: a token constraint's own list (``banned_ids``), the union over an And's parts, a
+    Weighted's inner list. An Or bans nothing for sure (another part may hold instead)."""
+    if isinstance(constraint, Weighted):
+        return banned_token_ids(constraint.constraint, tokenizer)
+    if isinstance(constraint, And):
+        found = [b for b in (banned_token_ids(p, tokenizer) for p in constraint.parts) if b is not None]
+        return torch.unique(torch.cat(found)) if found else None
+    banned = getattr(constraint, "banned_ids", None)
+    return banned(tokenizer) if callable(banned) else None
+
+
+def split_conjunction(constraint: Constraint) -> tuple[Constraint, tuple[Constraint, ...]] | None:
+    """``(sequence part, token parts)`` of an And with exactly one sequence-level part, else ``None``.
+
+    Such a conjunction can be scored by the sequence part's value probe plus the token parts' exact
+    violations from the candidates' logits (CZAO and probe-guided decoding do so)."""
+    if not isinstance(constraint, And):
+        return None
+    seq = [p for p in constraint.parts if p.level == "sequence"]
+    if len(seq) != 1:
+        return None
+    return seq[0], tuple(p for p in constraint.parts if p.level == "token")
+
+
 # ---------------------------------------------------------------------- checked entry point
 
 
