@@ -3,9 +3,8 @@
     python benchmarks/cross_model_table.py --bench runs/bench_smol_choice --bench runs/bench_smol_gen \
         --bench runs/bench_gemma_full --bench runs/bench_gemma_gen
 
-Folders are grouped by the model their summary names and merged in the order given: a task measured
-in two folders of one model takes every method of the later folder except its unsteered reference
-(a rerun of one arm after a fix replaces that arm of the first run). Per task, one row per method: satisfaction with its 95% interval on
+Folders are merged by :func:`czao_lens.bench.report.read_summaries` (per model, in the order given;
+a later folder's arms replace an earlier one's, its unsteered reference aside). Per task, one row per method: satisfaction with its 95% interval on
 each model, the paired difference to unsteered, the fluency cost (perplexity ratio with the same
 decoding and KL per token for generation tasks; p(answer text) and KL on neutral prompts for choice
 tasks), the compute (row passes per token) and the chosen setting. Prints markdown; the last lines
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import json  # noqa: E402
+from czao_lens.bench.report import read_summaries  # noqa: E402
 
 SHORT = {"smollm2-135m-instruct": "SmolLM2", "gemma-3-270m": "Gemma"}
 
@@ -35,23 +34,6 @@ def setting(s: dict) -> str:
     return str(chosen.get("setting", "-")) if isinstance(chosen, dict) else "-"
 
 
-def read(folders: list[Path]) -> tuple[dict[str, dict[str, dict]], dict[str, list[str]]]:
-    """``{model: {task: summary}}`` merged over the folders, and per model the folders' run lines."""
-    runs: dict[str, dict[str, dict]] = {}
-    lines: dict[str, list[str]] = {}
-    for folder in folders:
-        summary = json.loads((folder / "summary.json").read_text())
-        run = summary["run"]
-        model = run["model"]
-        lines.setdefault(model, []).append(f"`{folder}`: {', '.join(summary['tasks'])}; started {run['started']}, "
-                                           f"{run['seconds'] / 60:.1f} min, n_fit={run['n_fit']}, n_test={run['n_test']}")
-        for task, t in summary["tasks"].items():
-            have = runs.setdefault(model, {}).setdefault(task, t)
-            if have is not t:
-                have["methods"].update({m: s for m, s in t["methods"].items() if m != "unsteered"})
-    return runs, lines
-
-
 def cost(kind: str, s: dict) -> str:
     if kind == "generate":
         return f"ppl x{f(s.get('ppl_ratio_same_decoding', s.get('ppl_ratio')))}, KL {f(s.get('kl'), 3)}"
@@ -62,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", type=Path, action="append", required=True, help="a bench --out folder; repeat")
     args = ap.parse_args()
-    runs, lines = read(args.bench)
+    runs, lines = read_summaries(args.bench)
     models = list(runs)
     names = [SHORT.get(m, m) for m in models]
     tasks = list(dict.fromkeys(t for m in models for t in runs[m]))

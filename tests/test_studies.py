@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from czao_lens.cli import STUDY_NAMES, app
 from czao_lens.studies import STUDIES, StudyError, StudySettings, run_study
 from czao_lens.studies.common import pareto_front, spearman, spearman_ci
-from czao_lens.studies.pareto import read_summaries
+from czao_lens.bench.report import read_summaries
+from czao_lens.bench.tasks import BenchError
 
 runner = CliRunner()
 finite = st.floats(-100, 100, allow_nan=False)
@@ -59,8 +60,9 @@ def test_pareto_front_is_exactly_the_undominated_points(points):
             assert on == (not any(dominates(q, p) for q in points))
 
 
-def _summary(model: str, tasks: dict) -> dict:
-    return {"run": {"model": model}, "tasks": tasks}
+def _summary(model: str, tasks: dict, n_test: int = 12) -> dict:
+    return {"run": {"model": model, "n_test": n_test, "n_fit": 8, "settings": {"seed": 0},
+                    "started": "2026-12-07 12:00:00", "seconds": 60.0}, "tasks": tasks}
 
 
 def _gen_task(methods: dict) -> dict:
@@ -96,16 +98,35 @@ def test_pareto_study_fronts_and_files(bench_dirs, tmp_path):
     assert "unsteered" in res.answer
 
 
-def test_pareto_study_refuses_bad_bench_folders(bench_dirs, tmp_path):
+def test_bench_folders_merge_a_rerun_arm_over_the_first_run(bench_dirs, tmp_path):
+    """A later folder's arm replaces the earlier one's (a rerun after a fix); its unsteered does not."""
     a, _ = bench_dirs
-    with pytest.raises(StudyError, match="two bench folders"):
-        read_summaries([a, a])
-    with pytest.raises(StudyError, match="no bench summary"):
+    fix = tmp_path / "fix"
+    fix.mkdir()
+    (fix / "summary.json").write_text(json.dumps(_summary("m1", {"sentiment": _gen_task(
+        {"unsteered": (0.1, 1.0, 1.0), "caa": (0.95, 1.0, 1.0)})})))
+    runs, lines = read_summaries([a, fix])
+    meths = runs["m1"]["sentiment"]["methods"]
+    assert meths["caa"]["satisfaction"] == 0.95 and meths["unsteered"]["satisfaction"] == 0.3
+    assert meths["czao"]["satisfaction"] == 0.8 and len(lines["m1"]) == 2
+    res = run_study("pareto", StudySettings(bench=[a, fix]), tmp_path / "out")
+    assert {r["method"] for r in res.rows if r["on_front"]} == {"caa"}  # the fixed arm dominates every other
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps(_summary("m1", {"sentiment": _gen_task({"caa": (0.9, 1, 1)})}, n_test=40)))
+    with pytest.raises(BenchError, match="other items"):
+        read_summaries([a, other])
+
+
+def test_pareto_study_refuses_bad_bench_folders(bench_dirs, tmp_path):
+    with pytest.raises(BenchError, match="no bench summary"):
         read_summaries([tmp_path / "nowhere"])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "summary.json").write_text('{"tasks": 3}')
-    with pytest.raises(StudyError, match="not a bench summary"):
+    with pytest.raises(BenchError, match="not a bench summary"):
         read_summaries([tmp_path / "bad"])
+    with pytest.raises(StudyError, match="not a bench summary"):
+        run_study("pareto", StudySettings(bench=[tmp_path / "bad"]))
     with pytest.raises(StudyError, match="give --bench"):
         run_study("pareto", StudySettings())
 

@@ -481,6 +481,8 @@ def _run_tasks(model: HookedTransformer, task_list: list[Task], job: BenchTaskJo
     entries: dict[str, Any] = {}
     info: dict[str, Any] = {"distributed": {k: v for k, v in rep.to_dict().items() if k != "keys_run"}}
     by_key = {r["key"]: r for r in read_rows(out / "tasks" / RESULTS)}
+    # The items' own wall time, over every invocation that ran them (a resumed run only merges).
+    info["item_seconds"] = sum(r.get("timing", {}).get("seconds", 0.0) for r in by_key.values())
     for r in by_key.values():
         info.setdefault("per_item", {})[r["key"]] = r.get("resources", {})
         for k, v in r.get("resources", {}).items():
@@ -568,7 +570,8 @@ def run_bench(
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     threads = pool.backend.threads if on_ray else torch.get_num_threads()
     summary["run"] = {
-        "started": started, "seconds": time.perf_counter() - t_start, "model": model.cfg.model_name,
+        "started": started, "seconds": time.perf_counter() - t_start, "item_seconds": resources.pop("item_seconds"),
+        "model": model.cfg.model_name,
         "n_fit": n_fit, "n_test": n_test, "methods": methods, "settings": asdict(s), "chat": s.chat, "data": str(data),
         "threads": threads, "resources": resources, "concept_threshold": concept_threshold,
     }

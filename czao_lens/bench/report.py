@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from czao_lens.bench.methods import METHODS
+from czao_lens.bench.tasks import BenchError
 
 
 PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
@@ -72,10 +74,17 @@ def task_table(name: str, t: dict) -> str:
     return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
 
 
+def run_minutes(run: dict) -> float:
+    """Minutes the run's items took, summed over every invocation (a resumed run that only merged
+    finished tasks still reports their time); older summaries have only the last invocation's."""
+    return run.get("item_seconds", run["seconds"]) / 60
+
+
 def markdown(summary: dict) -> str:
     run = summary["run"]
     parts = [f"# czao-lens bench: {run['model']}",
-             f"Started {run['started']}, {run['seconds'] / 60:.1f} min, {run['threads']} threads; "
+             f"Started {run['started']}, {run['seconds'] / 60:.1f} min ({run_minutes(run):.1f} min of items over "
+             f"every invocation), {run['threads']} threads; "
              f"n_fit={run['n_fit']}, n_test={run['n_test']}, max_new_tokens={run['settings']['max_new_tokens']}, "
              f"seed={run['settings']['seed']}."]
     for name, t in summary["tasks"].items():
@@ -161,3 +170,41 @@ def write_report(summary: dict, out: Path) -> tuple[Path, Path]:
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>czao-lens bench</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
     (out / "report.html").write_text(page)
     return out / "report.md", out / "report.html"
+
+
+def read_summaries(folders: list[Path]) -> tuple[dict[str, dict[str, dict]], dict[str, list[str]]]:
+    """``{model: {task: task summary}}`` from bench ``--out`` folders, and per model one line per folder.
+
+    Folders are grouped by the model their summary names and merged in the order given: a task
+    measured in two folders of one model takes every method of the later folder except its unsteered
+    reference (a rerun of one arm after a fix replaces that arm), and only when both runs scored the
+    same items (``n_test`` and seed); otherwise the merge is refused."""
+    if not folders:
+        raise BenchError("no bench folders given: pass the --out folder(s) of `czao-lens bench`")
+    runs: dict[str, dict[str, dict]] = {}
+    lines: dict[str, list[str]] = {}
+    items: dict[tuple[str, str], tuple] = {}
+    for folder in map(Path, folders):
+        path = folder / "summary.json"
+        if not path.is_file():
+            raise BenchError(f"no bench summary at {path}: run `czao-lens bench --out {folder}` first")
+        try:
+            summary = json.loads(path.read_text())
+            run, tasks = summary["run"], summary["tasks"]
+            model, key = run["model"], (run["n_test"], run["settings"]["seed"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BenchError(f"{path} is not a bench summary ({exc!r})") from None
+        lines.setdefault(model, []).append(
+            f"`{folder}`: {', '.join(tasks)}; started {run['started']}, {run_minutes(run):.1f} min, "
+            f"n_fit={run['n_fit']}, n_test={run['n_test']}")
+        for task, t in tasks.items():
+            have = runs.setdefault(model, {}).get(task)
+            if have is None:
+                runs[model][task] = {**t, "methods": dict(t["methods"])}
+                items[model, task] = key
+                continue
+            if items[model, task] != key:
+                raise BenchError(f"task {task} of {model} in {folder} scored other items (n_test, seed = {key}) "
+                                 f"than an earlier folder ({items[model, task]}): they cannot be merged")
+            have["methods"].update({m: v for m, v in t["methods"].items() if m != "unsteered"})
+    return runs, lines

@@ -9,40 +9,18 @@ good on all three and better on one.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from czao_lens.bench.report import read_summaries
+from czao_lens.bench.tasks import BenchError
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, pareto_front
 
 COLUMNS = ("model", "task", "method", "satisfaction", "fluency_cost", "compute", "on_front")
 QUESTION = "Which methods are on the satisfaction / fluency / compute Pareto front, per task, on both models?"
-
-
-def read_summaries(folders: list[Path]) -> dict[str, dict[str, dict]]:
-    """``{model: {task: task summary}}`` from bench output folders (several per model are merged; a
-    task measured twice for one model is refused, so a front never mixes two runs silently)."""
-    if not folders:
-        raise StudyError("the pareto study reads bench outputs: give --bench FOLDER (a `czao-lens bench --out`)")
-    out: dict[str, dict[str, dict]] = {}
-    for folder in folders:
-        path = Path(folder) / "summary.json"
-        if not path.is_file():
-            raise StudyError(f"no bench summary at {path}: run `czao-lens bench --out {folder}` first")
-        try:
-            summary = json.loads(path.read_text())
-            model, tasks = summary["run"]["model"], summary["tasks"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StudyError(f"{path} is not a bench summary ({exc})") from None
-        for task, t in tasks.items():
-            if task in out.setdefault(model, {}):
-                raise StudyError(f"task {task} of {model} is in two bench folders; give one of them")
-            out[model][task] = t
-    return out
 
 
 def objectives(task: dict, s: dict) -> tuple[float, float, float]:
@@ -56,7 +34,10 @@ def objectives(task: dict, s: dict) -> tuple[float, float, float]:
 def run(settings: StudySettings) -> StudyResult:
     """The front of every (model, task) of the given bench folders."""
     timer = Timer()
-    summaries = read_summaries(settings.bench)
+    try:
+        summaries, _ = read_summaries(settings.bench)
+    except BenchError as exc:
+        raise StudyError(f"the pareto study reads bench outputs: {exc}") from None
     rows: list[dict[str, Any]] = []
     for model, tasks in summaries.items():
         for task, t in tasks.items():
