@@ -220,6 +220,11 @@ def test_an_interrupted_bench_reruns_only_the_unfinished_tasks(smol, tmp_path, m
     same = [json.dumps(without_timings(x["tasks"]), sort_keys=True, default=str) for x in (whole, resumed)]  # NaN-safe
     assert same[0] == same[1] and list(resumed["tasks"]) == ["refusal", "sycophancy"]
     assert "failed" not in resumed["tasks"]["sycophancy"]["methods"]["caa"]
+    # The run's item time counts the refusal item of the interrupted invocation too.
+    items = [json.loads(line) for line in (tmp_path / "cut" / "tasks" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in items) == ["refusal", "sycophancy"]
+    assert resumed["run"]["item_seconds"] == pytest.approx(sum(r["timing"]["seconds"] for r in items))
+    assert resumed["run"]["item_seconds"] > items[[r["key"] for r in items].index("sycophancy")]["timing"]["seconds"]
 
 
 def test_method_groups_and_their_merge():
