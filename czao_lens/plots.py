@@ -9,6 +9,15 @@ from typing import Sequence
 import plotly.graph_objects as go
 
 
+#: One colour per series, fixed by the series' index, so a series keeps its colour in every panel.
+SERIES_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def series_color(i: int) -> str:
+    """The colour of series ``i`` (cycling)."""
+    return SERIES_COLORS[i % len(SERIES_COLORS)]
+
+
 def save_figure(fig: go.Figure, path: str | Path, *, png: bool = False) -> Path:
     """Write ``fig`` as standalone HTML (plotly.js inlined, works offline); PNG too when asked and
     kaleido is installed (it is not a dependency). Returns the HTML path."""

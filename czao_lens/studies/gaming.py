@@ -21,6 +21,7 @@ from czao_lens.bench.metrics import distinct_n
 from czao_lens.bench.tasks import load_task
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.generate import generate
+from czao_lens.plots import series_color
 from czao_lens.studies.common import StudyResult, StudySettings
 
 COLUMNS = ("model", "task", "level", "n", "accepted", "gaming", "second_rejects_accepted", "distinct2")
@@ -76,9 +77,9 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
     for c, key in enumerate(cases, start=1):
         mine = [r for r in rows if (r["model"], r["task"]) == key]
         x = [r["level"] for r in mine]
-        for k, dash in (("accepted", None), ("gaming", "dash"), ("distinct2", "dot")):
+        for i, (k, dash) in enumerate((("accepted", None), ("gaming", "dash"), ("distinct2", "dot"))):
             fig.add_trace(go.Scatter(x=x, y=[r[k] for r in mine], mode="lines+markers", name=k, legendgroup=k,
-                                     showlegend=c == 1, line=dict(dash=dash)), row=1, col=c)
+                                     showlegend=c == 1, line=dict(dash=dash, color=series_color(i))), row=1, col=c)
         fig.update_yaxes(range=[-0.05, 1.05], row=1, col=c)
     fig.update_layout(height=420, width=max(700, 330 * len(cases)), title="Evaluator gaming vs optimisation pressure")
     return fig

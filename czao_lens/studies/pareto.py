@@ -15,6 +15,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from czao_lens.plots import series_color
 from czao_lens.bench.report import read_summaries
 from czao_lens.bench.tasks import BenchError
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings, Timer, pareto_front
@@ -84,7 +85,6 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
     nrows = max(1, math.ceil(len(tasks) / cols))
     fig = make_subplots(rows=nrows, cols=cols, subplot_titles=tasks, horizontal_spacing=0.07, vertical_spacing=0.16)
     symbols = ["circle", "diamond", "square", "triangle-up"]
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     for k, task in enumerate(tasks):
         r, c = k // cols + 1, k % cols + 1
         for i, model in enumerate(models):
@@ -97,7 +97,7 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
                 name=model, legendgroup=model, showlegend=k == 0,
                 marker=dict(symbol=[symbols[i % 4] + ("" if x["on_front"] else "-open") for x in mine],
                             size=[9 + 6 * math.log2(max(x["compute"], 1.0)) if math.isfinite(x["compute"]) else 9 for x in mine],
-                            color=colors[i % 4], line=dict(width=1.5, color=colors[i % 4])),
+                            color=series_color(i), line=dict(width=1.5, color=series_color(i))),
                 hovertemplate="%{text}<br>satisfaction %{y:.2f}<br>fluency cost %{x:.2f}<extra>" + model + "</extra>",
             ), row=r, col=c)
         gen = any(x["kind"] == "generate" for x in rows if x["task"] == task)

@@ -28,6 +28,7 @@ from czao_lens.constraints import AvoidTokens
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.diagnostics.landscape import loss_landscape
 from czao_lens.diagnostics.lyapunov import lyapunov_spectrum
+from czao_lens.plots import series_color
 from czao_lens.studies.common import StudyError, StudyResult, StudySettings, confident_word_prompts, spearman_ci, word_pool
 
 COLUMNS = ("model", "layer", "roughness", "lyapunov_local", "lyapunov_ahead", "steps", "z_norm", "satisfied")
@@ -104,12 +105,12 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
     keys = ("roughness", "lyapunov_local", "lyapunov_ahead", "steps", "z_norm")
     for c, name in enumerate(models, start=1):
         mine = [r for r in rows if r["model"] == name]
-        for k in keys:
+        for i, k in enumerate(keys):
             v = torch.tensor([r[k] for r in mine], dtype=torch.float64)
             span = float(v.max() - v.min())
             scaled = ((v - v.min()) / span).tolist() if span > 0 else [0.5] * len(mine)
             fig.add_trace(go.Scatter(x=[r["layer"] for r in mine], y=scaled, mode="lines+markers", name=k, legendgroup=k,
-                                     showlegend=c == 1, customdata=[r[k] for r in mine],
+                                     showlegend=c == 1, customdata=[r[k] for r in mine], line=dict(color=series_color(i)),
                                      hovertemplate=k + " %{customdata:.3f}<extra></extra>"), row=1, col=c)
         fig.update_xaxes(title_text="layer", row=1, col=c)
     fig.update_yaxes(title_text="scaled to [0, 1] per curve", row=1, col=1)

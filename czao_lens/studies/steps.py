@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.diagnostics.tracing import load_caa, load_layers, rank_layers, trace_item
+from czao_lens.plots import series_color
 from czao_lens.prompts import resolve_chat
 from czao_lens.studies.common import StudyResult, StudySettings, constraint_suite
 
@@ -104,20 +105,24 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
     fig = make_subplots(rows=2, cols=len(cases), subplot_titles=[f"{m}<br>{t}" for m, t in cases], shared_xaxes=True,
                         vertical_spacing=0.08)
     for c, (m, t) in enumerate(cases, start=1):
-        for k in sorted({r["n_layers"] for r in rows}):
+        for i, k in enumerate(sorted({r["n_layers"] for r in rows})):
             mine = sorted((r for r in rows if (r["model"], r["type"]) == (m, t) and r["n_layers"] == k and r["seed_line"]),
                           key=lambda r: r["rank"])
             text = [f"satisfaction {r['satisfaction']:.2f}" for r in mine]
             for row_i, key in ((1, "mean_steps"), (2, "row_passes_per_token")):
                 fig.add_trace(go.Scatter(x=[r["rank"] for r in mine], y=[r[key] for r in mine], mode="lines+markers",
-                                         name=f"|R|={k}", legendgroup=str(k), showlegend=c == 1 and row_i == 1, text=text),
+                                         name=f"|R|={k}", legendgroup=str(k), showlegend=c == 1 and row_i == 1, text=text,
+                                         line=dict(color=series_color(i))),
                               row=row_i, col=c)
         raw = sorted((r for r in rows if (r["model"], r["type"]) == (m, t) and not r["seed_line"]), key=lambda r: r["rank"])
         for row_i, key in ((1, "mean_steps"), (2, "row_passes_per_token")):
             fig.add_trace(go.Scatter(x=[r["rank"] for r in raw], y=[r[key] for r in raw], mode="lines+markers",
                                      line=dict(dash="dot", color="gray"), name="|R|=1, no seed line", legendgroup="raw",
                                      showlegend=c == 1 and row_i == 1), row=row_i, col=c)
-        fig.update_xaxes(type="log", title_text="rank r", row=2, col=c)
+        ranks = sorted({r["rank"] for r in rows})
+        for row_i in (1, 2):
+            fig.update_xaxes(type="log", tickvals=ranks, ticktext=[str(r) for r in ranks], row=row_i, col=c)
+        fig.update_xaxes(title_text="rank r", row=2, col=c)
     fig.update_yaxes(title_text="mean steps / optimised token", row=1, col=1)
     fig.update_yaxes(title_text="row passes / token", row=2, col=1)
     fig.update_layout(height=650, width=max(700, 300 * len(cases)), title="CZAO's steps and cost vs rank and |R|")
