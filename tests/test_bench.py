@@ -265,3 +265,29 @@ def test_the_trilemma_chart_leaves_out_a_method_whose_every_item_failed():
     dead = {"satisfaction": nan, "ci": [nan, nan], "ppl_ratio": nan, "passes_per_token": nan, "wall_ratio": nan}
     fig = trilemma_figure({"tasks": {"sentiment": {"kind": "generate", "methods": {"czao": ok, "caa": dead}}}})
     assert [t.name for t in fig.data] == ["czao"]
+
+
+def test_the_sweep_never_picks_a_setting_that_degenerates_into_repetition(tiny):
+    """Seen on Gemma: SAE steering at x4 wrote "?\\n\\n?\\n\\n..." on every sentiment prompt, which VADER
+    scores neutral (satisfied) and whose perplexity stayed within the guard. The distinct-2 guard
+    leaves it out; without the guard (distinct_guard=0) it would win on satisfaction."""
+    from czao_lens.bench.methods import Output, tune_generate
+
+    task = load_task("sentiment", DATA, n_fit=4, n_test=1)
+    s = replace(BenchSettings(), n_tune=4)
+
+    def fixed(text: str):
+        toks = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return lambda prompt: Output(text, toks, None, 1.0, 0.0)
+
+    runs = {"x1": fixed(" and then they all went home angry and sad about it."),
+            "x2": fixed("?\n\n?\n\n?\n\n?\n\n?\n\n?\n\n?\n\n?"),
+            "x4": fixed(" it was a good day, the sun was out and we were happy.")}
+    _, base = tune_generate(tiny, task, {"unsteered": runs["x1"]}, s, None)
+    key, rows = tune_generate(tiny, task, runs, s, base[0])
+    by = {r["setting"]: r for r in rows}
+    assert by["x2"]["distinct2"] < 0.2 < by["x4"]["distinct2"]
+    assert by["x2"]["satisfaction"] == by["x4"]["satisfaction"] == 1.0 and by["x1"]["satisfaction"] == 0.0
+    assert key == "x4"
+    # Ties go to the gentler setting: without the guard the repetition would be chosen.
+    assert tune_generate(tiny, task, runs, replace(s, distinct_guard=0.0), base[0])[0] == "x2"

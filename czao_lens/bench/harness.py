@@ -130,8 +130,7 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
     info: dict[str, Any] = {}
     base = static_run(model, None, s)
     _, base_rows = tune_generate(model, task, {"unsteered": base}, s, None)
-    base_ppl = base_rows[0]["ppl"]
-    info["tune_unsteered"] = base_rows[0]
+    info["tune_unsteered"] = base_tune = base_rows[0]
     shared = TaskFit(model, task, s, store, res, info)
 
     def unsteered() -> Fitted:
@@ -143,7 +142,7 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
     def czao() -> Fitted:
         cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
         runs = {k: czao_run(model, task, c, s, store) for k, c in cfgs.items()}
-        key, rows = tune_generate(model, task, runs, s, base_ppl)
+        key, rows = tune_generate(model, task, runs, s, base_tune)
         info["czao_tune_passes"] = next(r["passes_per_token"] for r in rows if r["setting"] == key)
         return Fitted("czao", {"config": asdict(cfgs[key]), "setting": key}, run=runs[key], sweep=rows)
 
@@ -155,7 +154,7 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
         dirs = fb.directions_by_layer()
         cfgs = {f"eps={e:g}": CZAOConfig(layers=(s.layer,), kl_eps=e, seed=s.seed) for e in s.czao_eps_grid}
         runs = {k: czao_run(model, task, c, s, store, basis_directions=dirs) for k, c in cfgs.items()}
-        key, rows = tune_generate(model, task, runs, s, base_ppl)
+        key, rows = tune_generate(model, task, runs, s, base_tune)
         # The config's own basis field is not what ran: the SAE decoder rows replaced it.
         return Fitted("czao-sae", {"config": {**asdict(cfgs[key]), "basis": "sae"}, "setting": key, "features": fb.indices,
                                    "dim": len(fb.indices)}, run=runs[key], sweep=rows)
@@ -169,7 +168,7 @@ def fit_generate(model: HookedTransformer, task: Task, methods: list[str], s: Be
 
     def steering(m: str) -> Fitted:
         runs = {k: static_run(model, iv, s) for k, iv in strength_grid(m, shared.fit(m), s, task.kind).items()}
-        key, rows = tune_generate(model, task, runs, s, base_ppl)
+        key, rows = tune_generate(model, task, runs, s, base_tune)
         return Fitted(m, {"setting": key}, run=runs[key], sweep=rows)
 
     fits = {"unsteered": unsteered, "prompting": prompting, "czao": czao, "czao-sae": czao_sae, "bestofn": bestofn,

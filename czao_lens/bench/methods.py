@@ -8,9 +8,10 @@ generation tasks, pooled over their continuation tokens, and the A/B items for c
 
 Every method ends up as a :class:`Fitted`: a chosen setting plus ``run(prompt)`` for generation tasks
 or an ``intervention`` for choice tasks. Hyperparameters come from a small sweep scored on the fit
-split only (``tune``): maximise satisfaction subject to a fluency guard (mean perplexity under the
-unsteered model at most ``ppl_guard`` times unsteered's for generation; KL on neutral prompts at
-most ``kl_guard`` nats for choice tasks); ties go to the gentler setting.
+split only (``tune``): maximise satisfaction subject to fluency guards (for generation: mean perplexity
+under the unsteered model at most ``ppl_guard`` times unsteered's, and distinct-2 at least
+``distinct_guard`` times unsteered's, since a text that repeats one token has a low perplexity too;
+for choice tasks: KL on neutral prompts at most ``kl_guard`` nats); ties go to the gentler setting.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Callable, Protocol, Sequence
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from czao_lens.bench.metrics import fluency, mean, unsteered_logprobs
+from czao_lens.bench.metrics import distinct_n, fluency, mean, unsteered_logprobs
 from czao_lens.bench.tasks import BenchError, Task
 from czao_lens.constraints import Context
 from czao_lens.czao import CZAOConfig, generate_czao
@@ -91,6 +92,7 @@ class BenchSettings:
     czao_eps_grid: tuple[float, ...] = (0.5, 1.5)
     sae_features: int = 8
     ppl_guard: float = 2.0
+    distinct_guard: float = 0.5  # degenerate repetition ("?\n\n?\n\n...") satisfies many evaluators
     kl_guard: float = 1.0
     jac_prompts: int = 24
     jac_layers: tuple[int, ...] | None = None  # None: layer..n_layers-1
@@ -275,25 +277,32 @@ def sample_contrast(model: HookedTransformer, task: Task, s: BenchSettings) -> C
 
 
 def tune_generate(model: HookedTransformer, task: Task, runs: dict[str, Callable[[str], Output]], s: BenchSettings,
-                  base_ppl: float | None) -> tuple[str, list[dict]]:
-    """Score each setting on the tune prompts; return the chosen key and the sweep table."""
+                  base: dict | None) -> tuple[str, list[dict]]:
+    """Score each setting on the tune prompts; return the chosen key and the sweep table. ``base`` is
+    unsteered's row of this table (None when scoring unsteered itself): the guards are relative to it."""
     prompts = task.fit[: s.n_tune]
     rows = []
     for key, run in runs.items():
-        oks, ppls, passes = [], [], []
+        oks, ppls, passes, texts = [], [], [], []
         for p in prompts:
             out = run(p)
             oks.append(check(task, model, p, out.text))
             if out.tokens:
                 ppls.append(fluency(unsteered_logprobs(model, p, out.tokens), out.tokens, None)["ppl"])
             passes.append(out.passes_per_token)
-        rows.append({"setting": key, "satisfaction": mean(oks), "ppl": mean(ppls), "passes_per_token": mean(passes)})
-    return choose(rows, "satisfaction", "ppl", base_ppl * s.ppl_guard if base_ppl else math.inf), rows
+            texts.append(out.text)
+        rows.append({"setting": key, "satisfaction": mean(oks), "ppl": mean(ppls), "passes_per_token": mean(passes),
+                     "distinct2": distinct_n(texts, 2)})
+    if base is None:
+        return choose(rows, "satisfaction", {}), rows
+    return choose(rows, "satisfaction", {"ppl": (-math.inf, base["ppl"] * s.ppl_guard),
+                                         "distinct2": (base["distinct2"] * s.distinct_guard, math.inf)}), rows
 
 
-def choose(rows: list[dict], score_key: str, cost_key: str, limit: float) -> str:
-    """The best-scoring setting whose cost is within the limit; else the gentlest (grids go gentle first)."""
-    ok = [r for r in rows if not (r[cost_key] > limit)]  # a NaN cost passes
+def choose(rows: list[dict], score_key: str, bounds: dict[str, tuple[float, float]]) -> str:
+    """The best-scoring setting with every ``bounds[key] = (lo, hi)`` met (a NaN passes); else the
+    gentlest (grids go gentle first)."""
+    ok = [r for r in rows if not any(r[k] < lo or r[k] > hi for k, (lo, hi) in bounds.items())]
     if not ok:
         return rows[0]["setting"]
     best = max(r[score_key] for r in ok)
@@ -337,7 +346,7 @@ def tune_choice(model: HookedTransformer, task: Task, interventions: dict[str, I
         rows.append({"setting": key, "satisfaction": float((p > 0.5).float().mean()), "p_text": float(p.mean()),
                      "kl_neutral": neutral_kl(model, f, reference=reference, chat=settings_chat(s))})
     # Mean probability is a finer signal than the >0.5 rate on a handful of items.
-    return choose(rows, "p_text", "kl_neutral", s.kl_guard), rows
+    return choose(rows, "p_text", {"kl_neutral": (-math.inf, s.kl_guard)}), rows
 
 
 def answer_texts(model: HookedTransformer, items: Sequence, *, chat: bool) -> tuple[list[str], list[str]]:
