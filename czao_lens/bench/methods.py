@@ -293,10 +293,9 @@ def tune_generate(model: HookedTransformer, task: Task, runs: dict[str, Callable
             texts.append(out.text)
         rows.append({"setting": key, "satisfaction": mean(oks), "ppl": mean(ppls), "passes_per_token": mean(passes),
                      "distinct2": distinct_n(texts, 2)})
-    if base is None:
-        return choose(rows, "satisfaction", {}), rows
-    return choose(rows, "satisfaction", {"ppl": (-math.inf, base["ppl"] * s.ppl_guard),
-                                         "distinct2": (base["distinct2"] * s.distinct_guard, math.inf)}), rows
+    bounds = {} if base is None else {"ppl": (-math.inf, base["ppl"] * s.ppl_guard),
+                                      "distinct2": (base["distinct2"] * s.distinct_guard, math.inf)}
+    return choose(rows, "satisfaction", bounds), rows
 
 
 def choose(rows: list[dict], score_key: str, bounds: dict[str, tuple[float, float]]) -> str:

@@ -119,10 +119,9 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
             fig.add_trace(go.Scatter(x=[r["rank"] for r in raw], y=[r[key] for r in raw], mode="lines+markers",
                                      line=dict(dash="dot", color="gray"), name="|R|=1, no seed line", legendgroup="raw",
                                      showlegend=c == 1 and row_i == 1), row=row_i, col=c)
-        ranks = sorted({r["rank"] for r in rows})
-        for row_i in (1, 2):
-            fig.update_xaxes(type="log", tickvals=ranks, ticktext=[str(r) for r in ranks], row=row_i, col=c)
         fig.update_xaxes(title_text="rank r", row=2, col=c)
+    ranks = sorted({r["rank"] for r in rows})  # every panel: a log axis ticked at the ranks measured
+    fig.update_xaxes(type="log", tickvals=ranks, ticktext=[str(r) for r in ranks])
     fig.update_yaxes(title_text="mean steps / optimised token", row=1, col=1)
     fig.update_yaxes(title_text="row passes / token", row=2, col=1)
     fig.update_layout(height=650, width=max(700, 300 * len(cases)), title="CZAO's steps and cost vs rank and |R|")
