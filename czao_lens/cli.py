@@ -982,12 +982,19 @@ def study(
     layer: Optional[int] = typer.Option(None, help="Steering layer (default: 12, or the last layer of a smaller model)."),
     layers_json: Optional[Path] = typer.Option(None, "--layers-json", help="Tracing's layers.json for studies that pick layers (steps); default: a small trace."),
     quick: bool = typer.Option(False, help="Tiny sizes: checks the harness end to end (CI)."),
+    size: Optional[List[str]] = typer.Option(None, "--size", help="Override one of the study's sizes, KEY=VALUE; repeat (e.g. --size ranks=4,16,64 --size prompts=2). Keys per study: docs/findings.md."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(DEFAULT_OUT / "studies", help="Folder; the study writes OUT/NAME/table.json and figure.html."),
 ) -> None:
     """Run one of the studies of docs/findings.md and save its table and figure."""
     if name not in STUDY_NAMES:
         _fail(f"unknown study {name!r}; known: {', '.join(STUDY_NAMES)}")
+    sizes: dict[str, str] = {}
+    for item in size or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--size takes KEY=VALUE, got {item!r}")
+        sizes[key.strip()] = value
     models_ = list(model or [DEFAULT_MODEL])
     from czao_lens.models import check_model_name
 
@@ -1006,7 +1013,7 @@ def study(
 
     try:
         settings = StudySettings(models=models_, quick=quick, data=data or default_data_dir(), bench=list(bench_dir or []),
-                                 seed=seed, layer=layer, layers_json=layers_json, load=_load)
+                                 seed=seed, layer=layer, layers_json=layers_json, sizes=sizes, load=_load)
         result = run_study(name, settings, out)
     except StudyError as exc:
         _fail(str(exc))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from czao_lens.cli import STUDY_NAMES, app
 from czao_lens.studies import STUDIES, StudyError, StudySettings, run_study
-from czao_lens.studies.common import pareto_front, spearman, spearman_ci
+from czao_lens.studies.common import override_sizes, pareto_front, spearman, spearman_ci
 from czao_lens.bench.report import read_summaries
 from czao_lens.bench.tasks import BenchError
 
@@ -193,9 +193,10 @@ def test_localization_quick_harness(smol, tmp_path):
 
 @pytest.mark.real
 def test_steps_quick_harness(smol, tmp_path):
-    res = run_study("steps", StudySettings(quick=True, load=lambda name: smol), tmp_path)
+    # --size laid over the quick form: ranks 4 and 8 instead of 4 and 16
+    res = run_study("steps", StudySettings(quick=True, sizes={"ranks": "4,8"}, load=lambda name: smol), tmp_path)
     assert {(r["type"], r["rank"], r["n_layers"]) for r in res.rows} == {
-        (t, r, k) for t in ("banned words", "sentiment") for r in (4, 16) for k in (1, 2)}
+        (t, r, k) for t in ("banned words", "sentiment") for r in (4, 8) for k in (1, 2)}
     traced = res.stats["layers"]["smollm2-135m-instruct"]
     for r in res.rows:
         assert r["layers"] == sorted(traced[: r["n_layers"]]) and r["seed_line"]
@@ -281,6 +282,31 @@ class _Unsure:
         return torch.zeros(tokens.shape[0], tokens.shape[1], self.cfg.d_vocab)
 
 
+def test_size_overrides_are_read_as_the_full_forms_types():
+    full = {"ranks": (4, 8), "prompts": 4, "budgets": (1.0, 3.0), "multiplier": 2.0, "types": ("banned words", "sentiment")}
+    got = override_sizes({**full, "prompts": 1}, full, {"ranks": "16, 32", "budgets": "0.5", "multiplier": -1, "types": "sentiment"})
+    assert got == {"ranks": (16, 32), "prompts": 1, "budgets": (0.5,), "multiplier": -1.0, "types": ("sentiment",)}
+    assert override_sizes(full, full, {}) == full
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"rank": "4"}, "unknown size 'rank'"),
+    ({"ranks": ""}, "non-empty"),
+    ({"ranks": "4,,8"}, "non-empty"),
+    ({"ranks": "4,x"}, "must be an integer"),
+    ({"ranks": "0"}, "must be >= 1"),
+    ({"prompts": 2.5}, "must be an integer"),
+    ({"prompts": True}, "must be an integer"),
+    ({"multiplier": "nan"}, "must be finite"),
+    ({"multiplier": "inf"}, "must be finite"),
+    ({"types": "sentiment,nonsense"}, "unknown types 'nonsense'"),
+])
+def test_bad_size_overrides_are_refused(sizes, message):
+    full = {"ranks": (4, 8), "prompts": 4, "multiplier": 2.0, "types": ("banned words", "sentiment")}
+    with pytest.raises(StudyError, match=message):
+        override_sizes(full, full, sizes)
+
+
 def test_study_cli_help_names_and_errors(tmp_path, bench_dirs):
     assert set(STUDY_NAMES) == set(STUDIES)
     res = runner.invoke(app, ["study", "--help"])
@@ -299,6 +325,15 @@ def test_study_cli_help_names_and_errors(tmp_path, bench_dirs):
     assert res.exit_code == 2 and "--layer must be >= 0" in res.output
     res = runner.invoke(app, ["study", "steerability", "--layer", "99"])
     assert res.exit_code == 2 and "99" in res.output
+    # bad --size: refused before any model loads (the study's sizes are checked first)
+    res = runner.invoke(app, ["study", "steps", "--size", "ranks"])
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
+    res = runner.invoke(app, ["study", "steps", "--size", "ranks=4,-8"])
+    assert res.exit_code == 2 and "ranks must be >= 1" in res.output
+    res = runner.invoke(app, ["study", "gaming", "--size", "ranks=4"])
+    assert res.exit_code == 2 and "unknown size 'ranks'" in res.output and "levels" in res.output
+    res = runner.invoke(app, ["study", "pareto", "--bench", str(bench_dirs[0]), "--size", "prompts=2"])
+    assert res.exit_code == 2 and "no sizes to set" in res.output
     res = runner.invoke(app, ["study", "pareto", "--bench", str(bench_dirs[0]), "--bench", str(bench_dirs[1]),
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output

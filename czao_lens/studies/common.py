@@ -36,6 +36,7 @@ class StudySettings:
     seed: int = 0
     layer: int | None = None
     layers_json: Path | None = None
+    sizes: dict[str, Any] = field(default_factory=dict)  # overrides of the study's sizes, e.g. {"ranks": "4,16,64"}
     load: Callable[[str], HookedTransformer] | None = None
 
     def __post_init__(self) -> None:
@@ -46,8 +47,9 @@ class StudySettings:
 
     def start(self, full: dict[str, Any], quick: dict[str, Any]) -> tuple[dict[str, Any], "Timer", Path]:
         """What every study starts with: its sizes (the quick form for a harness check, else the full
-        one), a wall-clock timer and the data folder."""
-        return (quick if self.quick else full), Timer(), self.data_dir()
+        one, with ``sizes`` laid over it), a wall-clock timer and the data folder. Called before any
+        model loads, so a bad override fails at once."""
+        return override_sizes(quick if self.quick else full, full, self.sizes), Timer(), self.data_dir()
 
     def data_dir(self) -> Path:
         return Path(self.data) if self.data is not None else default_data_dir()
@@ -79,6 +81,45 @@ class StudySettings:
         d["bench"] = [str(p) for p in self.bench]
         d["layers_json"] = None if self.layers_json is None else str(self.layers_json)
         return d
+
+
+def override_sizes(base: dict[str, Any], full: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``sizes`` laid over it. A value may be given as text (``"4,16,64"``, from the CLI)
+    and is read as the type of the full form's value; counts must be >= 1, numbers finite, and names
+    (constraint types, tasks, behaviours) ones the full form knows."""
+    out = dict(base)
+    for key, value in sizes.items():
+        if key not in full:
+            raise StudyError(f"unknown size {key!r} for this study; known: {', '.join(full)}")
+        out[key] = _size_value(key, value, full[key])
+    return out
+
+
+def _size_value(key: str, value: Any, like: Any) -> Any:
+    if isinstance(like, tuple):
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+        if not items or any(v == "" for v in items):
+            raise StudyError(f"size {key} needs a non-empty comma-separated list, got {value!r}")
+        return tuple(_size_value(key, v, like[0]) for v in items) if not isinstance(like[0], str) else _names(key, items, like)
+    kind = type(like)
+    try:
+        v = kind(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        v = None
+    if v is None or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise StudyError(f"size {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if kind is int and v < 1:
+        raise StudyError(f"size {key} must be >= 1, got {v}")
+    if kind is float and not math.isfinite(v):
+        raise StudyError(f"size {key} must be finite, got {v}")
+    return v
+
+
+def _names(key: str, items: list[Any], known: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [v for v in items if v not in known]
+    if bad:
+        raise StudyError(f"unknown {key} {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+    return tuple(items)
 
 
 @dataclass
@@ -180,6 +221,9 @@ def word_pool(data: Path, seed: int = 0) -> list[str]:
     from czao_lens.bench.tasks import load_task
 
     return load_task("sentiment", data, n_fit=80, n_test=1, seed=seed).fit
+
+
+SUITE_TYPES = ("banned words", "sentiment", "profanity", "concept")  # the keys of constraint_suite
 
 
 def constraint_suite(model: HookedTransformer, data: Path, n: int, seed: int = 0) -> dict[str, list[tuple[str, Any]]]:

@@ -25,11 +25,11 @@ from czao_lens.diagnostics.lyapunov import lyapunov_spectrum
 from czao_lens.probes import auroc
 from czao_lens.sites import resid_hook
 from czao_lens.store import ActivationStore
-from czao_lens.studies.common import StudyResult, StudySettings, constraint_suite, cv_logistic_auroc
+from czao_lens.studies.common import SUITE_TYPES, StudyResult, StudySettings, constraint_suite, cv_logistic_auroc
 
 QUESTION = ("How is the reachability margin distributed per constraint type, can unreachability be predicted from the "
             "prompt's activations or Lyapunov sensitivity, and is it a property of the prompt, the layer or the budget?")
-FULL = {"prompts": 8, "budgets": (1.0, 3.0), "iters": 4}
+FULL = {"prompts": 8, "budgets": (1.0, 3.0), "iters": 4, "types": SUITE_TYPES}
 QUICK = {"prompts": 1, "budgets": (1.0,), "iters": 2, "types": ("banned words",)}
 
 
@@ -44,7 +44,7 @@ def run(settings: StudySettings) -> StudyResult:
         main = settings.layer_for(model)
         layers = (main, max(1, main // 2))
         suite = constraint_suite(model, data, sizes["prompts"], settings.seed)
-        items = [(t, p, c) for t in sizes.get("types", tuple(suite)) for p, c in suite[t]]
+        items = [(t, p, c) for t in sizes["types"] for p, c in suite[t]]
         lyap = []
         for ctype, prompt, c in tqdm(items, desc=f"reachability {name}"):
             row: dict[str, Any] = {"model": name, "type": ctype, "prompt": prompt}

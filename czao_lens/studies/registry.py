@@ -20,18 +20,19 @@ class Study:
     question: str
     run: Callable[[StudySettings], StudyResult]
     needs: str  # "models" (loads each --model) or "bench" (reads --bench folders)
+    sizes: tuple[str, ...] = ()  # what --size may set (the keys of the study's full form)
 
 
 STUDIES: dict[str, Study] = {
-    "steps": Study("steps", steps.QUESTION, steps.run, "models"),
-    "steerability": Study("steerability", steerability.QUESTION, steerability.run, "models"),
-    "cast_transfer": Study("cast_transfer", cast_transfer.QUESTION, cast_transfer.run, "models"),
+    "steps": Study("steps", steps.QUESTION, steps.run, "models", tuple(steps.FULL)),
+    "steerability": Study("steerability", steerability.QUESTION, steerability.run, "models", tuple(steerability.FULL)),
+    "cast_transfer": Study("cast_transfer", cast_transfer.QUESTION, cast_transfer.run, "models", tuple(cast_transfer.FULL)),
     "pareto": Study("pareto", pareto.QUESTION, pareto.run, "bench"),
-    "localization": Study("localization", localization.QUESTION, localization.run, "models"),
-    "reachability": Study("reachability", reachability.QUESTION, reachability.run, "models"),
-    "gaming": Study("gaming", gaming.QUESTION, gaming.run, "models"),
-    "conjunction": Study("conjunction", conjunction.QUESTION, conjunction.run, "models"),
-    "sensitivity": Study("sensitivity", sensitivity.QUESTION, sensitivity.run, "models"),
+    "localization": Study("localization", localization.QUESTION, localization.run, "models", tuple(localization.FULL)),
+    "reachability": Study("reachability", reachability.QUESTION, reachability.run, "models", tuple(reachability.FULL)),
+    "gaming": Study("gaming", gaming.QUESTION, gaming.run, "models", tuple(gaming.FULL)),
+    "conjunction": Study("conjunction", conjunction.QUESTION, conjunction.run, "models", tuple(conjunction.FULL)),
+    "sensitivity": Study("sensitivity", sensitivity.QUESTION, sensitivity.run, "models", tuple(sensitivity.FULL)),
 }
 
 
@@ -48,6 +49,8 @@ def run_study(name: str, settings: StudySettings, out: str | Path | None = None)
     study = get_study(name)
     if study.needs == "bench" and not settings.bench:
         raise StudyError(f"study {name} reads bench outputs: give --bench FOLDER")
+    if settings.sizes and not study.sizes:
+        raise StudyError(f"study {name} has no sizes to set")
     result = study.run(settings)
     if out is not None:
         result.save(Path(out) / name)

@@ -21,11 +21,11 @@ from czao_lens.czao import CZAOConfig, generate_czao
 from czao_lens.diagnostics.tracing import load_caa, load_layers, rank_layers, trace_item
 from czao_lens.plots import series_color
 from czao_lens.prompts import resolve_chat
-from czao_lens.studies.common import StudyResult, StudySettings, constraint_suite
+from czao_lens.studies.common import SUITE_TYPES, StudyError, StudyResult, StudySettings, constraint_suite
 
 COLUMNS = ("model", "type", "rank", "n_layers", "seed_line", "mean_steps", "max_steps", "optimized_share", "row_passes_per_token", "satisfaction", "unreachable_share")
 QUESTION = "How many sequential steps (and passes per token) does CZAO need as the rank r and the number of layers |R| grow, per constraint type?"
-FULL = {"ranks": (4, 8, 16, 32, 64), "n_layers": (1, 2, 3), "prompts": 4, "max_new_tokens": 16, "n_trace": 4}
+FULL = {"ranks": (4, 8, 16, 32, 64), "n_layers": (1, 2, 3), "prompts": 4, "max_new_tokens": 16, "n_trace": 4, "types": SUITE_TYPES}
 QUICK = {"ranks": (4, 16), "n_layers": (1, 2), "prompts": 1, "max_new_tokens": 3, "n_trace": 1,
          "types": ("banned words", "sentiment")}
 
@@ -35,7 +35,7 @@ def traced_layers(model, settings: StudySettings, n_trace: int, data) -> list[in
     if settings.layers_json is not None:
         return load_layers(settings.layers_json)
     items = [trace_item(model, it, chat=resolve_chat(model, None)) for it in load_caa(data, "refusal", split="generate", limit=n_trace)]
-    return rank_layers(model, items, n_samples=2, seed=settings.seed, progress=False).top(3)
+    return rank_layers(model, items, n_samples=2, seed=settings.seed, progress=False).top(model.cfg.n_layers)
 
 
 def run(settings: StudySettings) -> StudyResult:
@@ -45,9 +45,11 @@ def run(settings: StudySettings) -> StudyResult:
     used_layers: dict[str, list[int]] = {}
     for name, model in settings.loaded():
         best = traced_layers(model, settings, sizes["n_trace"], data)
-        used_layers[name] = best[:3]
+        if max(sizes["n_layers"]) > len(best):
+            raise StudyError(f"n_layers up to {max(sizes['n_layers'])} but only {len(best)} ranked layers on {name}")
+        used_layers[name] = best[:max(sizes["n_layers"])]
         suite = constraint_suite(model, data, sizes["prompts"], settings.seed)
-        types = sizes.get("types", tuple(suite))
+        types = sizes["types"]
         # The defaults over the whole grid; then, at one layer, without the seed line (the raw SPSA search).
         grid = [(t, r, k, True) for t in types for r in sizes["ranks"] for k in sizes["n_layers"]]
         grid += [(t, r, 1, False) for t in types for r in sizes["ranks"]] if not settings.quick else []
