@@ -338,3 +338,17 @@ def test_study_cli_help_names_and_errors(tmp_path, bench_dirs):
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o" / "pareto" / "table.json").read_text())["name"] == "pareto"
+
+
+def test_findings_lists_every_studys_sizes():
+    """docs/findings.md's --size table names exactly the keys each study accepts."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "findings.md").read_text()
+    for name, study in STUDIES.items():
+        if not study.sizes:
+            continue
+        row = re.search(rf"^\| {name} \| (.+) \|$", doc, flags=re.M)
+        assert row, f"no --size row for {name}"
+        assert set(re.findall(r"`(\w+)`", row.group(1))) == set(study.sizes), name

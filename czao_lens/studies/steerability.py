@@ -32,7 +32,7 @@ COLUMNS = ("model", "behaviour", "consistency", "p_unsteered", "p_up", "p_down",
 QUESTION = ("Is CAA anti-steerable on part of the inputs (Tan et al. 2024), and does the consistency of the "
             "training differences predict per-behaviour steerability (Braun et al. 2025)?")
 BEHAVIOURS = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination", "myopic-reward", "refusal", "sycophancy")
-FULL = {"n_fit": 24, "n_test": 40, "multiplier": 2.0}
+FULL = {"n_fit": 24, "n_test": 40, "multiplier": 2.0, "behaviours": BEHAVIOURS}
 QUICK = {"n_fit": 4, "n_test": 4, "multiplier": 2.0, "behaviours": BEHAVIOURS[-2:]}
 
 
@@ -61,7 +61,7 @@ def run(settings: StudySettings) -> StudyResult:
     """Every behaviour on every model of ``settings``; Spearman's rho of consistency against
     steerability per model and pooled, with bootstrap intervals."""
     sizes, timer, data = settings.start(FULL, QUICK)
-    behaviours = sizes.get("behaviours", BEHAVIOURS)
+    behaviours = sizes["behaviours"]
     rows: list[dict[str, Any]] = []
     swings: dict[tuple[str, str], list[float]] = {}
     for name, model in settings.loaded():
