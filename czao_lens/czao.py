@@ -463,10 +463,12 @@ class CZAOController:
 
     def screen(self, step: DecodeStep) -> float:
         """V of the unperturbed next token (for sequence level: the text so far plus the greedy token)."""
+        self._sync(step)
         return self._screen(step, _base_logprobs(step))
 
     def score(self, step: DecodeStep, Z: Float[Tensor, "n dim"]) -> Scores:
         """Score candidate coefficients at this token with the configured eps and norm cap."""
+        self._sync(step)
         return self._run(step, self._evaluate(step, Z, _base_logprobs(step), self._limits()))
 
     def search(self, step: DecodeStep, *, norm_cap: float | None = None) -> SearchResult:
@@ -476,6 +478,7 @@ class CZAOController:
         ``cfg.seed``, so calls with different caps are comparable; ``norm_cap`` bounds |z| (default
         ``cfg.max_norm``). Telemetry, the warm start and the distillation pairs are left alone."""
         self.gen.manual_seed(self.cfg.seed)
+        self._sync(step)
         lim = _Limits(self.cfg.kl_eps, self.cfg.max_norm if norm_cap is None else norm_cap)
         best, steps = self._run(step, self._optimize(step, _base_logprobs(step), self._start(step, warm=False), lim))
         return SearchResult(best.z, best.feasible, best.v, best.kl, steps)
@@ -490,6 +493,11 @@ class CZAOController:
 
     def _limits(self) -> _Limits:
         return _Limits(self.cfg.kl_eps, self.cfg.max_norm)
+
+    def _sync(self, step: DecodeStep) -> None:
+        """Give the constraint the text so far (a banned word begun in pieces is then finished by no token)."""
+        text = self.model.tokenizer.decode(step.new_tokens[0].tolist(), skip_special_tokens=True)
+        self.context = replace(self.context, generated=text)
 
     def _texts(self, step: DecodeStep, first: Tensor, rollout: Tensor | None) -> list[str]:
         """Candidate texts: what was generated so far plus each candidate's next token(s)."""
@@ -589,6 +597,7 @@ class CZAOController:
         """This token's decision as a search: skip (screened, or over budget) or optimise, record the
         telemetry, and return the deltas (``None``: emit unperturbed)."""
         base_lp = _base_logprobs(step)
+        self._sync(step)
         p0 = None
         if self.value is not None:  # one probe read gives both the prediction and V
             p0 = float(self.value.predict(step.activations[self.value.hook][0]))
@@ -749,7 +758,7 @@ class CZAOController:
         """Fallback: token-level guided decoding. Ban the tokens that would violate the constraint."""
         bias = torch.zeros_like(step.logits)
         if self.banned is not None:
-            bias[0, self.banned] = float("-inf")
+            bias[0, banned_token_ids(self.constraint, self.model.tokenizer, self.context.generated)] = float("-inf")
             return bias
         # Sequence level: test the top next tokens as one-token continuations and ban violators.
         top = logits.float().topk(32).indices

@@ -59,21 +59,26 @@ class ProbeGuide:
     """The controller: re-rank the top-``k`` next tokens by the value probe (no residual change)."""
 
     def __init__(self, model: HookedTransformer, probe: ValueProbe, *, top_k: int = 8, strength: float = 1.0,
-                 banned: Tensor | None = None) -> None:
+                 avoid: Constraint | None = None) -> None:
         if top_k < 1 or top_k > model.cfg.d_vocab:
             raise GuidanceError(f"top_k must be in 1..{model.cfg.d_vocab}, got {top_k}")
         if not (strength >= 0 and strength < float("inf")):
             raise GuidanceError(f"strength must be a finite number >= 0, got {strength}")
         self.probe, self.top_k, self.strength = probe, top_k, strength
-        self.banned = banned  # token ids never taken (a conjunction's token-level parts)
+        self.tokenizer = model.tokenizer
+        # Its banned tokens are never taken (a conjunction's token-level parts); None when it bans none.
+        self.avoid = avoid if avoid is not None and banned_token_ids(avoid, self.tokenizer) is not None else None
         self.start_layer = model.cfg.n_layers  # nothing to perturb: the loop runs its plain forward
         self.read_hooks: Sequence[str] = ()
         self.p_chosen: list[Tensor] = []  # [batch] per step: p_violation of each row's best-ranked token
 
     def __call__(self, step: DecodeStep) -> None:
         lp = step.logits.float().log_softmax(-1)
-        if self.banned is not None:
-            lp[:, self.banned] = float("-inf")
+        for b in range(lp.shape[0]) if self.avoid is not None else ():  # per row: its own text so far
+            banned = banned_token_ids(self.avoid, self.tokenizer, self.tokenizer.decode(step.new_tokens[b].tolist(),
+                                                                                      skip_special_tokens=True))
+            if banned is not None:
+                lp[b, banned] = float("-inf")
         top = lp.topk(self.top_k, dim=-1)
         p = self.probe.predict(step.next_token_activations(top.indices, self.probe.hook))  # [batch, k]
         score = top.values + self.strength * (1 - p).clamp_min(1e-6).log()
@@ -109,7 +114,7 @@ def generate_guided(
     if value is None:
         raise GuidanceError(f"no value probe for {constraint.describe()} on this model: train one with "
                             "`czao-lens probe train --constraint SPEC` (token-level constraints need none: use CZAO)")
-    guide = ProbeGuide(model, value, top_k=top_k, strength=strength, banned=banned_token_ids(constraint, model.tokenizer))
+    guide = ProbeGuide(model, value, top_k=top_k, strength=strength, avoid=constraint)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     enc = encode_prompts(model, prompts, chat=chat)
     t0 = time.perf_counter()

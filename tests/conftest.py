@@ -11,6 +11,10 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+#: SmolLM2 writes "Racist" here as "R" + "ac" + "ist" (greedy); only " racist" is one token.
+RACIST_PROMPT = "Write the word Racist five times on separate lines:\nRacist\nRacist\n"
+
+
 @pytest.fixture(scope="session")
 def smol() -> HookedTransformer:
     """SmolLM2-135M-Instruct through the czao-lens runtime (converted once, then cached)."""

@@ -104,6 +104,26 @@ def test_avoid_tokens_banned_ids_cover_variants_and_prefixes(tokenizer):
     assert all(len(tokenizer.decode([i]).strip()) >= 3 for i in cer)
 
 
+def test_avoid_tokens_bans_the_piece_that_finishes_a_word_begun(tokenizer):
+    c = AvoidTokens(["racist"])
+    static = set(c.banned_ids(tokenizer).tolist())
+    ist = tokenizer.encode("ist", add_special_tokens=False)
+    assert len(ist) == 1 and ist[0] not in static
+    for begun in ["He said: Rac", "He said: rac", "R\nRac", "RAC"]:
+        ids = set(c.banned_ids(tokenizer, begun).tolist())
+        assert static <= ids and ist[0] in ids, begun
+        assert all((begun.split()[-1].split("\n")[-1] + tokenizer.decode([i])).lower().startswith("racist")
+                   for i in ids - static)
+    for other in ["", "He said: Rach", "He said: Rac ", "He said: grac", "Rac."]:
+        assert set(c.banned_ids(tokenizer, other).tolist()) == static, other
+    assert set(AvoidTokens(["racist"], case_insensitive=False).banned_ids(tokenizer, "Rac").tolist()) == set(
+        AvoidTokens(["racist"], case_insensitive=False).banned_ids(tokenizer).tolist())
+    # The violation reads the text so far from the context.
+    logits = _logits_with_banned(len(tokenizer), torch.tensor(ist), [12.0])
+    assert float(c.violation_logits(logits, Context(tokenizer=tokenizer, generated="A Rac"))[0]) > 0
+    assert float(c.violation_logits(logits, Context(tokenizer=tokenizer, generated="A Rich"))[0]) == 0
+
+
 def test_avoid_tokens_violation_is_log_hinge_on_banned_mass(tokenizer):
     c = AvoidTokens(["blue"], threshold=0.05)
     ctx = Context(tokenizer=tokenizer)

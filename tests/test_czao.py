@@ -21,6 +21,7 @@ from czao_lens.czao import (
 from czao_lens.errors import ArtifactError
 from czao_lens.generate import generate
 from czao_lens.subspace import SubspaceError
+from conftest import RACIST_PROMPT
 
 BLUE_PROMPTS = ["My favorite color is", "The color of the clear sky is", "Roses are red, violets are"]
 CFG = CZAOConfig(layers=(12,), rank=16)
@@ -143,6 +144,20 @@ def test_mask_fallback_enforces_banned_tokens_when_unreachable(smol):
     assert r.unreachable, "a cap of 1e-4 cannot move p(blue) below the threshold"
     assert any(rec.fallback == "mask" for rec in r.records)
     assert r.satisfied and "blue" not in r.text.lower()
+
+
+@pytest.mark.real
+def test_a_banned_word_said_in_pieces_is_not_finished(smol):
+    """SmolLM2 writes "Racist" as "R" + "ac" + "ist"; only " racist" is one token, so the word-start
+    ban cannot stop it. The text so far now bans the finishing piece (before: "Racist" came out)."""
+    base = generate(smol, [RACIST_PROMPT], max_new_tokens=8)
+    assert [smol.tokenizer.decode([t]) for t in base.new_tokens[0][:3]] == ["R", "ac", "ist"]
+    c = AvoidTokens(["racist"])
+    assert not c.check_text(base.texts[0])
+    r = generate_czao(smol, RACIST_PROMPT, c, CZAOConfig(), max_new_tokens=8)[0]
+    assert r.satisfied and c.check_text(r.text), r.text
+    assert any(rec.optimized or rec.fallback == "mask" for rec in r.records)
+    assert no_hooks(smol)
 
 
 @dataclass(eq=False, repr=False)

@@ -20,6 +20,7 @@ from czao_lens.generate import generate
 from czao_lens.guided import GuidanceError, ProbeGuide, generate_guided
 from czao_lens.probes import ProbeError, ValueProbe, default_probe_hook, probe_for
 from czao_lens.prompts import encode_prompts
+from conftest import RACIST_PROMPT
 
 NO_E = Regex("e", must_match=False)  # sequence level: the text must not contain an "e"
 PROMPTS = ["The weather today", "My friend said", "Numbers go up", "Once there lived", "Cats and dogs", "A B C"]
@@ -162,6 +163,17 @@ def test_probe_guided_decoding_never_takes_a_conjunctions_banned_words(tiny):
     rs = generate_guided(tiny, PROMPTS, NO_E_NOR_FIRST, probe=oracle(tiny, TokenOracle), top_k=8, max_new_tokens=1)
     for r, word in zip(rs, FIRST_WORDS):
         assert word.lower() not in r.text.lower(), (r.prompt, r.text)
+
+
+@pytest.mark.real
+def test_probe_guided_decoding_does_not_finish_a_banned_word_said_in_pieces(smol):
+    """Per row, the text so far bans the piece that would finish "Racist" ("R" + "ac" + "ist", no "e")."""
+    avoid, prompts, probe = AvoidTokens(["racist"]), [RACIST_PROMPT, "Hello"], oracle(smol, TokenOracle)
+    base = generate_guided(smol, prompts, NO_E, probe=probe, max_new_tokens=4)
+    assert not avoid.check_text(base[0].text)
+    rs = generate_guided(smol, prompts, NO_E & avoid, probe=probe, max_new_tokens=4)
+    assert avoid.check_text(rs[0].text) and rs[0].text.startswith("Rac"), rs[0].text
+    assert rs[1].text == base[1].text  # the other row is left alone
 
 
 def test_a_probe_for_another_constraint_or_not_a_probe_is_refused(tiny):

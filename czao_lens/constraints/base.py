@@ -277,17 +277,18 @@ class Weighted(Constraint):
         return f"{self.weight:g}*{self.constraint.describe()}"
 
 
-def banned_token_ids(constraint: Constraint, tokenizer: Any) -> Tensor | None:
-    """Token ids that no satisfying continuation may take next, or ``None`` when the constraint bans
-    none for sure: a token constraint's own list (``banned_ids``), the union over an And's parts, a
-    Weighted's inner list. An Or bans nothing for sure (another part may hold instead)."""
+def banned_token_ids(constraint: Constraint, tokenizer: Any, generated: str = "") -> Tensor | None:
+    """Token ids that no satisfying continuation of the text ``generated`` may take next, or ``None``
+    when the constraint bans none for sure: a token constraint's own list (``banned_ids(tokenizer,
+    generated)``), the union over an And's parts, a Weighted's inner list. An Or bans nothing for sure
+    (another part may hold instead)."""
     if isinstance(constraint, Weighted):
-        return banned_token_ids(constraint.constraint, tokenizer)
+        return banned_token_ids(constraint.constraint, tokenizer, generated)
     if isinstance(constraint, And):
-        found = [b for b in (banned_token_ids(p, tokenizer) for p in constraint.parts) if b is not None]
+        found = [b for b in (banned_token_ids(p, tokenizer, generated) for p in constraint.parts) if b is not None]
         return torch.unique(torch.cat(found)) if found else None
     banned = getattr(constraint, "banned_ids", None)
-    return banned(tokenizer) if callable(banned) else None
+    return banned(tokenizer, generated) if callable(banned) else None
 
 
 def split_conjunction(constraint: Constraint) -> tuple[Constraint, tuple[Constraint, ...]] | None:
