@@ -676,13 +676,13 @@ def bench(
 
     tasks, methods = list(task or TASK_NAMES), list(method or METHODS)
     data = data or default_data_dir()
+    pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")  # n_fit/n_test: load_tasks
+    pf.check_model_layers(model, [layer])
     if quick:
         settings = replace(QUICK["settings"], layer=layer, seed=seed, chat=chat)
         n_fit, n_test, sae_recipe = QUICK["n_fit"], QUICK["n_test"], "tiny"
     else:
         settings = BenchSettings(max_new_tokens=max_new_tokens, layer=layer, seed=seed, chat=chat)
-    pf.check_at_least(max_new_tokens, 1, "--max-new-tokens")  # n_fit/n_test: load_tasks
-    pf.check_model_layers(model, [layer])
     pf.check_chat(model, chat)  # when the cached tokenizer says so; else run_bench refuses right after the load
     pf.check_finite(concept_threshold, "--concept-threshold")
     try:  # bad names and missing data fail here, before the model loads

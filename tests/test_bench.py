@@ -102,6 +102,27 @@ def test_bench_rejects_a_layer_the_model_does_not_have(tiny, tmp_path):
         run_bench(tiny, data=DATA, out=tmp_path, settings=BenchSettings(layer=1, condition_layer=2), progress=False)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("max_new_tokens", 0, r"max_new_tokens must be in \[1, inf\]"),
+    ("n_tune", 2.5, "n_tune must be a finite integer"),
+    ("layer", -1, r"layer must be in \[0, inf\]"),
+    ("caa_grid", (), "caa_grid is empty"),
+    ("sae_grid", (1.0, float("nan")), "sae_grid must be a finite number"),
+    ("lqr_grid", (0.0,), r"lqr_grid must be in \(0, inf\]"),
+    ("jac_layers", (), "jac_layers is empty"),
+    ("ppl_guard", 0.5, r"ppl_guard must be in \[1, inf\]"),
+    ("kl_guard", float("inf"), "kl_guard must be a finite number"),
+    ("distinct_guard", 1.5, r"distinct_guard must be in \[0, 1\]"),
+    ("bestofn_top_p", 0.0, r"bestofn_top_p must be in \(0, 1\]"),
+    ("guided_top_k", True, "guided_top_k must be a finite integer"),
+])
+def test_bench_settings_refuse_out_of_range_values(field, value, message):
+    with pytest.raises(BenchError, match=message):
+        BenchSettings(**{field: value})
+    with pytest.raises(BenchError, match=message):  # replace() runs the same checks
+        replace(BenchSettings(), **{field: value})
+
+
 def test_split_is_deterministic_and_disjoint():
     items = list(range(50))
     fit, test = split(items, 10, 30, seed=3)

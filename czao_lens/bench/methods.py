@@ -104,6 +104,38 @@ class BenchSettings:
     # Generation tasks always continue the raw text.
     chat: bool | None = None
 
+    def __post_init__(self) -> None:
+        counts = ("max_new_tokens", "samples_per_fit_prompt", "n_tune", "sae_features", "jac_prompts", "guided_top_k")
+        for name in counts:
+            _check(name, getattr(self, name), 1, integer=True)
+        for name in ("layer", "condition_layer"):  # the upper bound needs the model: run_bench checks it
+            _check(name, getattr(self, name), 0, integer=True)
+        for name in ("caa_grid", "choice_caa_grid", "sae_grid", "lqr_grid", "czao_eps_grid"):
+            grid = getattr(self, name)
+            if not grid:
+                raise BenchError(f"BenchSettings.{name} is empty; give at least one value")
+            for v in grid:
+                _check(name, v, 0.0, open_low=True)
+        if self.jac_layers is not None:
+            if not self.jac_layers:
+                raise BenchError("BenchSettings.jac_layers is empty; give layers or None (layer..n_layers-1)")
+            for v in self.jac_layers:
+                _check("jac_layers", v, 0, integer=True)
+        _check("ppl_guard", self.ppl_guard, 1.0)  # a ratio to unsteered's perplexity
+        _check("kl_guard", self.kl_guard, 0.0, open_low=True)
+        _check("distinct_guard", self.distinct_guard, 0.0, high=1.0)
+        _check("bestofn_top_p", self.bestofn_top_p, 0.0, high=1.0, open_low=True)
+
+
+def _check(name: str, value: Any, low: float, *, high: float = math.inf, integer: bool = False, open_low: bool = False) -> None:
+    """One BenchSettings field: a number (an integer where asked), finite, in its range."""
+    kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not kind_ok or not math.isfinite(value):
+        raise BenchError(f"BenchSettings.{name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+    if (value <= low if open_low else value < low) or value > high:
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise BenchError(f"BenchSettings.{name} must be in {bounds}, got {value!r}")
+
 
 # ----------------------------------------------------------------------------- generation
 
