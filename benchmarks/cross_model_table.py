@@ -14,24 +14,14 @@ are ``name=value`` counts of the methods that keep their sign of effect on both 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from czao_lens.bench.report import read_summaries  # noqa: E402
+from czao_lens.bench.report import fmt as f, read_summaries, setting_label as setting  # noqa: E402
 
 SHORT = {"smollm2-135m-instruct": "SmolLM2", "gemma-3-270m": "Gemma"}
-
-
-def f(x, nd: int = 2) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
-def setting(s: dict) -> str:
-    chosen = s.get("setting") or {}
-    return str(chosen.get("setting", "-")) if isinstance(chosen, dict) else "-"
 
 
 def cost(kind: str, s: dict) -> str:

@@ -18,22 +18,24 @@ from czao_lens.bench.tasks import BenchError
 PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
 
 
-def _f(x: Any, nd: int = 2) -> str:
+def fmt(x: Any, nd: int = 2) -> str:
+    """A number for a table: floats to ``nd`` places, "-" for missing or NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
 def _ci(v: float, ci: list[float]) -> str:
-    return f"{_f(v)} [{_f(ci[0])}, {_f(ci[1])}]"
+    return f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
-def _setting(s: dict) -> str:
-    st = s.get("setting", {})
+def setting_label(s: dict) -> str:
+    """The setting a method's sweep chose (or best-of-n's n, or prompting's system prompt), as text."""
+    st = s.get("setting") or {}
     if "setting" in st:
         return str(st["setting"])
     if "n" in st:
-        return f"n={st['n']}" if isinstance(st["n"], int) else f"n={_f(s.get('passes_per_token'), 1)} (mean, matched to CZAO)"
+        return f"n={st['n']}" if isinstance(st["n"], int) else f"n={fmt(s.get('passes_per_token'), 1)} (mean, matched to CZAO)"
     return "system prompt" if "instruction" in st else "-"
 
 
@@ -54,14 +56,14 @@ def task_rows(t: dict) -> tuple[list[str], list[list[str]]]:
         err = f" ({s['errors']} errors)" if s["errors"] else ""
         delta = _ci(s["delta_vs_unsteered"], s["delta_ci"]) if m != "unsteered" else "-"
         if gen:
-            cz = (f"unreachable {_f(s['unreachable_share'])}, steps median {s['median_steps']} / max {s['max_steps']}"
+            cz = (f"unreachable {fmt(s['unreachable_share'])}, steps median {s['median_steps']} / max {s['max_steps']}"
                   if m in ("czao", "czao-sae") else "")
-            row = [m + err, _ci(s["satisfaction"], s["ci"]), delta, _f(s["second_agreement"]), _f(s["gaming"]),
-                   f"{_f(s['ppl'], 1)} ({_f(s.get('ppl_ratio_same_decoding', s.get('ppl_ratio')))})", _f(s["kl"], 3), _f(s["distinct2"]),
-                   _f(s["passes_per_token"]), _f(s["wall_ratio"]), _setting(s), cz]
+            row = [m + err, _ci(s["satisfaction"], s["ci"]), delta, fmt(s["second_agreement"]), fmt(s["gaming"]),
+                   f"{fmt(s['ppl'], 1)} ({fmt(s.get('ppl_ratio_same_decoding', s.get('ppl_ratio')))})", fmt(s["kl"], 3), fmt(s["distinct2"]),
+                   fmt(s["passes_per_token"]), fmt(s["wall_ratio"]), setting_label(s), cz]
         else:
-            row = [m + err, _ci(s["satisfaction"], s["ci"]), _ci(s["p_text"], s["p_text_ci"]), delta, _f(s["p_letter"]),
-                   _f(s["second_agreement"]), _f(s["gaming"]), _f(s["kl"], 3), _f(s["wall_ratio"]), _setting(s)]
+            row = [m + err, _ci(s["satisfaction"], s["ci"]), _ci(s["p_text"], s["p_text_ci"]), delta, fmt(s["p_letter"]),
+                   fmt(s["second_agreement"]), fmt(s["gaming"]), fmt(s["kl"], 3), fmt(s["wall_ratio"]), setting_label(s)]
         rows.append(row)
     rows += [[m, f"n/a: {why}"] for m, why in t.get("not_applicable", {}).items()]
     return head, [r + [""] * (len(head) - len(r)) for r in rows]
