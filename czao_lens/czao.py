@@ -526,12 +526,17 @@ class CZAOController:
     def _value_violation(self, acts: Tensor, lp: Tensor) -> float | Tensor:
         """V from the value probe: how far the predicted violation is above the acceptance level, plus
         a conjunction's token parts scored exactly on the log-probabilities ``lp`` ([n, vocab])."""
+        return self._probe_read(acts, lp)[1]
+
+    def _probe_read(self, acts: Tensor, lp: Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """The probe's predicted p(violation) and V (see :meth:`_value_violation`), from one read."""
         assert self.value is not None
         accept = self.value.threshold if self.cfg.probe_accept is None else self.cfg.probe_accept
-        v = (self.value.predict(acts) - accept).clamp_min(0)
+        p = self.value.predict(acts)
+        v = (p - accept).clamp_min(0)
         if self.exact_parts:
             v = v + self._exact_violation(lp).reshape(v.shape)
-        return float(v) if v.ndim == 0 else v
+        return (float(p), float(v)) if v.ndim == 0 else (p, v)
 
     def _exact_violation(self, lp: Tensor) -> Tensor:
         """The token-level parts of a probed conjunction, summed as And sums them: ``[n]``."""
@@ -600,11 +605,7 @@ class CZAOController:
         self._sync(step)
         p0 = None
         if self.value is not None:  # one probe read gives both the prediction and V
-            p0 = float(self.value.predict(step.activations[self.value.hook][0]))
-            accept = self.value.threshold if self.cfg.probe_accept is None else self.cfg.probe_accept
-            v0 = max(0.0, p0 - accept)
-            if self.exact_parts:
-                v0 += float(self._exact_violation(base_lp[None])[0])
+            p0, v0 = self._probe_read(step.activations[self.value.hook][0], base_lp[None])
         else:
             v0 = self._screen(step, base_lp)
         skip = v0 <= SAT_TOL and (self.value is None or self.cfg.screen)
