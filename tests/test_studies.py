@@ -284,8 +284,8 @@ class _Unsure:
 
 def test_size_overrides_are_read_as_the_full_forms_types():
     full = {"ranks": (4, 8), "prompts": 4, "budgets": (1.0, 3.0), "multiplier": 2.0, "types": ("banned words", "sentiment")}
-    got = override_sizes({**full, "prompts": 1}, full, {"ranks": "16, 32", "budgets": "0.5", "multiplier": -1, "types": "sentiment"})
-    assert got == {"ranks": (16, 32), "prompts": 1, "budgets": (0.5,), "multiplier": -1.0, "types": ("sentiment",)}
+    got = override_sizes({**full, "prompts": 1}, full, {"ranks": "16, 32", "budgets": "0.5", "multiplier": 3, "types": "sentiment"})
+    assert got == {"ranks": (16, 32), "prompts": 1, "budgets": (0.5,), "multiplier": 3.0, "types": ("sentiment",)}
     assert override_sizes(full, full, {}) == full
 
 
@@ -297,8 +297,9 @@ def test_size_overrides_are_read_as_the_full_forms_types():
     ({"ranks": "0"}, "must be >= 1"),
     ({"prompts": 2.5}, "must be an integer"),
     ({"prompts": True}, "must be an integer"),
-    ({"multiplier": "nan"}, "must be finite"),
-    ({"multiplier": "inf"}, "must be finite"),
+    ({"multiplier": "nan"}, "must be a finite number > 0"),
+    ({"multiplier": "inf"}, "must be a finite number > 0"),
+    ({"multiplier": "-2"}, "must be a finite number > 0"),
     ({"types": "sentiment,nonsense"}, "unknown types 'nonsense'"),
 ])
 def test_bad_size_overrides_are_refused(sizes, message):

@@ -85,7 +85,7 @@ class StudySettings:
 
 def override_sizes(base: dict[str, Any], full: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``sizes`` laid over it. A value may be given as text (``"4,16,64"``, from the CLI)
-    and is read as the type of the full form's value; counts must be >= 1, numbers finite, and names
+    and is read as the type of the full form's value; counts must be >= 1, numbers finite and > 0, and names
     (constraint types, tasks, behaviours) ones the full form knows."""
     out = dict(base)
     for key, value in sizes.items():
@@ -110,8 +110,8 @@ def _size_value(key: str, value: Any, like: Any) -> Any:
         raise StudyError(f"size {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     if kind is int and v < 1:
         raise StudyError(f"size {key} must be >= 1, got {v}")
-    if kind is float and not math.isfinite(v):
-        raise StudyError(f"size {key} must be finite, got {v}")
+    if kind is float and not (math.isfinite(v) and v > 0):  # budgets, multipliers: the studies apply signs themselves
+        raise StudyError(f"size {key} must be a finite number > 0, got {v}")
     return v
 
 
