@@ -124,6 +124,43 @@ def test_avoid_tokens_bans_the_piece_that_finishes_a_word_begun(tokenizer):
     assert float(c.violation_logits(logits, Context(tokenizer=tokenizer, generated="A Rich"))[0]) == 0
 
 
+class _LlamaLike:
+    """Llama's way of decoding: a piece's "▁" is its leading space, dropped when one token is decoded alone."""
+
+    pieces = ["<s>", "\u2581I", "\u2581can", "can", "\u2581cer", "cer", "\u2581certainly", "tain", "ly", "cers", "<unk>"]
+    all_special_ids = [0, 10]
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+    def decode(self, ids, **_):
+        return "".join(self.pieces[i] for i in ids).replace("\u2581", " ").lstrip()
+
+    def batch_decode(self, rows, **_):
+        return [self.decode(r) for r in rows]
+
+    def encode(self, text, add_special_tokens=False):
+        out, rest = [], text.replace(" ", "\u2581")
+        while rest:  # greedy longest match; an unknown character is <unk>
+            i = max((i for i, p in enumerate(self.pieces) if rest.startswith(p)), key=lambda i: len(self.pieces[i]),
+                    default=10)
+            out.append(i)
+            rest = rest[len(self.pieces[i]) if i != 10 else 1:]
+        return out
+
+
+def test_avoid_tokens_completion_ignores_tokens_that_start_a_word_on_llama_like_tokenizers():
+    """After "I can", "cer" finishes "cancer" but " certainly" starts a new word, though it decodes
+    alone as "certainly" on such tokenizers."""
+    tok = _LlamaLike()
+    c = AvoidTokens(["cancer"])
+    added = set(c.banned_ids(tok, "I can").tolist()) - set(c.banned_ids(tok).tolist())
+    assert {tok.pieces[i] for i in added} == {"cer", "cers"}
+
+
 def test_avoid_tokens_violation_is_log_hinge_on_banned_mass(tokenizer):
     c = AvoidTokens(["blue"], threshold=0.05)
     ctx = Context(tokenizer=tokenizer)

@@ -287,6 +287,8 @@ def test_size_overrides_are_read_as_the_full_forms_types():
     got = override_sizes({**full, "prompts": 1}, full, {"ranks": "16, 32", "budgets": "0.5", "multiplier": 3, "types": "sentiment"})
     assert got == {"ranks": (16, 32), "prompts": 1, "budgets": (0.5,), "multiplier": 3.0, "types": ("sentiment",)}
     assert override_sizes(full, full, {}) == full
+    assert override_sizes(full, full, {"ranks": 4, "budgets": [2, 3.5]})["ranks"] == (4,)
+    assert override_sizes(full, full, {"budgets": [2, 3.5]})["budgets"] == (2.0, 3.5)
 
 
 @pytest.mark.parametrize("sizes, message", [

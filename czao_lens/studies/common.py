@@ -97,7 +97,12 @@ def override_sizes(base: dict[str, Any], full: dict[str, Any], sizes: dict[str, 
 
 def _size_value(key: str, value: Any, like: Any) -> Any:
     if isinstance(like, tuple):
-        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]  # one value for a list-valued size (Python: {"ranks": 4})
         if not items or any(v == "" for v in items):
             raise StudyError(f"size {key} needs a non-empty comma-separated list, got {value!r}")
         return tuple(_size_value(key, v, like[0]) for v in items) if not isinstance(like[0], str) else _names(key, items, like)
