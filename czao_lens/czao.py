@@ -496,8 +496,7 @@ class CZAOController:
 
     def _sync(self, step: DecodeStep) -> None:
         """Give the constraint the text so far (a banned word begun in pieces is then finished by no token)."""
-        text = self.model.tokenizer.decode(step.new_tokens[0].tolist(), skip_special_tokens=True)
-        self.context = replace(self.context, generated=text)
+        self.context = replace(self.context, generated=step.text_so_far())
 
     def _texts(self, step: DecodeStep, first: Tensor, rollout: Tensor | None) -> list[str]:
         """Candidate texts: what was generated so far plus each candidate's next token(s)."""

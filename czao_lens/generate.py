@@ -102,6 +102,10 @@ class DecodeStep:
         """The tokens generated before this step (prompt and padding columns left out)."""
         return self.tokens[:, int(self.layout.pad[0] + self.layout.prompt_lens[0]):]
 
+    def text_so_far(self, b: int = 0) -> str:
+        """Row ``b``'s generated text before this step (special tokens left out)."""
+        return self.model.tokenizer.decode(self.new_tokens[b].tolist(), skip_special_tokens=True)
+
     def row(self, b: int) -> "DecodeStep":
         """Row ``b`` alone, as a step of batch one with a cost of its own (cache and mask are views)."""
         sl = slice(b, b + 1)

@@ -75,8 +75,7 @@ class ProbeGuide:
     def __call__(self, step: DecodeStep) -> None:
         lp = step.logits.float().log_softmax(-1)
         for b in range(lp.shape[0]) if self.avoid is not None else ():  # per row: its own text so far
-            banned = banned_token_ids(self.avoid, self.tokenizer, self.tokenizer.decode(step.new_tokens[b].tolist(),
-                                                                                      skip_special_tokens=True))
+            banned = banned_token_ids(self.avoid, self.tokenizer, step.text_so_far(b))
             if banned is not None:
                 lp[b, banned] = float("-inf")
         top = lp.topk(self.top_k, dim=-1)
